@@ -1,0 +1,12 @@
+//! Workload identity for Trellis: who a workload is, how it proves it, and the rustls
+//! configurations that enforce it on every mesh connection.
+
+mod spiffe;
+mod tls;
+mod verify;
+mod workload;
+
+pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};
+pub use tls::{ALPN_H2, ALPN_TCP, MeshTls, TlsConfigError, TrustBundle, crypto_provider};
+pub use verify::{PeerIdentityError, SpiffeClientVerifier, SpiffeServerVerifier, spiffe_id_of};
+pub use workload::{CertificateError, WorkloadCertificate, WorkloadKey};
