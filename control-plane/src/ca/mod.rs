@@ -1,0 +1,256 @@
+//! The certificate authority. Its key is made or loaded here and never leaves the
+//! control plane: only signed certificates and the root certificate go out.
+
+mod service;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+use trellis_identity::SpiffeId;
+
+pub use service::CaService;
+
+/// Leaves are valid from a little before now, so peers with a clock slightly behind
+/// accept them.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const ROOT_CERT_FILE: &str = "root-cert.pem";
+const ROOT_KEY_FILE: &str = "root-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("reading or writing {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the CA certificate or key is unusable: {0}")]
+    BadRoot(rcgen::Error),
+    #[error("the CSR is malformed or its signature does not verify: {0}")]
+    MalformedCsr(rcgen::Error),
+    #[error("the CSR's key is not ECDSA P-256")]
+    UnsupportedKey,
+    #[error("the CSR asks for {requested:?}, but the proof of identity is for {granted}")]
+    IdentityMismatch {
+        granted: SpiffeId,
+        requested: Vec<String>,
+    },
+    #[error("signing failed: {0}")]
+    Signing(rcgen::Error),
+}
+
+/// The mesh CA for one trust domain.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    trust_domain: String,
+    default_ttl: Duration,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Loads the root from `state_dir`, or makes one there on first start.
+    pub fn load_or_create(
+        state_dir: &Path,
+        trust_domain: &str,
+        default_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let cert_path = state_dir.join(ROOT_CERT_FILE);
+        let key_path = state_dir.join(ROOT_KEY_FILE);
+        if cert_path.exists() && key_path.exists() {
+            let cert_pem = read(&cert_path)?;
+            let key_pem = read(&key_path)?;
+            return Self::from_pem(&cert_pem, &key_pem, trust_domain, default_ttl);
+        }
+        std::fs::create_dir_all(state_dir).map_err(|source| io_err(state_dir, source))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::BadRoot)?;
+        let params = root_params(trust_domain);
+        let cert = params.self_signed(&key).map_err(CaError::BadRoot)?;
+        write_private(&key_path, &key.serialize_pem())?;
+        std::fs::write(&cert_path, cert.pem()).map_err(|source| io_err(&cert_path, source))?;
+        tracing::info!(path = %cert_path.display(), trust_domain, "created a new mesh root CA");
+        Ok(CertificateAuthority {
+            root_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+            trust_domain: trust_domain.to_owned(),
+            default_ttl,
+        })
+    }
+
+    /// A CA from a given certificate and key (PEM), e.g. an operator's intermediate.
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        trust_domain: &str,
+        default_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(CaError::BadRoot)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::BadRoot)?;
+        Ok(CertificateAuthority {
+            issuer,
+            root_pem: cert_pem.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            default_ttl,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The roots relying parties should trust (one now; several during a rotation).
+    pub fn trust_bundle_pem(&self) -> Vec<String> {
+        vec![self.root_pem.clone()]
+    }
+
+    /// Signs a workload CSR for `granted`, the identity its proof established. The
+    /// CSR must ask for exactly that identity and nothing else; everything but its
+    /// public key is ignored, so a CSR cannot smuggle in extensions.
+    pub fn sign_workload(
+        &self,
+        csr_pem: &str,
+        granted: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<String, CaError> {
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::MalformedCsr)?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::UnsupportedKey);
+        }
+        let requested: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(uri) => uri.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if requested.len() != 1 || requested[0] != granted.to_string() {
+            return Err(CaError::IdentityMismatch {
+                granted: granted.clone(),
+                requested,
+            });
+        }
+        let ttl = ttl.unwrap_or(self.default_ttl).min(self.default_ttl);
+        let params = leaf_params(vec![uri_san(granted)?], ttl)?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(CaError::Signing)?;
+        Ok(cert.pem())
+    }
+
+    /// A serving certificate for the control plane itself: its SPIFFE ID plus the DNS
+    /// names and IPs proxies dial. Returns (certificate PEM, key PEM); the key stays in
+    /// this process.
+    pub fn issue_serving(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Signing)?;
+        let mut sans = vec![uri_san(id)?];
+        for name in dns_names {
+            sans.push(match name.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into().map_err(CaError::Signing)?),
+            });
+        }
+        let params = leaf_params(sans, ttl)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Signing)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn uri_san(id: &SpiffeId) -> Result<SanType, CaError> {
+    Ok(SanType::URI(
+        id.to_string().try_into().map_err(CaError::Signing)?,
+    ))
+}
+
+fn root_params(trust_domain: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Trellis");
+    dn.push(
+        DnType::CommonName,
+        format!("Trellis root CA for {trust_domain}"),
+    );
+    params.distinguished_name = dn;
+    // Path length 0: the root signs workload leaves directly.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + ROOT_VALIDITY;
+    params.serial_number = Some(random_serial());
+    params
+}
+
+fn leaf_params(sans: Vec<SanType>, ttl: Duration) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + ttl;
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and without a leading zero octet, as RFC 5280 wants.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> CaError {
+    CaError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|source| io_err(path, source))
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| io_err(path, source))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|source| io_err(path, source))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,80 @@
+//! The CA's gRPC face: check the proof, then sign for what it proves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use trellis_proto::ca::v1::{
+    IssueCertificateRequest, IssueCertificateResponse, certificate_authority_server,
+    issue_certificate_request::Proof,
+};
+
+use super::{CaError, CertificateAuthority};
+use crate::model::MeshSnapshot;
+
+pub struct CaService {
+    ca: Arc<CertificateAuthority>,
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+}
+
+impl CaService {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    ) -> Self {
+        CaService { ca, snapshots }
+    }
+
+    pub fn into_server(self) -> certificate_authority_server::CertificateAuthorityServer<Self> {
+        certificate_authority_server::CertificateAuthorityServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl certificate_authority_server::CertificateAuthority for CaService {
+    async fn issue_certificate(
+        &self,
+        request: Request<IssueCertificateRequest>,
+    ) -> Result<Response<IssueCertificateResponse>, Status> {
+        let remote = request.remote_addr();
+        let request = request.into_inner();
+        let granted = match &request.proof {
+            Some(Proof::BootstrapToken(token)) => self
+                .snapshots
+                .borrow()
+                .identity_for_token(token)
+                .cloned()
+                .ok_or_else(|| {
+                    tracing::warn!(?remote, "certificate refused: unknown bootstrap token");
+                    Status::unauthenticated("the bootstrap token is not known to the registry")
+                })?,
+            Some(Proof::ServiceAccountToken(_)) => {
+                return Err(Status::unauthenticated(
+                    "service-account tokens are checked only with the kube registry",
+                ));
+            }
+            None => return Err(Status::unauthenticated("no proof of identity was sent")),
+        };
+        let ttl =
+            (request.validity_seconds > 0).then(|| Duration::from_secs(request.validity_seconds));
+        let leaf = self
+            .ca
+            .sign_workload(&request.csr_pem, &granted, ttl)
+            .map_err(|e| {
+                tracing::warn!(?remote, identity = %granted, error = %e, "certificate refused");
+                match e {
+                    CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
+                    CaError::MalformedCsr(_) | CaError::UnsupportedKey => {
+                        Status::invalid_argument(e.to_string())
+                    }
+                    _ => Status::internal(e.to_string()),
+                }
+            })?;
+        tracing::info!(?remote, identity = %granted, "certificate issued");
+        Ok(Response::new(IssueCertificateResponse {
+            cert_chain_pem: vec![leaf],
+            trust_bundle_pem: self.ca.trust_bundle_pem(),
+        }))
+    }
+}

@@ -1,0 +1,11 @@
+//! trellis-control: watches a registry, issues workload certificates, and streams
+//! each proxy its view of the mesh.
+
+pub mod admin;
+pub mod ca;
+pub mod discovery;
+pub mod model;
+pub mod registry;
+pub mod server;
+
+pub use server::{ControlConfig, RunningControlPlane, start};

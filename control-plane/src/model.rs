@@ -1,0 +1,123 @@
+//! The mesh model: what the registry knows, in Trellis' own terms.
+//!
+//! Registries (file, kube) fill it; the discovery server turns it into per-proxy
+//! resources. Nothing here knows of YAML, Kubernetes or protobuf.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use trellis_identity::SpiffeId;
+
+/// How a Service port's traffic is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// Not declared: the proxy detects it.
+    Unspecified,
+    Tcp,
+    Http,
+    Http2,
+    Grpc,
+    /// Never inspected (server-first protocols).
+    Opaque,
+}
+
+/// A Service key: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    /// The port on the workload; resolved per endpoint when it is a name.
+    pub target_port: TargetPort,
+    pub protocol: AppProtocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Service {
+    pub key: ServiceKey,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Workloads whose labels match all of these back the service. Empty: only
+    /// explicit EndpointSlices do.
+    pub selector: BTreeMap<String, String>,
+}
+
+/// A workload: something with an address and an identity that runs a sidecar.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub address: IpAddr,
+    pub identity: SpiffeId,
+    pub labels: BTreeMap<String, String>,
+    /// Named ports of the app (for named target ports and loopback deployments).
+    pub ports: BTreeMap<String, u16>,
+    /// Where its sidecar takes mesh traffic when no iptables redirect exists.
+    pub sidecar_port: Option<u16>,
+    pub weight: u32,
+    pub zone: String,
+}
+
+/// One backend of one service port.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub port: u16,
+    pub identity: SpiffeId,
+    pub weight: u32,
+    pub zone: String,
+    pub ready: bool,
+    pub mesh_address: Option<SocketAddr>,
+}
+
+/// A bootstrap token (file registry): proof of identity for the CA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapToken {
+    /// Where it was declared, for messages.
+    pub name: String,
+    /// SHA-256 of the token; tokens themselves are never kept.
+    pub token_sha256: [u8; 32],
+    pub identity: SpiffeId,
+}
+
+/// Everything the registry knows at one moment. Replaced whole on every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshSnapshot {
+    pub services: BTreeMap<ServiceKey, Service>,
+    /// Endpoints per service and service port.
+    pub endpoints: BTreeMap<(ServiceKey, u16), Vec<Endpoint>>,
+    pub workloads: Vec<Workload>,
+    pub bootstrap_tokens: Vec<BootstrapToken>,
+}
+
+impl MeshSnapshot {
+    /// The identity a bootstrap token proves, if any.
+    pub fn identity_for_token(&self, token: &str) -> Option<&SpiffeId> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        // Compare digests, not tokens: the digest comparison leaks nothing useful.
+        self.bootstrap_tokens
+            .iter()
+            .find(|t| t.token_sha256 == digest)
+            .map(|t| &t.identity)
+    }
+}

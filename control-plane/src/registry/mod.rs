@@ -1,0 +1,8 @@
+//! Registries: where the mesh model comes from.
+//!
+//! - [`file`]: a folder of Kubernetes-shaped YAML (Services, EndpointSlices, Trellis
+//!   `WorkloadEntry` and `BootstrapToken` objects), polled for changes.
+
+pub mod file;
+
+pub use file::{RegistryError, RegistryErrorView, RegistryStatus, initial, load_dir, watch_dir};

@@ -1,0 +1,183 @@
+//! Wiring: registry -> snapshots -> CA and discovery over TLS, plus the admin port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use trellis_identity::SpiffeId;
+
+use crate::admin;
+use crate::ca::{CaService, CertificateAuthority};
+use crate::discovery::DiscoveryServer;
+use crate::registry::{self, RegistryStatus};
+
+/// How often the file registry looks at its folder.
+pub const REGISTRY_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub registry_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub trust_domain: String,
+    /// Discovery + CA, gRPC over TLS (15010).
+    pub grpc_addr: SocketAddr,
+    /// Health, metrics and status (15014).
+    pub admin_addr: SocketAddr,
+    pub cert_ttl: Duration,
+    /// DNS names and IPs in the control plane's serving certificate.
+    pub server_names: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the registry folder {dir} is not valid:\n{errors}")]
+    Registry { dir: String, errors: String },
+    #[error("the CA could not start: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] tonic::transport::Error),
+    #[error("the control plane's own identity is invalid: {0}")]
+    Identity(#[from] trellis_identity::SpiffeIdError),
+}
+
+/// A control plane running in this process.
+pub struct RunningControlPlane {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The root certificate proxies trust for the control plane and each other.
+    pub root_pem: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningControlPlane {
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RunningControlPlane {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+pub async fn start(config: ControlConfig) -> Result<RunningControlPlane, StartError> {
+    let snapshot =
+        registry::load_dir(&config.registry_dir, &config.trust_domain).map_err(|errors| {
+            StartError::Registry {
+                dir: config.registry_dir.display().to_string(),
+                errors: errors.iter().map(|e| format!("  {e}\n")).collect(),
+            }
+        })?;
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
+    let (status_tx, status_rx) = watch::channel(RegistryStatus::default());
+    let mut tasks = vec![tokio::spawn(registry::watch_dir(
+        config.registry_dir.clone(),
+        config.trust_domain.clone(),
+        REGISTRY_POLL,
+        snapshot_tx,
+        status_tx,
+    ))];
+
+    let ca = Arc::new(CertificateAuthority::load_or_create(
+        &config.state_dir,
+        &config.trust_domain,
+        config.cert_ttl,
+    )?);
+    let root_pem = ca.trust_bundle_pem().concat();
+    let own_id = SpiffeId::new(&config.trust_domain, "trellis-system", "trellis-control")?;
+    let (cert_pem, key_pem) = ca.issue_serving(
+        &own_id,
+        &config.server_names,
+        Duration::from_secs(365 * 24 * 3600),
+    )?;
+
+    let discovery = DiscoveryServer::new(
+        snapshot_rx.clone(),
+        config.trust_domain.clone(),
+        ca.trust_bundle_pem(),
+    );
+    let connected = discovery.connected();
+
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+    // Client certificates are optional here: a proxy asking for its first certificate
+    // has none yet. The discovery service itself refuses streams without one.
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .client_ca_root(Certificate::from_pem(&root_pem))
+        .client_auth_optional(true);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(CaService::new(ca.clone(), snapshot_rx.clone()).into_server())
+        .add_service(discovery.into_server());
+    tasks.push(tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(grpc_listener);
+        let result = router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    }));
+
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_addr,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_addr,
+            source,
+        })?;
+    let state = admin::AdminState {
+        registry: status_rx,
+        snapshots: snapshot_rx,
+        connected,
+    };
+    tasks.push(tokio::spawn(admin::serve(admin_listener, state)));
+    tracing::info!(%grpc_addr, %admin_addr, trust_domain = config.trust_domain, "control plane started");
+    Ok(RunningControlPlane {
+        grpc_addr,
+        admin_addr,
+        root_pem,
+        shutdown: Some(shutdown_tx),
+        tasks,
+    })
+}
