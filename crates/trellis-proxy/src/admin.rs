@@ -1,0 +1,154 @@
+//! Admin on 127.0.0.1: /ready /live /metrics /config_dump /certs.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use trellis_identity::MeshTls;
+use trellis_proto::discovery::v1::resource::Kind;
+
+use crate::config::ProxyConfig;
+use crate::discovery::MeshState;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<ProxyConfig>,
+    pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub synced: watch::Receiver<bool>,
+    pub metrics: Metrics,
+}
+
+impl AdminState {
+    /// Ready once it has a certificate and a first full config.
+    pub fn is_ready(&self) -> bool {
+        self.tls.borrow().is_some() && *self.synced.borrow()
+    }
+}
+
+pub async fn serve(listener: TcpListener, admin: AdminState) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(req.uri().path(), &admin)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(path: &str, admin: &AdminState) -> Response<Full<Bytes>> {
+    match path {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" if admin.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, admin.metrics.encode());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        "/config_dump" => json_response(&config_dump(admin)),
+        "/certs" => json_response(&certs(admin)),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn config_dump(admin: &AdminState) -> serde_json::Value {
+    let state = admin.state.borrow().clone();
+    let mut services = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut versions = serde_json::Map::new();
+    for (type_url, resources) in &state.resources.by_type {
+        for resource in resources.values() {
+            versions.insert(
+                format!("{type_url}/{}", resource.name),
+                json!(resource.version),
+            );
+            match &resource.kind {
+                Some(Kind::Service(s)) => services.push(json!({
+                    "name": resource.name,
+                    "vips": s.vips,
+                    "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol})).collect::<Vec<_>>(),
+                    "hostnames": s.hostnames,
+                })),
+                Some(Kind::Endpoints(e)) => endpoints.push(json!({
+                    "name": resource.name,
+                    "endpoints": e.endpoints.iter().map(|ep| json!({
+                        "address": format!("{}:{}", ep.address, ep.port),
+                        "identity": ep.identity,
+                        "ready": ep.ready,
+                        "mesh_address": ep.mesh_address,
+                    })).collect::<Vec<_>>(),
+                })),
+                _ => {}
+            }
+        }
+    }
+    json!({
+        "identity": admin.config.identity.to_string(),
+        "ready": admin.is_ready(),
+        "outbound_policy": admin.config.outbound_policy,
+        "upstreams": admin.config.upstreams,
+        "services": services,
+        "endpoints": endpoints,
+        "versions": versions,
+    })
+}
+
+fn certs(admin: &AdminState) -> serde_json::Value {
+    let tls = admin.tls.borrow().clone();
+    let Some(tls) = tls else {
+        return json!({ "identity": admin.config.identity.to_string(), "certificate": null });
+    };
+    let cert = tls.certificate();
+    let unix = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    };
+    json!({
+        "identity": cert.id.to_string(),
+        "serial": cert.serial,
+        "not_before_unix": unix(cert.not_before),
+        "not_after_unix": unix(cert.not_after),
+        "renew_at_unix": unix(cert.renew_at()),
+        // Public material only: the private key never leaves the TLS configs.
+        "chain_pem": cert.chain_pem(),
+    })
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut response = text(StatusCode::OK, body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,217 @@
+//! What discovery told the proxy, validated and indexed for the connection path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use trellis_identity::{SpiffeId, TrustBundle};
+use trellis_proto::discovery::v1::{self as pb, resource::Kind, type_url};
+
+use crate::balance::EndpointSet;
+
+/// Why a resource was refused (sent back in the NACK).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{name}: {reason}")]
+pub struct InvalidResource {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The raw resources held, per type: what was last accepted.
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    pub by_type: BTreeMap<String, BTreeMap<String, pb::Resource>>,
+}
+
+/// One port of a known service.
+#[derive(Debug)]
+pub struct ServicePort {
+    /// `name.namespace`
+    pub service: String,
+    pub port: u16,
+    pub protocol: pb::Protocol,
+    pub endpoints: Arc<EndpointSet>,
+}
+
+/// The index the data path reads: built once per accepted update.
+#[derive(Debug, Default)]
+pub struct MeshState {
+    pub resources: Resources,
+    /// `(name.namespace, port)` -> service port.
+    pub services: HashMap<(String, u16), Arc<ServicePort>>,
+    /// VIP:port -> service port (transparent outbound).
+    pub vips: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// Pod address:port -> identity, for connections made straight to an endpoint.
+    pub endpoint_identities: HashMap<SocketAddr, SpiffeId>,
+    pub trust_bundle: Option<TrustBundle>,
+}
+
+impl MeshState {
+    /// Applies one response to a copy of the held resources and builds the index.
+    /// Any invalid resource rejects the whole response; the caller keeps `self`.
+    pub fn apply(
+        &self,
+        response: &pb::DeltaDiscoveryResponse,
+    ) -> Result<MeshState, InvalidResource> {
+        let mut resources = self.resources.clone();
+        let held = resources
+            .by_type
+            .entry(response.type_url.clone())
+            .or_default();
+        for name in &response.removed_resources {
+            held.remove(name);
+        }
+        for resource in &response.resources {
+            validate(&response.type_url, resource)?;
+            held.insert(resource.name.clone(), resource.clone());
+        }
+        build(resources)
+    }
+}
+
+fn invalid(name: &str, reason: impl Into<String>) -> InvalidResource {
+    InvalidResource {
+        name: name.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn validate(type_url: &str, resource: &pb::Resource) -> Result<(), InvalidResource> {
+    let name = &resource.name;
+    match (type_url, &resource.kind) {
+        (type_url::SERVICE, Some(Kind::Service(s))) => {
+            for vip in &s.vips {
+                vip.parse::<IpAddr>()
+                    .map_err(|_| invalid(name, format!("VIP {vip:?} is not an IP address")))?;
+            }
+            for port in &s.ports {
+                u16::try_from(port.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| invalid(name, format!("port {} is out of range", port.port)))?;
+            }
+            Ok(())
+        }
+        (type_url::ENDPOINTS, Some(Kind::Endpoints(e))) => {
+            for ep in &e.endpoints {
+                endpoint(name, ep)?;
+            }
+            Ok(())
+        }
+        (type_url::TRUST_BUNDLE, Some(Kind::TrustBundle(b))) => {
+            TrustBundle::from_pem(&b.trust_domain, &b.roots_pem)
+                .map(|_| ())
+                .map_err(|e| invalid(name, e.to_string()))
+        }
+        _ => Err(invalid(
+            name,
+            format!("resource kind does not match type {type_url}"),
+        )),
+    }
+}
+
+/// A validated endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub identity: SpiffeId,
+    /// Where to dial for mTLS; the endpoint's own address when the peer redirects.
+    pub dial: SocketAddr,
+    pub ready: bool,
+    pub weight: u32,
+}
+
+fn endpoint(name: &str, ep: &pb::Endpoint) -> Result<Endpoint, InvalidResource> {
+    let ip: IpAddr = ep.address.parse().map_err(|_| {
+        invalid(
+            name,
+            format!("address {:?} is not an IP address", ep.address),
+        )
+    })?;
+    let port = u16::try_from(ep.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(name, format!("endpoint port {} is out of range", ep.port)))?;
+    let identity: SpiffeId = ep
+        .identity
+        .parse()
+        .map_err(|e| invalid(name, format!("identity {:?}: {e}", ep.identity)))?;
+    let address = SocketAddr::new(ip, port);
+    let dial = if ep.mesh_address.is_empty() {
+        address
+    } else {
+        ep.mesh_address.parse().map_err(|_| {
+            invalid(
+                name,
+                format!("mesh address {:?} is not host:port", ep.mesh_address),
+            )
+        })?
+    };
+    Ok(Endpoint {
+        address,
+        identity,
+        dial,
+        ready: ep.ready,
+        weight: ep.weight.max(1),
+    })
+}
+
+fn build(resources: Resources) -> Result<MeshState, InvalidResource> {
+    let mut state = MeshState::default();
+    let empty = BTreeMap::new();
+    let by_type = |t: &str| resources.by_type.get(t).unwrap_or(&empty);
+
+    let mut endpoints: HashMap<(String, u16), Vec<Endpoint>> = HashMap::new();
+    for resource in by_type(type_url::ENDPOINTS).values() {
+        if let Some(Kind::Endpoints(e)) = &resource.kind {
+            let service = format!("{}.{}", e.service, e.namespace);
+            let port =
+                u16::try_from(e.port).map_err(|_| invalid(&resource.name, "port out of range"))?;
+            let list = endpoints.entry((service, port)).or_default();
+            for ep in &e.endpoints {
+                let ep = endpoint(&resource.name, ep)?;
+                state
+                    .endpoint_identities
+                    .insert(ep.address, ep.identity.clone());
+                list.push(ep);
+            }
+        }
+    }
+    for resource in by_type(type_url::SERVICE).values() {
+        if let Some(Kind::Service(s)) = &resource.kind {
+            let service = format!("{}.{}", s.name, s.namespace);
+            for port in &s.ports {
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
+                let eps = endpoints
+                    .remove(&(service.clone(), number))
+                    .unwrap_or_default();
+                let entry = Arc::new(ServicePort {
+                    service: service.clone(),
+                    port: number,
+                    protocol: pb::Protocol::try_from(port.protocol)
+                        .unwrap_or(pb::Protocol::Unspecified),
+                    endpoints: Arc::new(EndpointSet::new(eps)),
+                });
+                for vip in &s.vips {
+                    if let Ok(ip) = vip.parse::<IpAddr>() {
+                        state
+                            .vips
+                            .insert(SocketAddr::new(ip, number), entry.clone());
+                    }
+                }
+                state.services.insert((service.clone(), number), entry);
+            }
+        }
+    }
+    if let Some(Kind::TrustBundle(b)) = by_type(type_url::TRUST_BUNDLE)
+        .values()
+        .next()
+        .and_then(|r| r.kind.as_ref())
+    {
+        state.trust_bundle = TrustBundle::from_pem(&b.trust_domain, &b.roots_pem).ok();
+    }
+    state.resources = resources;
+    Ok(state)
+}

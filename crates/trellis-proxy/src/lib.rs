@@ -1,0 +1,18 @@
+//! trellis-proxy: the sidecar. It gets its identity from the CA, its view of the mesh
+//! from discovery, and carries the app's connections over mutual TLS.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod control;
+pub mod discovery;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod orig_dst;
+pub mod outbound;
+pub mod ports;
+pub mod proxy;
+
+pub use config::{OutboundPolicy, ProxyConfig, Upstream};
+pub use proxy::{RunningProxy, StartError, start};

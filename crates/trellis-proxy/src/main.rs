@@ -1,0 +1,149 @@
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use trellis_identity::SpiffeId;
+use trellis_proxy::{OutboundPolicy, ProxyConfig, Upstream, ports};
+
+/// The Trellis sidecar proxy.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run(Box<RunArgs>),
+    /// Write the Pod's traffic redirection rules, as the init container does.
+    Init(trellis_init::InitArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[arg(long, env = "TRELLIS_NAMESPACE")]
+    namespace: String,
+    #[arg(long, env = "TRELLIS_SERVICE_ACCOUNT")]
+    service_account: String,
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// trellis-control's gRPC address (host:port).
+    #[arg(long, env = "TRELLIS_CONTROL_ADDR", default_value = "127.0.0.1:15010")]
+    control_addr: String,
+    /// The name in the control plane's certificate.
+    #[arg(long, env = "TRELLIS_CONTROL_NAME", default_value = "trellis-control")]
+    control_server_name: String,
+    /// PEM file with the root that signs the control plane's certificate.
+    #[arg(long, env = "TRELLIS_CA_ROOT")]
+    ca_root: PathBuf,
+    /// File holding the bootstrap token (file registry).
+    #[arg(long, env = "TRELLIS_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Requested certificate lifetime (the CA may shorten it).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    cert_ttl: Option<Duration>,
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::INBOUND)))]
+    inbound_addr: SocketAddr,
+    /// Transparent outbound listener (with `trellis-proxy init`). Off when only
+    /// explicit upstreams are used.
+    #[arg(long)]
+    outbound_addr: Option<SocketAddr>,
+    /// Explicit outbound listeners: NAME.NAMESPACE:PORT=LISTEN_ADDR (repeatable).
+    #[arg(long = "upstream")]
+    upstreams: Vec<Upstream>,
+    #[arg(long, value_enum, default_value = "ALLOW_ANY")]
+    outbound_policy: OutboundPolicy,
+    /// Where inbound traffic is delivered.
+    #[arg(long, default_value = "127.0.0.1")]
+    app_host: IpAddr,
+    /// App port for inbound connections that were not redirected (no iptables).
+    #[arg(long)]
+    app_port: Option<u16>,
+    /// Admin listener; keep it on loopback.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
+    admin_addr: SocketAddr,
+    /// Worker threads (0: one per core).
+    #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 1)]
+    workers: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Init(args) => {
+            let text = args.execute().context("trellis-proxy init")?;
+            print!("{text}");
+            Ok(())
+        }
+        Command::Run(args) => {
+            let mut runtime = if args.workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                if args.workers > 1 {
+                    b.worker_threads(args.workers);
+                }
+                b
+            };
+            runtime.enable_all().build()?.block_on(run(*args))
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let identity = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
+        .context("workload identity")?;
+    let root = std::fs::read_to_string(&args.ca_root)
+        .with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
+    let mut config = ProxyConfig::new(identity, args.control_addr, root);
+    config.control_server_name = args.control_server_name;
+    config.bootstrap_token = match &args.bootstrap_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --bootstrap-token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("TRELLIS_BOOTSTRAP_TOKEN").ok(),
+    };
+    config.cert_ttl = args.cert_ttl;
+    config.inbound_addr = args.inbound_addr;
+    config.outbound_addr = args.outbound_addr;
+    config.upstreams = args.upstreams;
+    config.outbound_policy = args.outbound_policy;
+    config.app_host = args.app_host;
+    config.app_port = args.app_port;
+    config.admin_addr = args.admin_addr;
+    if !config.admin_addr.ip().is_loopback() {
+        tracing::warn!(admin = %config.admin_addr, "admin is not on loopback: it exposes config and metrics");
+    }
+    let proxy = trellis_proxy::start(config).await?;
+    tracing::info!(admin = %proxy.admin_addr, inbound = %proxy.inbound_addr, "proxy started");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    drop(proxy);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Prometheus metrics of the proxy. Label lookups happen once per connection, never
+//! per byte or per request.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The caller's SPIFFE ID, from its certificate.
+    pub peer_identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+    pub peer_identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub type_url: String,
+    pub result: String,
+}
+
+/// Handles to every metric; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    pub inbound_connections: Family<PeerLabels, Counter>,
+    pub inbound_bytes: Family<PeerLabels, Counter>,
+    pub inbound_refused: Family<ReasonLabels, Counter>,
+    pub outbound_connections: Family<ServiceLabels, Counter>,
+    pub outbound_bytes: Family<ServiceLabels, Counter>,
+    pub outbound_failures: Family<ReasonLabels, Counter>,
+    pub passthrough_connections: Counter,
+    pub active_connections: Gauge,
+    pub config_updates: Family<ConfigLabels, Counter>,
+    pub cert_renewals: Counter,
+    pub cert_expiry_seconds: Gauge,
+    registry: Arc<Registry>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let m = Metrics {
+            inbound_connections: Family::default(),
+            inbound_bytes: Family::default(),
+            inbound_refused: Family::default(),
+            outbound_connections: Family::default(),
+            outbound_bytes: Family::default(),
+            outbound_failures: Family::default(),
+            passthrough_connections: Counter::default(),
+            active_connections: Gauge::default(),
+            config_updates: Family::default(),
+            cert_renewals: Counter::default(),
+            cert_expiry_seconds: Gauge::default(),
+            registry: Arc::new(Registry::default()),
+        };
+        registry.register(
+            "inbound_connections",
+            "mTLS connections accepted, by caller identity",
+            m.inbound_connections.clone(),
+        );
+        registry.register(
+            "inbound_bytes",
+            "Bytes carried on inbound connections (both directions)",
+            m.inbound_bytes.clone(),
+        );
+        registry.register(
+            "inbound_refused",
+            "Inbound connections refused before reaching the app",
+            m.inbound_refused.clone(),
+        );
+        registry.register(
+            "outbound_connections",
+            "mTLS connections opened to a service, by the peer's verified identity",
+            m.outbound_connections.clone(),
+        );
+        registry.register(
+            "outbound_bytes",
+            "Bytes carried on outbound connections (both directions)",
+            m.outbound_bytes.clone(),
+        );
+        registry.register(
+            "outbound_failures",
+            "Outbound connections that failed, by reason",
+            m.outbound_failures.clone(),
+        );
+        registry.register(
+            "passthrough_connections",
+            "Outbound connections to destinations outside the mesh, passed through",
+            m.passthrough_connections.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "Connections open now",
+            m.active_connections.clone(),
+        );
+        registry.register(
+            "config_updates",
+            "Discovery responses, by type and ACK or NACK",
+            m.config_updates.clone(),
+        );
+        registry.register(
+            "cert_renewals",
+            "Workload certificates renewed",
+            m.cert_renewals.clone(),
+        );
+        registry.register(
+            "cert_expiry_timestamp_seconds",
+            "When the current workload certificate expires",
+            m.cert_expiry_seconds.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

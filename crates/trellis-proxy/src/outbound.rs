@@ -1,0 +1,259 @@
+//! Outbound: take the app's connection, find the service it meant, pick an endpoint,
+//! and carry the bytes over mTLS to that endpoint's sidecar, which must prove the
+//! identity discovery promised.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tracing::Instrument;
+use trellis_identity::MeshTls;
+
+use crate::config::{OutboundPolicy, ProxyConfig, Upstream};
+use crate::discovery::MeshState;
+use crate::discovery::state::ServicePort;
+use crate::metrics::{Metrics, ReasonLabels, ServiceLabels};
+use crate::orig_dst::original_dst;
+
+/// How many endpoints one connection tries before giving up.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Shared by every outbound listener.
+#[derive(Clone)]
+pub struct Outbound {
+    pub config: Arc<ProxyConfig>,
+    pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub metrics: Metrics,
+}
+
+/// Where a connection is going.
+enum Target {
+    Service(Arc<ServicePort>),
+    Passthrough(SocketAddr),
+}
+
+impl Outbound {
+    /// An explicit listener for one upstream service (no iptables).
+    pub async fn serve_upstream(self, listener: TcpListener, upstream: Upstream) {
+        let upstream = Arc::new(upstream);
+        self.accept_loop(listener, move |_, state| {
+            match state
+                .services
+                .get(&(upstream.service.clone(), upstream.port))
+            {
+                Some(service) => Ok(Target::Service(service.clone())),
+                None => Err(OutboundError::UnknownService(format!(
+                    "{}:{}",
+                    upstream.service, upstream.port
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// The transparent listener: iptables sends every outbound connection here.
+    pub async fn serve_transparent(self, listener: TcpListener) {
+        let policy = self.config.outbound_policy;
+        self.accept_loop(listener, move |stream, state| {
+            let dst = original_dst(stream).ok_or(OutboundError::NoOriginalDst)?;
+            if let Some(service) = state.vips.get(&dst) {
+                return Ok(Target::Service(service.clone()));
+            }
+            // A connection straight to a pod address: find its service port by the
+            // endpoint it names, so the peer identity is still checked.
+            if state.endpoint_identities.contains_key(&dst)
+                && let Some(service) = state
+                    .services
+                    .values()
+                    .find(|s| s.endpoints.all().any(|e| e.address == dst))
+            {
+                return Ok(Target::Service(Arc::new(ServicePort {
+                    service: service.service.clone(),
+                    port: service.port,
+                    protocol: service.protocol,
+                    endpoints: Arc::new(crate::balance::EndpointSet::new(
+                        service
+                            .endpoints
+                            .all()
+                            .filter(|e| e.address == dst)
+                            .cloned()
+                            .collect(),
+                    )),
+                })));
+            }
+            match policy {
+                OutboundPolicy::AllowAny => Ok(Target::Passthrough(dst)),
+                OutboundPolicy::RegistryOnly => Err(OutboundError::NotInRegistry(dst)),
+            }
+        })
+        .await
+    }
+
+    async fn accept_loop<F>(self, listener: TcpListener, route: F)
+    where
+        F: Fn(&TcpStream, &MeshState) -> Result<Target, OutboundError> + Send + Sync + 'static,
+    {
+        let route = Arc::new(route);
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let route = route.clone();
+            let span = tracing::debug_span!("outbound", %peer);
+            tokio::spawn(
+                async move {
+                    let state = this.state.borrow().clone();
+                    let result = match route(&stream, &state) {
+                        Ok(target) => this.forward(stream, target).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "outbound connection failed");
+                        this.metrics
+                            .outbound_failures
+                            .get_or_create(&ReasonLabels {
+                                reason: e.label().to_owned(),
+                            })
+                            .inc();
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut downstream: TcpStream,
+        target: Target,
+    ) -> Result<(), OutboundError> {
+        let _ = downstream.set_nodelay(true);
+        let service = match target {
+            Target::Service(service) => service,
+            Target::Passthrough(dst) => {
+                self.metrics.passthrough_connections.inc();
+                let mut upstream = self.connect(dst).await?;
+                let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                return Ok(());
+            }
+        };
+        let tls = self
+            .tls
+            .borrow()
+            .clone()
+            .ok_or(OutboundError::NoCertificate)?;
+        let mut failed = Vec::new();
+        let mut last_error = OutboundError::NoEndpoints(service.service.clone());
+        for _ in 0..CONNECT_ATTEMPTS {
+            let Some((endpoint, _active)) = service.endpoints.pick(&failed) else {
+                break;
+            };
+            let connected = async {
+                let client = tls
+                    .client_config(&endpoint.identity)
+                    .map_err(OutboundError::Tls)?;
+                let tcp = self.connect(endpoint.dial).await?;
+                let name = ServerName::IpAddress(endpoint.dial.ip().into());
+                tokio::time::timeout(
+                    self.config.handshake_timeout,
+                    TlsConnector::from(client).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| OutboundError::HandshakeTimeout)?
+                .map_err(OutboundError::Handshake)
+            }
+            .await;
+            match connected {
+                Ok(mut upstream) => {
+                    let labels = ServiceLabels {
+                        service: service.service.clone(),
+                        peer_identity: endpoint.identity.to_string(),
+                    };
+                    self.metrics
+                        .outbound_connections
+                        .get_or_create(&labels)
+                        .inc();
+                    self.metrics.active_connections.inc();
+                    let copied =
+                        tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                    self.metrics.active_connections.dec();
+                    if let Ok((up, down)) = copied {
+                        self.metrics
+                            .outbound_bytes
+                            .get_or_create(&labels)
+                            .inc_by(up + down);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %endpoint.dial, identity = %endpoint.identity, error = %e, "endpoint failed");
+                    failed.push(endpoint.dial);
+                    last_error = e;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, OutboundError> {
+        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| OutboundError::Connect {
+                addr,
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| OutboundError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OutboundError {
+    #[error("no workload certificate yet")]
+    NoCertificate,
+    #[error("service {0} is not known to discovery")]
+    UnknownService(String),
+    #[error("the connection has no original destination")]
+    NoOriginalDst,
+    #[error("{0} is outside the mesh and the outbound policy is REGISTRY_ONLY")]
+    NotInRegistry(SocketAddr),
+    #[error("service {0} has no ready endpoint")]
+    NoEndpoints(String),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(trellis_identity::TlsConfigError),
+    #[error("mTLS handshake timed out")]
+    HandshakeTimeout,
+    #[error("mTLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+}
+
+impl OutboundError {
+    fn label(&self) -> &'static str {
+        match self {
+            OutboundError::NoCertificate => "no_certificate",
+            OutboundError::UnknownService(_) => "unknown_service",
+            OutboundError::NoOriginalDst => "no_original_dst",
+            OutboundError::NotInRegistry(_) => "registry_only",
+            OutboundError::NoEndpoints(_) => "no_endpoints",
+            OutboundError::Connect { .. } => "connect",
+            OutboundError::Tls(_) => "tls_config",
+            OutboundError::HandshakeTimeout | OutboundError::Handshake(_) => "tls_handshake",
+        }
+    }
+}

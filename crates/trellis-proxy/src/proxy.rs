@@ -1,0 +1,171 @@
+//! Starting a proxy: certificate first, then discovery, then the listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::config::ProxyConfig;
+use crate::discovery::{self, MeshState};
+use crate::identity::{self, IdentityError};
+use crate::inbound;
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("getting a workload certificate: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+/// A proxy running in this process; its tasks stop when it is dropped.
+pub struct RunningProxy {
+    pub admin_addr: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: Option<SocketAddr>,
+    pub upstream_addrs: Vec<SocketAddr>,
+    pub admin: AdminState,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl RunningProxy {
+    /// Waits until the proxy has a certificate and a first config.
+    pub async fn ready(&self) {
+        let mut synced = self.admin.synced.clone();
+        let _ = synced.wait_for(|s| *s).await;
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}
+
+/// Binds every listener (so ports are known, and taken, at once), then fetches the
+/// first certificate with retries while admin already answers /live.
+pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
+    let config = Arc::new(config);
+    let metrics = Metrics::new();
+    let (tls_tx, tls_rx) = watch::channel(None);
+    let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::default()));
+    let (bundle_tx, bundle_rx) = watch::channel(None);
+    let (synced_tx, synced_rx) = watch::channel(false);
+
+    let admin_listener = bind("admin", config.admin_addr).await?;
+    let inbound_listener = bind("inbound", config.inbound_addr).await?;
+    let outbound_listener = match config.outbound_addr {
+        Some(addr) => Some(bind("outbound", addr).await?),
+        None => None,
+    };
+    let mut upstream_listeners = Vec::new();
+    for upstream in &config.upstreams {
+        upstream_listeners.push((bind("upstream", upstream.listen).await?, upstream.clone()));
+    }
+
+    let admin = AdminState {
+        config: config.clone(),
+        tls: tls_rx.clone(),
+        state: state_rx.clone(),
+        synced: synced_rx,
+        metrics: metrics.clone(),
+    };
+    let mut running = RunningProxy {
+        admin_addr: local(&admin_listener, config.admin_addr),
+        inbound_addr: local(&inbound_listener, config.inbound_addr),
+        outbound_addr: outbound_listener
+            .as_ref()
+            .map(|l| local(l, config.inbound_addr)),
+        upstream_addrs: upstream_listeners
+            .iter()
+            .map(|(l, u)| local(l, u.listen))
+            .collect(),
+        admin: admin.clone(),
+        tasks: Vec::new(),
+    };
+    running
+        .tasks
+        .push(tokio::spawn(admin::serve(admin_listener, admin)));
+
+    let first = first_certificate(&config).await?;
+    tracing::info!(identity = %first.cert.id, serial = first.cert.serial, "workload certificate issued");
+    identity::publish(&first.cert, &first.bundle, &tls_tx, &metrics);
+    running.tasks.push(tokio::spawn(identity::maintain(
+        config.clone(),
+        first,
+        tls_tx,
+        bundle_rx,
+        metrics.clone(),
+    )));
+    running.tasks.push(tokio::spawn(discovery::run(
+        config.clone(),
+        tls_rx.clone(),
+        state_tx,
+        bundle_tx,
+        synced_tx,
+        metrics.clone(),
+    )));
+    running.tasks.push(tokio::spawn(inbound::serve(
+        inbound_listener,
+        config.clone(),
+        tls_rx.clone(),
+        metrics.clone(),
+    )));
+    let outbound = Outbound {
+        config: config.clone(),
+        tls: tls_rx,
+        state: state_rx,
+        metrics,
+    };
+    if let Some(listener) = outbound_listener {
+        running
+            .tasks
+            .push(tokio::spawn(outbound.clone().serve_transparent(listener)));
+    }
+    for (listener, upstream) in upstream_listeners {
+        running.tasks.push(tokio::spawn(
+            outbound.clone().serve_upstream(listener, upstream),
+        ));
+    }
+    Ok(running)
+}
+
+/// The CA may not be up yet when the proxy starts; a refusal is final.
+async fn first_certificate(config: &ProxyConfig) -> Result<identity::Issued, IdentityError> {
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match identity::fetch(config).await {
+            Ok(issued) => return Ok(issued),
+            Err(IdentityError::Refused(status)) if status.code() != tonic::Code::Unavailable => {
+                return Err(IdentityError::Refused(status));
+            }
+            Err(e @ (IdentityError::NoProof | IdentityError::Certificate(_))) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "control plane not reachable yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
