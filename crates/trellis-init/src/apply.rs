@@ -1,0 +1,209 @@
+//! Writing and removing the rules.
+
+use std::process::Output;
+
+use crate::plan::{NAT, OWN_CHAINS, RuleKind, plan};
+use crate::runner::{Backend, CommandRunner, Iptables, SystemRunner};
+use crate::{InitConfig, InitError};
+
+/// The built-in chains Trellis hooks into.
+const HOOK_CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
+/// Upper bound on deletions per cleanup, so a misbehaving iptables cannot loop us forever.
+const MAX_DELETES: usize = 256;
+
+/// Writes the rules for `cfg` in the current network namespace. See [`apply_in`].
+pub fn apply(cfg: &InitConfig) -> Result<(), InitError> {
+    apply_in(cfg, &SystemRunner::host()).map(|_| ())
+}
+
+/// Writes the rules for `cfg` through `runner` (for example inside a network namespace),
+/// and returns the iptables binary that was used.
+///
+/// Idempotent: Trellis's own chains are created if missing and flushed if present, then
+/// filled; the jumps from PREROUTING and OUTPUT are inserted at the top only when `-C`
+/// does not find them (extra copies are removed). Running it twice leaves one set.
+/// Not atomic: while the chains are refilled, new connections may pass unredirected.
+pub fn apply_in(cfg: &InitConfig, runner: &dyn CommandRunner) -> Result<Iptables, InitError> {
+    cfg.validate()?;
+    let ipt = Ipt::new(runner, cfg.backend.resolve(runner)?);
+    let existing = ipt.chains()?;
+    for chain in OWN_CHAINS {
+        if existing.iter().any(|c| c == chain) {
+            ipt.run(&["-F", chain], &format!("flush chain {chain}"))?;
+        } else {
+            ipt.run(&["-N", chain], &format!("create chain {chain}"))?;
+        }
+    }
+    let rules = plan(cfg);
+    for rule in rules.iter().filter(|r| r.kind == RuleKind::Own) {
+        let mut args = vec!["-A", rule.chain.as_str()];
+        args.extend(rule.args.iter().map(String::as_str));
+        ipt.run(&args, &rule.to_string())?;
+    }
+    for rule in rules.iter().filter(|r| r.kind == RuleKind::Hook) {
+        let mut check = vec!["-C", rule.chain.as_str()];
+        check.extend(rule.args.iter().map(String::as_str));
+        if ipt.try_run(&check)?.status.success() {
+            tracing::debug!(chain = %rule.chain, rule = %rule, "hook already present");
+        } else {
+            let mut insert = vec!["-I", rule.chain.as_str(), "1"];
+            insert.extend(rule.args.iter().map(String::as_str));
+            ipt.run(&insert, &rule.to_string())?;
+        }
+        // Remove extra identical copies, e.g. left by an older tool.
+        let line = format!("-A {} {}", rule.chain, rule.spec());
+        let copies = ipt
+            .list(&rule.chain)?
+            .iter()
+            .filter(|l| **l == line)
+            .count();
+        for _ in 1..copies.min(MAX_DELETES) {
+            let mut delete = vec!["-D", rule.chain.as_str()];
+            delete.extend(rule.args.iter().map(String::as_str));
+            ipt.run(&delete, &format!("remove duplicate {line}"))?;
+        }
+    }
+    tracing::info!(
+        binary = %ipt.ipt.binary,
+        rules = rules.len(),
+        outbound_port = cfg.outbound_port,
+        inbound_port = cfg.inbound_port,
+        proxy_uid = cfg.proxy_uid,
+        "traffic redirection rules applied"
+    );
+    Ok(ipt.ipt)
+}
+
+/// Removes Trellis's jumps and chains from the current network namespace. See [`cleanup_in`].
+pub fn cleanup(backend: Backend) -> Result<(), InitError> {
+    cleanup_in(backend, &SystemRunner::host()).map(|_| ())
+}
+
+/// Removes every jump from PREROUTING/OUTPUT into a `TRELLIS_*` chain, then flushes and
+/// deletes Trellis's chains, through `runner`. Succeeds when there is nothing to remove.
+pub fn cleanup_in(backend: Backend, runner: &dyn CommandRunner) -> Result<Iptables, InitError> {
+    let ipt = Ipt::new(runner, backend.resolve(runner)?);
+    let mut deleted = 0usize;
+    for chain in HOOK_CHAINS {
+        for line in ipt.list(chain)? {
+            let Some(rest) = line.strip_prefix(&format!("-A {chain} ")) else {
+                continue;
+            };
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let jumps_to_us = words
+                .windows(2)
+                .any(|w| w[0] == "-j" && w[1].starts_with("TRELLIS_"));
+            if !jumps_to_us || rest.contains('"') || deleted >= MAX_DELETES {
+                continue;
+            }
+            let mut delete = vec!["-D", chain];
+            delete.extend(words.iter().copied());
+            ipt.run(&delete, &line)?;
+            deleted += 1;
+        }
+    }
+    let existing = ipt.chains()?;
+    let ours: Vec<&str> = OWN_CHAINS
+        .into_iter()
+        .filter(|c| existing.iter().any(|e| e == c))
+        .collect();
+    for chain in &ours {
+        ipt.run(&["-F", chain], &format!("flush chain {chain}"))?;
+    }
+    for chain in &ours {
+        ipt.run(&["-X", chain], &format!("delete chain {chain}"))?;
+    }
+    tracing::info!(
+        binary = %ipt.ipt.binary,
+        jumps_removed = deleted,
+        chains_removed = ours.len(),
+        "traffic redirection rules removed"
+    );
+    Ok(ipt.ipt)
+}
+
+/// The nat table as `iptables-save -t nat` prints it, through `runner`.
+pub fn save_nat_in(ipt: &Iptables, runner: &dyn CommandRunner) -> Result<String, InitError> {
+    let save = ipt.save_binary();
+    let args = vec!["-t".to_string(), NAT.to_string()];
+    let command = runner.command_line(&save, &args);
+    let out = runner
+        .run(&save, &args)
+        .map_err(|source| InitError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(InitError::Command {
+            command,
+            rule: "save nat table".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            status: out.status,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One iptables binary bound to a runner, always `-w -t nat`.
+struct Ipt<'a> {
+    runner: &'a dyn CommandRunner,
+    ipt: Iptables,
+}
+
+impl<'a> Ipt<'a> {
+    fn new(runner: &'a dyn CommandRunner, ipt: Iptables) -> Self {
+        Self { runner, ipt }
+    }
+
+    fn full_args(args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = ["-w", "-t", NAT].map(String::from).to_vec();
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
+    }
+
+    /// Runs; only failing to start is an error.
+    fn try_run(&self, args: &[&str]) -> Result<Output, InitError> {
+        let full = Self::full_args(args);
+        let command = self.runner.command_line(&self.ipt.binary, &full);
+        tracing::debug!(%command, "iptables");
+        self.runner
+            .run(&self.ipt.binary, &full)
+            .map_err(|source| InitError::Spawn { command, source })
+    }
+
+    /// Runs; a non-zero exit is an error naming the rule.
+    fn run(&self, args: &[&str], rule: &str) -> Result<Output, InitError> {
+        let out = self.try_run(args)?;
+        if out.status.success() {
+            return Ok(out);
+        }
+        let full = Self::full_args(args);
+        let err = InitError::Command {
+            command: self.runner.command_line(&self.ipt.binary, &full),
+            rule: rule.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            status: out.status,
+        };
+        tracing::warn!(error = %err, "iptables command failed");
+        Err(err)
+    }
+
+    /// `-S [chain]` output lines.
+    fn list(&self, chain: &str) -> Result<Vec<String>, InitError> {
+        let out = self.run(&["-S", chain], &format!("list chain {chain}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim_end().to_string())
+            .collect())
+    }
+
+    /// The user-defined chains of the nat table.
+    fn chains(&self) -> Result<Vec<String>, InitError> {
+        let out = self.run(&["-S"], "list nat table")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .map(|c| c.trim().to_string())
+            .collect())
+    }
+}

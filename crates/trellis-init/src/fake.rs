@@ -1,0 +1,164 @@
+//! A tiny in-memory imitation of `iptables -t nat`, enough to test apply/cleanup logic.
+
+use std::cell::RefCell;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Output};
+
+use crate::CommandRunner;
+
+const BUILTIN: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
+
+#[derive(Default)]
+pub struct FakeIptables {
+    /// Binaries that "work"; others fail as if missing.
+    pub working: Vec<&'static str>,
+    /// (chain, rules) in creation order; built-ins first.
+    chains: RefCell<Vec<(String, Vec<String>)>>,
+    pub log: RefCell<Vec<String>>,
+}
+
+fn out(code: i32, stdout: String, stderr: &str) -> std::io::Result<Output> {
+    Ok(Output {
+        status: ExitStatus::from_raw(code << 8),
+        stdout: stdout.into_bytes(),
+        stderr: stderr.as_bytes().to_vec(),
+    })
+}
+
+impl FakeIptables {
+    pub fn new(working: &[&'static str]) -> Self {
+        Self {
+            working: working.to_vec(),
+            chains: RefCell::new(BUILTIN.iter().map(|c| (c.to_string(), vec![])).collect()),
+            log: RefCell::default(),
+        }
+    }
+
+    /// Everything, as `-S` prints it.
+    pub fn dump(&self) -> String {
+        let chains = self.chains.borrow();
+        let mut s = String::new();
+        for (c, _) in chains.iter() {
+            if BUILTIN.contains(&c.as_str()) {
+                s += &format!("-P {c} ACCEPT\n");
+            } else {
+                s += &format!("-N {c}\n");
+            }
+        }
+        for (c, rules) in chains.iter() {
+            for r in rules {
+                s += &format!("-A {c} {r}\n");
+            }
+        }
+        s
+    }
+
+    pub fn add_rule(&self, chain: &str, spec: &str) {
+        let mut chains = self.chains.borrow_mut();
+        if let Some((_, rules)) = chains.iter_mut().find(|(c, _)| c == chain) {
+            rules.push(spec.to_string());
+        }
+    }
+}
+
+impl CommandRunner for FakeIptables {
+    fn run(&self, program: &str, args: &[String]) -> std::io::Result<Output> {
+        self.log.borrow_mut().push(self.command_line(program, args));
+        if !self.working.contains(&program) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not found",
+            ));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let rest = match args.as_slice() {
+            ["-w", "-t", "nat", rest @ ..] => rest,
+            ["-t", "nat", ..] if program.ends_with("-save") => return out(0, self.dump(), ""),
+            _ => return out(2, String::new(), "unsupported"),
+        };
+        let mut chains = self.chains.borrow_mut();
+        let find = |chains: &Vec<(String, Vec<String>)>, name: &str| {
+            chains.iter().position(|(c, _)| c == name)
+        };
+        match rest {
+            ["-S"] => {
+                drop(chains);
+                out(0, self.dump(), "")
+            }
+            ["-S", chain] => match find(&chains, chain) {
+                Some(i) => {
+                    let (c, rules) = &chains[i];
+                    let mut s = if BUILTIN.contains(&c.as_str()) {
+                        format!("-P {c} ACCEPT\n")
+                    } else {
+                        format!("-N {c}\n")
+                    };
+                    for r in rules {
+                        s += &format!("-A {c} {r}\n");
+                    }
+                    out(0, s, "")
+                }
+                None => out(1, String::new(), "No chain"),
+            },
+            ["-N", chain] => {
+                if find(&chains, chain).is_some() {
+                    return out(1, String::new(), "Chain already exists.");
+                }
+                chains.push((chain.to_string(), vec![]));
+                out(0, String::new(), "")
+            }
+            ["-F", chain] => match find(&chains, chain) {
+                Some(i) => {
+                    chains[i].1.clear();
+                    out(0, String::new(), "")
+                }
+                None => out(1, String::new(), "No chain"),
+            },
+            ["-X", chain] => {
+                let referenced = chains
+                    .iter()
+                    .any(|(_, rs)| rs.iter().any(|r| r.ends_with(&format!("-j {chain}"))));
+                match find(&chains, chain) {
+                    Some(i) if chains[i].1.is_empty() && !referenced => {
+                        chains.remove(i);
+                        out(0, String::new(), "")
+                    }
+                    _ => out(1, String::new(), "Directory not empty / busy"),
+                }
+            }
+            [op @ ("-A" | "-C" | "-D" | "-I"), chain, spec @ ..] => {
+                let Some(i) = find(&chains, chain) else {
+                    return out(1, String::new(), "No chain");
+                };
+                let (spec, at_top) = match (*op, spec) {
+                    ("-I", ["1", s @ ..]) => (s, true),
+                    (_, s) => (s, false),
+                };
+                let target = spec
+                    .windows(2)
+                    .find(|w| w[0] == "-j")
+                    .map(|w| w[1].to_string())
+                    .unwrap_or_default();
+                if target.starts_with("TRELLIS_") && find(&chains, &target).is_none() {
+                    return out(2, String::new(), "Couldn't load target");
+                }
+                let spec = spec.join(" ");
+                let rules = &mut chains[i].1;
+                match *op {
+                    "-A" => rules.push(spec),
+                    "-I" if at_top => rules.insert(0, spec),
+                    "-C" if rules.contains(&spec) => {}
+                    "-D" => match rules.iter().position(|r| *r == spec) {
+                        Some(p) => {
+                            rules.remove(p);
+                        }
+                        None => return out(1, String::new(), "Bad rule"),
+                    },
+                    _ => return out(1, String::new(), "Bad rule"),
+                }
+                out(0, String::new(), "")
+            }
+            _ => out(2, String::new(), "unsupported"),
+        }
+    }
+}

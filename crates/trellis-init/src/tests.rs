@@ -1,0 +1,289 @@
+//! Pure tests: the plan, the dry-run text, and apply/cleanup against a fake iptables.
+
+use clap::Parser;
+
+use crate::fake::FakeIptables;
+use crate::*;
+
+fn lines(cfg: &InitConfig) -> Vec<String> {
+    plan(cfg).iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn default_plan_matches_the_contract() {
+    let got = lines(&InitConfig::default());
+    let want = [
+        "-A TRELLIS_INBOUND -p tcp --dport 15000 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp --dport 15001 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp --dport 15006 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp --dport 15008 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp --dport 15020 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp --dport 15021 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp -j TRELLIS_IN_REDIRECT",
+        "-A TRELLIS_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        "-A TRELLIS_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A TRELLIS_OUTPUT -o lo -j RETURN",
+        "-A TRELLIS_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-A TRELLIS_OUTPUT -j TRELLIS_REDIRECT",
+        "-A TRELLIS_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        "-I PREROUTING 1 -p tcp -j TRELLIS_INBOUND",
+        "-I OUTPUT 1 -p tcp -j TRELLIS_OUTPUT",
+    ];
+    assert_eq!(got, want);
+    let rules = plan(&InitConfig::default());
+    assert!(rules.iter().all(|r| r.table == "nat"));
+    assert_eq!(rules.iter().filter(|r| r.kind == RuleKind::Hook).count(), 2);
+}
+
+#[test]
+fn exclusions_gid_and_dedup() {
+    let cfg = InitConfig {
+        proxy_gid: Some(1337),
+        outbound_port: 16001,
+        inbound_port: 16006,
+        proxy_ports: vec![15000, 15000],
+        exclude_inbound_ports: vec![22, 15000, 22],
+        exclude_outbound_ports: vec![5432, 5432],
+        exclude_outbound_cidrs: parse_cidrs("10.0.0.0/8,10.0.0.0/8,169.254.169.254").unwrap(),
+        ..InitConfig::default()
+    };
+    let got = lines(&cfg);
+    let inbound: Vec<_> = got
+        .iter()
+        .filter(|l| l.contains("TRELLIS_INBOUND -p tcp --dport"))
+        .collect();
+    assert_eq!(inbound.len(), 2, "{inbound:?}");
+    assert!(got.contains(&"-A TRELLIS_INBOUND -p tcp --dport 22 -j RETURN".to_string()));
+    assert!(got.contains(&"-A TRELLIS_OUTPUT -m owner --gid-owner 1337 -j RETURN".to_string()));
+    assert!(got.contains(&"-A TRELLIS_OUTPUT -p tcp --dport 5432 -j RETURN".to_string()));
+    assert!(got.contains(&"-A TRELLIS_OUTPUT -d 10.0.0.0/8 -j RETURN".to_string()));
+    assert!(got.contains(&"-A TRELLIS_OUTPUT -d 169.254.169.254/32 -j RETURN".to_string()));
+    assert_eq!(got.iter().filter(|l| l.contains("5432")).count(), 1);
+    assert_eq!(got.iter().filter(|l| l.contains("10.0.0.0/8")).count(), 1);
+    assert!(got.contains(&"-A TRELLIS_REDIRECT -p tcp -j REDIRECT --to-ports 16001".to_string()));
+    assert!(
+        got.contains(&"-A TRELLIS_IN_REDIRECT -p tcp -j REDIRECT --to-ports 16006".to_string())
+    );
+    // The catch-all jump is the last rule of TRELLIS_OUTPUT.
+    let last_output = got
+        .iter()
+        .rfind(|l| l.starts_with("-A TRELLIS_OUTPUT"))
+        .unwrap();
+    assert_eq!(last_output, "-A TRELLIS_OUTPUT -j TRELLIS_REDIRECT");
+}
+
+#[test]
+fn dry_run_text_is_restore_like() {
+    let text = dry_run_text(&InitConfig::default());
+    assert!(text.contains("IPv4 only"));
+    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(body.first(), Some(&"*nat"));
+    assert_eq!(body.last(), Some(&"COMMIT"));
+    for chain in OWN_CHAINS {
+        assert!(
+            body.contains(&format!(":{chain} - [0:0]").as_str()),
+            "{chain}"
+        );
+    }
+    assert_eq!(body.len(), 1 + 4 + plan(&InitConfig::default()).len() + 1);
+}
+
+#[test]
+fn validate_rejects_zero_ports() {
+    let cfg = InitConfig {
+        outbound_port: 0,
+        ..InitConfig::default()
+    };
+    assert!(matches!(cfg.validate(), Err(InitError::Config(_))));
+    let cfg = InitConfig {
+        exclude_inbound_ports: vec![0],
+        ..InitConfig::default()
+    };
+    assert!(matches!(cfg.validate(), Err(InitError::BadPort { .. })));
+}
+
+#[test]
+fn apply_twice_leaves_one_set_and_cleanup_removes_all() {
+    let fake = FakeIptables::new(&["iptables-nft"]);
+    // Something else already in OUTPUT stays first-class but below our hook.
+    fake.add_rule(
+        "OUTPUT",
+        "-d 10.96.0.10/32 -p tcp -j DNAT --to-destination 10.244.0.3:80",
+    );
+    let cfg = InitConfig::default();
+    let ipt = apply_in(&cfg, &fake).unwrap();
+    assert_eq!(ipt.binary, "iptables-nft");
+    let once = fake.dump();
+    apply_in(&cfg, &fake).unwrap();
+    assert_eq!(fake.dump(), once);
+    assert_eq!(
+        once.matches("-A PREROUTING -p tcp -j TRELLIS_INBOUND")
+            .count(),
+        1
+    );
+    assert_eq!(
+        once.matches("-A OUTPUT -p tcp -j TRELLIS_OUTPUT").count(),
+        1
+    );
+    let output: Vec<&str> = once
+        .lines()
+        .filter(|l| l.starts_with("-A OUTPUT"))
+        .collect();
+    assert_eq!(
+        output[0], "-A OUTPUT -p tcp -j TRELLIS_OUTPUT",
+        "hook first"
+    );
+    // A changed config replaces the chain contents.
+    let cfg2 = InitConfig {
+        exclude_outbound_ports: vec![5432],
+        ..cfg.clone()
+    };
+    apply_in(&cfg2, &fake).unwrap();
+    let changed = fake.dump();
+    assert!(changed.contains("--dport 5432"));
+    assert_eq!(changed.matches("-j TRELLIS_REDIRECT").count(), 1);
+
+    cleanup_in(Backend::Auto, &fake).unwrap();
+    let after = fake.dump();
+    assert!(!after.contains("TRELLIS"), "{after}");
+    assert!(after.contains("DNAT"), "foreign rules stay");
+    // Nothing left: still fine.
+    cleanup_in(Backend::Auto, &fake).unwrap();
+}
+
+#[test]
+fn apply_removes_duplicate_hooks() {
+    let fake = FakeIptables::new(&["iptables-legacy"]);
+    let cfg = InitConfig {
+        backend: Backend::Legacy,
+        ..InitConfig::default()
+    };
+    apply_in(&cfg, &fake).unwrap();
+    fake.add_rule("PREROUTING", "-p tcp -j TRELLIS_INBOUND");
+    apply_in(&cfg, &fake).unwrap();
+    assert_eq!(
+        fake.dump()
+            .matches("-A PREROUTING -p tcp -j TRELLIS_INBOUND")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn auto_falls_back_and_reports_missing_iptables() {
+    let fake = FakeIptables::new(&["iptables"]);
+    assert_eq!(Backend::Auto.resolve(&fake).unwrap().binary, "iptables");
+    let err = Backend::Nft.resolve(&fake).unwrap_err();
+    assert!(matches!(err, InitError::NoIptables { .. }), "{err}");
+    assert!(err.to_string().contains("iptables-nft"), "{err}");
+    let none = FakeIptables::new(&[]);
+    assert!(matches!(
+        apply_in(&InitConfig::default(), &none),
+        Err(InitError::NoIptables { .. })
+    ));
+}
+
+/// A runner whose `-A` always fails: the error carries the full command line and rule.
+struct FailingAppend(FakeIptables);
+
+impl CommandRunner for FailingAppend {
+    fn run(&self, program: &str, args: &[String]) -> std::io::Result<std::process::Output> {
+        if args.iter().any(|a| a == "-A") {
+            use std::os::unix::process::ExitStatusExt;
+            return Ok(std::process::Output {
+                status: std::process::ExitStatus::from_raw(2 << 8),
+                stdout: vec![],
+                stderr: b"iptables v1.8.9: unknown option \"--uid-owner\"\n".to_vec(),
+            });
+        }
+        self.0.run(program, args)
+    }
+
+    fn command_line(&self, program: &str, args: &[String]) -> String {
+        format!("ip netns exec test {program} {}", args.join(" "))
+    }
+}
+
+#[test]
+fn command_errors_carry_command_rule_and_stderr() {
+    let runner = FailingAppend(FakeIptables::new(&["iptables-nft"]));
+    let err = apply_in(&InitConfig::default(), &runner).unwrap_err();
+    match &err {
+        InitError::Command {
+            command,
+            rule,
+            stderr,
+            status,
+        } => {
+            assert!(
+                command.starts_with("ip netns exec test iptables-nft -w -t nat -A TRELLIS_INBOUND"),
+                "{command}"
+            );
+            assert_eq!(rule, "-A TRELLIS_INBOUND -p tcp --dport 15000 -j RETURN");
+            assert!(stderr.contains("unknown option"));
+            assert_eq!(status.code(), Some(2));
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn system_runner_command_lines() {
+    let args = vec!["-w".to_string(), "-S".to_string()];
+    assert_eq!(
+        SystemRunner::host().command_line("iptables", &args),
+        "iptables -w -S"
+    );
+    assert_eq!(
+        SystemRunner::in_netns("pod-a").command_line("iptables", &args),
+        "ip netns exec pod-a iptables -w -S"
+    );
+    let ipt = Iptables {
+        binary: "iptables-legacy".into(),
+    };
+    assert_eq!(ipt.save_binary(), "iptables-legacy-save");
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    init: InitArgs,
+}
+
+#[test]
+fn cli_args_build_the_config() {
+    let cli = Cli::try_parse_from([
+        "init",
+        "--exclude-outbound-cidrs",
+        "10.0.0.0/8,192.168.0.0/16",
+        "--exclude-inbound-ports",
+        "22",
+        "--backend",
+        "legacy",
+        "--proxy-gid",
+        "1337",
+    ])
+    .unwrap();
+    let cfg = cli.init.config();
+    assert_eq!(cfg.exclude_outbound_cidrs.len(), 2);
+    assert_eq!(cfg.exclude_inbound_ports, vec![22]);
+    assert_eq!(cfg.backend, Backend::Legacy);
+    assert_eq!(cfg.proxy_ports, DEFAULT_PROXY_PORTS.to_vec());
+    assert_eq!(cfg.proxy_gid, Some(1337));
+    let dry = Cli::try_parse_from(["init", "--dry-run"]).unwrap();
+    assert!(dry.init.execute().unwrap().contains("*nat"));
+
+    let err = Cli::try_parse_from(["init", "--exclude-outbound-cidrs", "10.0.0.0/40"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("10.0.0.0/40") && err.contains("larger than 32"),
+        "{err}"
+    );
+    let err = Cli::try_parse_from(["init", "--outbound-port", "0"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("port 0"), "{err}");
+}
