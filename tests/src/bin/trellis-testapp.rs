@@ -1,0 +1,242 @@
+//! A small app to run inside test pods: HTTP and TCP echo servers and clients.
+//!
+//! Servers print `listening on ADDR` once they accept connections.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-testapp",
+    about = "Test servers and clients for Trellis pods"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// HTTP/1.1 server: 200 with body `<name> <method> <path>`.
+    HttpEcho {
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: String,
+        /// Name put in every answer (and the `x-served-by` header).
+        #[arg(long, default_value = "http-echo")]
+        name: String,
+    },
+    /// TCP line echo: answers each line with the same line (`<name>: line` with --name).
+    TcpEcho {
+        #[arg(long, default_value = "0.0.0.0:7000")]
+        listen: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// HTTP/1.1 GET over one connection, `--count` times; prints `HTTP <status>` then the body.
+    HttpGet {
+        /// `http://host[:port][/path]`; the host is resolved via /etc/hosts.
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Seconds allowed for everything.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Sends one line to a TCP server and prints the line it answers.
+    TcpSend {
+        addr: String,
+        line: String,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::HttpEcho { listen, name } => http_echo(&listen, name).await,
+        Cmd::TcpEcho { listen, name } => tcp_echo(&listen, name).await,
+        Cmd::HttpGet {
+            url,
+            count,
+            timeout,
+        } => within(timeout, http_get(&url, count)).await,
+        Cmd::TcpSend {
+            addr,
+            line,
+            timeout,
+        } => within(timeout, tcp_send(&addr, &line)).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn within(secs: u64, fut: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .map_err(|_| anyhow!("timed out after {secs}s"))?
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("resolve {addr}"))?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| anyhow!("{addr} has no IPv4 address"))
+}
+
+async fn bind(listen: &str) -> Result<TcpListener> {
+    let listener = TcpListener::bind(resolve(listen)?)
+        .await
+        .with_context(|| format!("bind {listen}"))?;
+    println!("listening on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+async fn http_echo(listen: &str, name: String) -> Result<()> {
+    let listener = bind(listen).await?;
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let name = name.clone();
+                async move {
+                    let body = format!("{name} {} {}\n", req.method(), req.uri().path());
+                    let resp = Response::builder()
+                        .header("x-served-by", name.as_str())
+                        .header("content-type", "text/plain")
+                        .body(Full::new(Bytes::from(body)));
+                    Ok::<_, Infallible>(resp.unwrap_or_else(|_| Response::new(Full::default())))
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                eprintln!("connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+async fn tcp_echo(listen: &str, name: Option<String>) -> Result<()> {
+    let listener = bind(listen).await?;
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match &name {
+                    Some(n) => format!("{n}: {line}\n"),
+                    None => format!("{line}\n"),
+                };
+                if wr.write_all(reply.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            let _ = peer;
+        });
+    }
+}
+
+/// Splits `http://host[:port][/path]` into (`host:port`, host header, path).
+fn parse_url(url: &str) -> Result<(String, String, String)> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("only http:// URLs are supported: {url}"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        bail!("no host in {url}");
+    }
+    let addr = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((addr, authority.to_string(), path.to_string()))
+}
+
+async fn http_get(url: &str, count: u32) -> Result<()> {
+    let (addr, host, path) = parse_url(url)?;
+    let target = resolve(&addr)?;
+    let stream = TcpStream::connect(target)
+        .await
+        .with_context(|| format!("connect {addr} ({target})"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut failures = 0;
+    for _ in 0..count {
+        let req = Request::get(path.as_str())
+            .header("host", host.as_str())
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        println!("HTTP {}", status.as_u16());
+        let text = String::from_utf8_lossy(&body);
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+        if !status.is_success() {
+            failures += 1;
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} of {count} requests failed");
+    }
+    Ok(())
+}
+
+async fn tcp_send(addr: &str, line: &str) -> Result<()> {
+    let target = resolve(addr)?;
+    let mut stream = TcpStream::connect(target)
+        .await
+        .with_context(|| format!("connect {addr} ({target})"))?;
+    stream.write_all(format!("{line}\n").as_bytes()).await?;
+    let mut reply = String::new();
+    BufReader::new(&mut stream).read_line(&mut reply).await?;
+    if reply.is_empty() {
+        bail!("connection closed without an answer");
+    }
+    print!("{reply}");
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::parse_url;
+
+    #[test]
+    fn urls() {
+        let (a, h, p) = parse_url("http://web.default.svc.cluster.local/x/y").unwrap();
+        assert_eq!(a, "web.default.svc.cluster.local:80");
+        assert_eq!(h, "web.default.svc.cluster.local");
+        assert_eq!(p, "/x/y");
+        let (a, _, p) = parse_url("http://10.0.0.1:8080").unwrap();
+        assert_eq!((a.as_str(), p.as_str()), ("10.0.0.1:8080", "/"));
+        assert!(parse_url("https://x").is_err());
+    }
+}

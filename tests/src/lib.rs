@@ -1,0 +1,129 @@
+//! The Trellis end-to-end test bed: pods are network namespaces on a bridge inside a
+//! "node" namespace, with real iptables, `/etc/hosts` names for services, and a small
+//! test app (`trellis-testapp`) to run inside them.
+//!
+//! ```no_run
+//! use trellis_tests::{TestBed, skip_unless_root};
+//! # fn main() -> anyhow::Result<()> {
+//! if skip_unless_root("my_test") { return Ok(()); }
+//! let mut bed = TestBed::new("mytest")?;
+//! let a = bed.add_pod("a")?;
+//! let b = bed.add_pod("b")?;
+//! let app = trellis_tests::testapp_path()?;
+//! let app = app.to_str().unwrap_or_default();
+//! let srv = bed.spawn(&b, None, app, &["tcp-echo", "--listen", "0.0.0.0:7000"])?;
+//! srv.wait_listening(std::time::Duration::from_secs(10))?;
+//! let addr = format!("{}:7000", b.ip);
+//! let out = bed.exec_ok(&a, app, &["tcp-send", &addr, "hi"])?;
+//! assert!(out.contains("hi"));
+//! # Ok(()) }
+//! ```
+//!
+//! Everything needs root and `ip netns`; tests call [`skip_unless_root`] first. Network
+//! rule: the bed never adds addresses or routes to the root namespace, so traffic only
+//! flows between namespaces the bed created.
+
+mod bed;
+pub mod netns;
+mod process;
+
+pub use bed::{EXEC_TIMEOUT, NODE_IP, POD_PREFIX_LEN, Pod, SERVICE_CIDR, Service, TestBed};
+pub use process::{ChildHandle, netns_command, run_with_timeout};
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+/// Why this machine cannot run the root tests, or `None` if it can.
+pub fn root_skip_reason() -> Option<&'static str> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("needs root and network namespaces (not root)");
+    }
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !netns {
+        return Some("needs root and network namespaces (`ip netns` unavailable)");
+    }
+    None
+}
+
+/// Returns true when `test` must be skipped (not root, or `ip netns` does not work),
+/// after printing `SKIPPED: {test}: needs root and network namespaces` to stdout and
+/// stderr. Every root test calls this (or [`skip_unless_root!`]) first: the one place
+/// to change how skips are reported.
+pub fn skip_unless_root(test: &str) -> bool {
+    match root_skip_reason() {
+        Some(reason) => {
+            println!("SKIPPED: {test}: {reason}");
+            eprintln!("SKIPPED: {test}: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// `skip_unless_root!()` at the top of a test returns early (after reporting) when the
+/// test needs root and network namespaces that this machine lacks. The test's name is
+/// taken from the module path and line unless given: `skip_unless_root!("name")`.
+/// In a test returning `Result`, use `skip_unless_root!(ok)` to `return Ok(())`.
+#[macro_export]
+macro_rules! skip_unless_root {
+    () => {
+        if $crate::skip_unless_root(concat!(module_path!(), ":", line!())) {
+            return;
+        }
+    };
+    (ok) => {
+        if $crate::skip_unless_root(concat!(module_path!(), ":", line!())) {
+            return Ok(());
+        }
+    };
+    ($name:expr) => {
+        if $crate::skip_unless_root($name) {
+            return;
+        }
+    };
+}
+
+/// Finds a binary built into the same target folder as the running test (e.g.
+/// `trellis-testapp`, or `trellis-proxy` after `cargo build -p trellis-proxy`).
+/// `TRELLIS_<NAME>_BIN` (upper case, `-` as `_`) overrides.
+pub fn target_binary(name: &str) -> Result<PathBuf> {
+    let var = format!("{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
+    let var = if var.starts_with("TRELLIS_") {
+        var
+    } else {
+        format!("TRELLIS_{var}")
+    };
+    if let Ok(p) = std::env::var(&var) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut tried = Vec::new();
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        tried.push(candidate.display().to_string());
+    }
+    bail!(
+        "binary `{name}` not found (set {var}); tried {}",
+        tried.join(", ")
+    )
+}
+
+/// The path of `trellis-testapp` (built with this package).
+pub fn testapp_path() -> Result<PathBuf> {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_trellis-testapp") {
+        return Ok(PathBuf::from(p));
+    }
+    target_binary("trellis-testapp")
+}
