@@ -1,0 +1,53 @@
+//! Trellis latency benchmark.
+//!
+//! An open-loop, coordinated-omission-corrected load generator (HTTP/1.1, HTTP/2 prior
+//! knowledge, TCP request/response), the servers it is pointed at, `/proc` sampling of
+//! the proxies under test, and the reports (`results.json`, `results.md`, `latency.svg`).
+//!
+//! A *scenario* is a name, a target address, a mode and the PIDs of the proxies on the
+//! path ([`suite::Scenario`]); [`suite::run_suite`] runs a list of them with one set of
+//! load settings and writes the reports.
+
+pub mod haproxy;
+pub mod loadgen;
+pub mod procstat;
+pub mod report;
+pub mod saturation;
+pub mod server;
+pub mod suite;
+
+pub use loadgen::{LoadConfig, LoadOutcome, Mode, resolve_target, run_load, run_load_with};
+pub use report::{Report, RunResult, ScenarioReport};
+pub use suite::{Scenario, SuiteSettings, run_suite};
+
+/// Errors of the benchmark library.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("http: {0}")]
+    Hyper(#[from] hyper::Error),
+    #[error("http request: {0}")]
+    Http(#[from] http::Error),
+    #[error("unexpected HTTP status {0}")]
+    Status(u16),
+    #[error("short response: expected {expected} bytes, got {got}")]
+    ShortResponse { expected: usize, got: usize },
+    #[error("request timed out")]
+    Timeout,
+    #[error("{0} is not yet supported")]
+    Unsupported(&'static str),
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("histogram: {0}")]
+    Histogram(String),
+    #[error("parsing {what}: {detail}")]
+    Parse { what: String, detail: String },
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Result alias for the library.
+pub type Result<T, E = BenchError> = std::result::Result<T, E>;

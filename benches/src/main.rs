@@ -1,0 +1,242 @@
+//! `trellis-bench`: load generator and benchmark servers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use trellis_bench::saturation::{SaturationConfig, find_saturation};
+use trellis_bench::{Mode, RunResult, Scenario, SuiteSettings, resolve_target, run_suite, server};
+
+#[derive(Parser)]
+#[command(name = "trellis-bench", version, about = "Trellis latency benchmark")]
+struct Cli {
+    /// Tokio worker threads (0: one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one open-loop scenario against a target.
+    Load(LoadArgs),
+    /// Find the highest rate with p99 under a limit and no errors.
+    Saturate(SaturateArgs),
+    /// Run a benchmark server until interrupted.
+    #[command(subcommand)]
+    Serve(ServeCommand),
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    /// Target, `IP:PORT` or `HOST:PORT` (resolved once).
+    #[arg(long)]
+    target: String,
+    /// http1, http2, tcp (grpc: not yet supported).
+    #[arg(long, default_value = "http1")]
+    mode: Mode,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// TCP: message size; HTTP: response size asked for with `?size=`.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Request path (HTTP).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Host header / :authority (default: the target address).
+    #[arg(long)]
+    host: Option<String>,
+    /// Per-request timeout, seconds.
+    #[arg(long, default_value = "1", value_parser = secs)]
+    timeout: Duration,
+    /// Hard cap on requests per run, warm-up included.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_requests: u64,
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Offered rate, requests per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Measured seconds.
+    #[arg(long, default_value = "30", value_parser = secs)]
+    duration: Duration,
+    /// Warm-up seconds (discarded).
+    #[arg(long, default_value = "5", value_parser = secs)]
+    warmup: Duration,
+    /// Scenario name in the reports.
+    #[arg(long, default_value = "direct")]
+    name: String,
+    /// PIDs of proxies on the path, sampled from /proc (repeatable).
+    #[arg(long = "proxy-pid")]
+    proxy_pids: Vec<u32>,
+    /// Folder for results.json, results.md and latency.svg.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SaturateArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[arg(long, default_value_t = 1000.0)]
+    start_rate: f64,
+    #[arg(long, default_value_t = 256_000.0)]
+    max_rate: f64,
+    /// p99 limit, milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    p99_ms: f64,
+    /// Measured seconds per step.
+    #[arg(long, default_value = "3", value_parser = secs)]
+    step: Duration,
+    /// Warm-up seconds per step.
+    #[arg(long, default_value = "1", value_parser = secs)]
+    warmup: Duration,
+    /// Total time budget, seconds.
+    #[arg(long, default_value = "180", value_parser = secs)]
+    budget: Duration,
+}
+
+#[derive(Subcommand)]
+enum ServeCommand {
+    /// HTTP/1.1 + HTTP/2 server answering 200 with `size` bytes (`?size=N` overrides).
+    Http {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
+    /// TCP echo server.
+    Tcp {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+    },
+}
+
+fn secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Duration::try_from_secs_f64(v).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if cli.threads > 0 {
+        rt.worker_threads(cli.threads);
+    }
+    rt.build()?.block_on(async move {
+        match cli.command {
+            Command::Load(args) => load(args).await,
+            Command::Saturate(args) => saturate(args).await,
+            Command::Serve(cmd) => serve(cmd).await,
+        }
+    })
+}
+
+async fn settings(t: &TargetArgs) -> anyhow::Result<(SocketAddr, SuiteSettings)> {
+    let addr = resolve_target(&t.target).await?;
+    let s = SuiteSettings {
+        connections: t.connections,
+        size: t.size,
+        timeout: t.timeout,
+        max_requests: t.max_requests,
+        path: t.path.clone(),
+        host: t.host.clone(),
+        baseline: None,
+        ..SuiteSettings::default()
+    };
+    Ok((addr, s))
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let (addr, base) = settings(&args.target).await?;
+    let settings = SuiteSettings {
+        rate: args.rate,
+        duration: args.duration,
+        warmup: args.warmup,
+        out_dir: args.out.clone(),
+        ..base
+    };
+    let scenario = Scenario::new(args.name, addr, args.target.mode).with_proxies(args.proxy_pids);
+    let report = run_suite(std::slice::from_ref(&scenario), &settings).await?;
+    let Some(s) = report.scenarios.first() else {
+        bail!("no result");
+    };
+    println!("{}", s.result.table_line());
+    println!("{}", serde_json::to_string_pretty(&s.result)?);
+    for p in &s.proxies {
+        println!(
+            "proxy pid {}: {:.4} CPU s/1k req, {:.3} vCPU, rss {} kB, peak {} kB",
+            p.pid, p.cpu_s_per_1k_req, p.vcpu, p.rss_kb, p.peak_rss_kb
+        );
+    }
+    if let Some(dir) = &args.out {
+        println!("reports written to {}", dir.display());
+    }
+    if let Some(why) = &s.failure {
+        bail!("{why}");
+    }
+    Ok(())
+}
+
+async fn saturate(args: SaturateArgs) -> anyhow::Result<()> {
+    let (addr, base) = settings(&args.target).await?;
+    let scenario = Scenario::new("saturation", addr, args.target.mode);
+    let cfg = SaturationConfig {
+        start_rate: args.start_rate,
+        max_rate: args.max_rate,
+        p99_limit_us: (args.p99_ms * 1000.0).round() as u64,
+        budget: args.budget,
+        step_estimate: args.step + args.warmup + base.pause,
+        ..SaturationConfig::default()
+    };
+    let result = find_saturation(&cfg, |rate| {
+        let settings = SuiteSettings {
+            rate,
+            duration: args.step,
+            warmup: args.warmup,
+            ..base.clone()
+        };
+        let scenario = scenario.clone();
+        async move {
+            let r = trellis_bench::suite::run_scenario(&scenario, &settings).await?;
+            tokio::time::sleep(settings.pause).await;
+            Ok::<RunResult, trellis_bench::BenchError>(r.result)
+        }
+    })
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    match result.best_rate {
+        Some(rate) => println!("saturation: {rate} rps"),
+        None => println!("saturation: no rate passed"),
+    }
+    Ok(())
+}
+
+async fn serve(cmd: ServeCommand) -> anyhow::Result<()> {
+    let (addr, task) = match cmd {
+        ServeCommand::Http { listen, size } => server::spawn_http_server(listen, size).await,
+        ServeCommand::Tcp { listen } => server::spawn_tcp_echo(listen).await,
+    }
+    .context("bind")?;
+    println!("listening on {addr}");
+    tokio::select! {
+        r = task => { r.context("server task")??; }
+        r = tokio::signal::ctrl_c() => { r?; }
+    }
+    Ok(())
+}

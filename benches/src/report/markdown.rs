@@ -1,0 +1,115 @@
+//! `results.md`.
+
+use std::fmt::Write as _;
+
+use super::{Report, ScenarioReport};
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn signed_ms(us: i64) -> String {
+    format!("{:+.3}", us as f64 / 1000.0)
+}
+
+fn per_proxy(s: &ScenarioReport, f: impl Fn(&crate::procstat::CpuCost) -> String) -> String {
+    if s.proxies.is_empty() {
+        "—".to_string()
+    } else {
+        s.proxies.iter().map(f).collect::<Vec<_>>().join(" / ")
+    }
+}
+
+/// The Markdown summary of a suite.
+pub fn render_markdown(report: &Report) -> String {
+    let l = &report.load;
+    let mut out = String::new();
+    let _ = writeln!(out, "# Trellis latency benchmark\n");
+    let _ = writeln!(out, "- date: {}", report.date);
+    let _ = writeln!(out, "- machine: {} cores available", report.cores);
+    let _ = writeln!(
+        out,
+        "- load: open loop, {} rps over {} connections, {} s measured after {} s warm-up, \
+         size {} B, timeout {} s, at most {} requests, path `{}`",
+        l.rate,
+        l.connections,
+        l.duration_s,
+        l.warmup_s,
+        l.size,
+        l.timeout_s,
+        l.max_requests,
+        l.path
+    );
+    let _ = writeln!(
+        out,
+        "- baseline: {}",
+        report.baseline.as_deref().unwrap_or("(none)")
+    );
+    let _ = writeln!(
+        out,
+        "- latency in ms, from each request's intended send time to the end of its \
+         response (coordinated omission corrected); CPU and RSS from /proc over the \
+         measured window, one figure per proxy on the path\n"
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | \
+         CPU/1k req per proxy (s) | vCPU per proxy at the rate | peak RSS (MB) | errors |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for s in &report.scenarios {
+        let r = &s.result;
+        let (added50, added99) = match &s.added {
+            Some(a) => (signed_ms(a.p50_us), signed_ms(a.p99_us)),
+            None => ("—".to_string(), "—".to_string()),
+        };
+        let failed = if s.failure.is_some() { " (failed)" } else { "" };
+        let _ = writeln!(
+            out,
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            failed,
+            ms(r.p50_us),
+            ms(r.p90_us),
+            ms(r.p99_us),
+            ms(r.p999_us),
+            ms(r.max_us),
+            added50,
+            added99,
+            per_proxy(s, |c| format!("{:.4}", c.cpu_s_per_1k_req)),
+            per_proxy(s, |c| format!("{:.3}", c.vcpu)),
+            per_proxy(s, |c| format!("{:.1}", c.peak_rss_kb as f64 / 1024.0)),
+            r.errors
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| scenario | mode | target | ok requests | achieved rps | mean (ms) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for s in &report.scenarios {
+        let r = &s.result;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.1} | {:.3} |",
+            r.scenario,
+            r.mode,
+            s.target,
+            r.requests,
+            r.achieved_rps,
+            r.mean_us / 1000.0
+        );
+    }
+    let failures: Vec<_> = report
+        .scenarios
+        .iter()
+        .filter_map(|s| s.failure.as_ref().map(|f| (&s.result.scenario, f)))
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\n## Problems\n");
+        for (name, why) in failures {
+            let _ = writeln!(out, "- {name}: {why}");
+        }
+    }
+    out
+}
