@@ -79,14 +79,14 @@ spec: {{serviceAccount: impostor, token: {TOKEN_IMPOSTOR}}}
     )
 }
 
-async fn start_control(registry: &Path, state: &Path) -> RunningControlPlane {
+async fn start_control(registry: &Path, state: &Path, cert_ttl: Duration) -> RunningControlPlane {
     trellis_control::start(ControlConfig {
         registry_dir: registry.to_owned(),
         state_dir: state.to_owned(),
         trust_domain: "cluster.local".into(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
-        cert_ttl: Duration::from_secs(24 * 3600),
+        cert_ttl,
         server_names: vec!["trellis-control".into()],
     })
     .await
@@ -196,6 +196,10 @@ struct Mesh {
 }
 
 async fn mesh() -> Mesh {
+    mesh_with_ttl(Duration::from_secs(24 * 3600)).await
+}
+
+async fn mesh_with_ttl(cert_ttl: Duration) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let registry = dir.path().join("registry");
     std::fs::create_dir(&registry).unwrap();
@@ -205,7 +209,7 @@ async fn mesh() -> Mesh {
         impostor_inbound: free_port(),
     };
     std::fs::write(registry.join("mesh.yaml"), registry_yaml(&ports)).unwrap();
-    let control = start_control(&registry, &dir.path().join("state")).await;
+    let control = start_control(&registry, &dir.path().join("state"), cert_ttl).await;
     let app_connections = echo_app(ports.echo_app).await;
 
     let mut echo = proxy_config(&control, "echo", TOKEN_ECHO);
@@ -473,4 +477,36 @@ async fn the_issued_certificate_verifies_with_openssl() {
         text.contains("URI:spiffe://cluster.local/ns/default/sa/echo"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_at_half_life_without_dropping_connections() {
+    let mesh = mesh_with_ttl(Duration::from_secs(4)).await;
+    let serial = |p: &RunningProxy| {
+        p.admin
+            .tls
+            .borrow()
+            .as_ref()
+            .map(|t| t.certificate().serial.clone())
+    };
+    let (echo_first, client_first) = (serial(&mesh.echo), serial(&mesh.client));
+
+    let mut open = TcpStream::connect(mesh.echo_upstream).await.unwrap();
+    let mut buf = [0u8; 4];
+    open.write_all(b"one\n").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+
+    let took = eventually("both certificates renew", Duration::from_secs(10), || {
+        let renewed = serial(&mesh.echo) != echo_first && serial(&mesh.client) != client_first;
+        async move { renewed }
+    })
+    .await;
+    println!("renewed {took:?} into a 4 s lifetime");
+
+    // The connection opened under the old certificates carries on...
+    open.write_all(b"two\n").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"two\n");
+    // ...and new ones handshake with the new certificates.
+    assert_eq!(round_trip(mesh.echo_upstream, b"three\n").await, b"three\n");
 }

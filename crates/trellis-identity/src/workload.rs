@@ -104,6 +104,7 @@ impl WorkloadKey {
             not_before,
             not_after,
             serial,
+            received_at: SystemTime::now(),
         })
     }
 }
@@ -116,6 +117,7 @@ pub struct WorkloadCertificate {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub serial: String,
+    received_at: SystemTime,
 }
 
 impl Clone for WorkloadCertificate {
@@ -127,6 +129,7 @@ impl Clone for WorkloadCertificate {
             not_before: self.not_before,
             not_after: self.not_after,
             serial: self.serial.clone(),
+            received_at: self.received_at,
         }
     }
 }
@@ -146,13 +149,14 @@ impl WorkloadCertificate {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 
-    /// When to renew: half the lifetime, as DESIGN says.
+    /// When to renew: half the remaining lifetime at issue, as DESIGN says. Counted
+    /// from when we received it, not from notBefore, which the CA backdates for skew.
     pub fn renew_at(&self) -> SystemTime {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.received_at)
             .unwrap_or_default();
-        self.not_before + life / 2
+        self.received_at + life / 2
     }
 
     /// PEM of the chain (public material only), for /certs and tests.

@@ -215,3 +215,94 @@ fn build(resources: Resources) -> Result<MeshState, InvalidResource> {
     state.resources = resources;
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, vip: &str) -> pb::Resource {
+        pb::Resource {
+            name: format!("{name}.default"),
+            version: vip.to_owned(),
+            kind: Some(Kind::Service(pb::Service {
+                name: name.to_owned(),
+                namespace: "default".to_owned(),
+                vips: vec![vip.to_owned()],
+                ports: vec![pb::ServicePort {
+                    name: "http".to_owned(),
+                    port: 80,
+                    target_port: 8080,
+                    protocol: pb::Protocol::Http as i32,
+                }],
+                hostnames: vec![],
+            })),
+        }
+    }
+
+    fn response(resources: Vec<pb::Resource>, removed: Vec<String>) -> pb::DeltaDiscoveryResponse {
+        pb::DeltaDiscoveryResponse {
+            type_url: type_url::SERVICE.to_owned(),
+            system_version_info: String::new(),
+            resources,
+            removed_resources: removed,
+            nonce: "1".to_owned(),
+        }
+    }
+
+    #[test]
+    fn applies_changes_and_removals() {
+        let state = MeshState::default()
+            .apply(&response(
+                vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")],
+                vec![],
+            ))
+            .unwrap();
+        assert!(state.vips.contains_key(&"10.96.0.1:80".parse().unwrap()));
+        let state = state
+            .apply(&response(vec![], vec!["a.default".to_owned()]))
+            .unwrap();
+        assert!(!state.services.contains_key(&("a.default".to_owned(), 80)));
+        assert!(state.services.contains_key(&("b.default".to_owned(), 80)));
+    }
+
+    #[test]
+    fn an_invalid_resource_rejects_the_whole_response() {
+        let good = MeshState::default()
+            .apply(&response(vec![service("a", "10.96.0.1")], vec![]))
+            .unwrap();
+        let err = good
+            .apply(&response(
+                vec![service("b", "10.96.0.2"), service("c", "not-an-ip")],
+                vec!["a.default".to_owned()],
+            ))
+            .unwrap_err();
+        assert_eq!(err.name, "c.default");
+        assert!(err.reason.contains("not-an-ip"), "{err}");
+        // The caller keeps `good`, untouched by the half-applied response.
+        assert!(good.services.contains_key(&("a.default".to_owned(), 80)));
+        assert!(!good.services.contains_key(&("b.default".to_owned(), 80)));
+    }
+
+    #[test]
+    fn endpoints_with_a_bad_identity_are_refused() {
+        let bad = pb::Resource {
+            name: "a.default:80".to_owned(),
+            version: "1".to_owned(),
+            kind: Some(Kind::Endpoints(pb::Endpoints {
+                service: "a".to_owned(),
+                namespace: "default".to_owned(),
+                port: 80,
+                endpoints: vec![pb::Endpoint {
+                    address: "10.244.0.2".to_owned(),
+                    port: 8080,
+                    identity: "spiffe://cluster.local/ns/x".to_owned(),
+                    ready: true,
+                    ..Default::default()
+                }],
+            })),
+        };
+        let mut r = response(vec![bad], vec![]);
+        r.type_url = type_url::ENDPOINTS.to_owned();
+        assert!(MeshState::default().apply(&r).is_err());
+    }
+}
