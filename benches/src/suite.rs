@@ -158,6 +158,8 @@ pub async fn run_scenario(scenario: &Scenario, settings: &SuiteSettings) -> Resu
         proxy_vcpu_total: 0.0,
         added: None,
         curve: Vec::new(),
+        generator_lag_p99_us: 0,
+        generator_lag_max_us: 0,
         failure: None,
     };
     let outcome = match outcome {
@@ -169,6 +171,10 @@ pub async fn run_scenario(scenario: &Scenario, settings: &SuiteSettings) -> Resu
     };
     report.result = RunResult::from_outcome(&scenario.name, &cfg, &outcome);
     report.curve = percentile_curve(&outcome.histogram);
+    if !outcome.schedule_lag.is_empty() {
+        report.generator_lag_p99_us = outcome.schedule_lag.value_at_quantile(0.99);
+        report.generator_lag_max_us = outcome.schedule_lag.max();
+    }
     let before = before.lock().ok().and_then(|mut g| g.take());
     let mut problems = Vec::new();
     match before {

@@ -19,7 +19,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Everything needs root and `ip netns`; tests call [`skip_unless_root`] first. Network
+//! Everything needs root and `ip netns`; tests call [`skip_unless_root()`] (or the macro) first. Network
 //! rule: the bed never adds addresses or routes to the root namespace, so traffic only
 //! flows between namespaces the bed created.
 

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::pacer::Gate;
 use super::{LoadConfig, Mode, Schedule, latency_us, new_histogram};
 use crate::{BenchError, Result};
 
@@ -186,6 +187,7 @@ pub(crate) async fn run_connection(
     client: Client,
     target: Arc<Target>,
     schedule: Schedule,
+    gate: Gate,
 ) -> Result<ConnStats> {
     let stats = ConnStats {
         histogram: new_histogram()?,
@@ -196,9 +198,9 @@ pub(crate) async fn run_connection(
     };
     match client {
         Client::H2(sender, driver) => {
-            run_multiplexed(sender, driver, target, schedule, stats).await
+            run_multiplexed(sender, driver, target, schedule, gate, stats).await
         }
-        other => Ok(run_sequential(other, &target, schedule, stats).await),
+        other => Ok(run_sequential(other, &target, schedule, gate, stats).await),
     }
 }
 
@@ -207,6 +209,7 @@ async fn run_sequential(
     client: Client,
     target: &Target,
     schedule: Schedule,
+    gate: Gate,
     mut stats: ConnStats,
 ) -> ConnStats {
     let mut client = Some(client);
@@ -216,7 +219,7 @@ async fn run_sequential(
             stats.errors += schedule.measured_from(k);
             break;
         }
-        tokio::time::sleep_until(intended).await;
+        gate.wait(k).await;
         stats.sent += 1;
         let current = client.take();
         let attempt = async {
@@ -250,6 +253,7 @@ async fn run_multiplexed(
     driver: Driver,
     target: Arc<Target>,
     schedule: Schedule,
+    gate: Gate,
     mut stats: ConnStats,
 ) -> Result<ConnStats> {
     type Done = (Instant, bool, bool, Instant);
@@ -263,7 +267,7 @@ async fn run_multiplexed(
             stats.errors += schedule.measured_from(k - 1);
             break;
         }
-        tokio::time::sleep_until(intended).await;
+        gate.wait(k - 1).await;
         while let Some(done) = in_flight.try_join_next() {
             let (i, m, ok, t) = done.map_err(join_err)?;
             stats.account(i, m, ok, t);

@@ -84,20 +84,23 @@ pub fn render_markdown(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\n| scenario | mode | target | ok requests | achieved rps | mean (ms) |"
+        "\n| scenario | mode | target | ok requests | achieved rps | mean (ms) | \
+         generator lag p99 / max (ms) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for s in &report.scenarios {
         let r = &s.result;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.1} | {:.3} |",
+            "| {} | {} | {} | {} | {:.1} | {:.3} | {} / {} |",
             r.scenario,
             r.mode,
             s.target,
             r.requests,
             r.achieved_rps,
-            r.mean_us / 1000.0
+            r.mean_us / 1000.0,
+            ms(s.generator_lag_p99_us),
+            ms(s.generator_lag_max_us)
         );
     }
     let failures: Vec<_> = report

@@ -196,6 +196,10 @@ pub struct ScenarioReport {
     /// Against the suite's baseline scenario (absent for the baseline itself).
     pub added: Option<AddedLatency>,
     pub curve: Vec<CurvePoint>,
+    /// How late the load generator released requests, p99 and max (µs): when these are
+    /// large the generator was short of CPU and the latencies are suspect.
+    pub generator_lag_p99_us: u64,
+    pub generator_lag_max_us: u64,
     /// Why the scenario did not run or its proxies could not be sampled.
     pub failure: Option<String>,
 }

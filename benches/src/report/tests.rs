@@ -116,6 +116,8 @@ fn report() -> Report {
         proxy_vcpu_total: 0.0,
         added: None,
         curve: percentile_curve(&histogram((1..=100).map(|v| v * 100))),
+        generator_lag_p99_us: 0,
+        generator_lag_max_us: 0,
         failure: None,
         result: r,
     };

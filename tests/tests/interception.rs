@@ -1,0 +1,375 @@
+//! Transparent interception, the way Kubernetes runs it: pods are network namespaces
+//! on a bridge, `trellis-proxy init` writes their iptables rules, the proxy runs as
+//! UID 1337, and the app knows nothing of the mesh.
+//!
+//! Needs root and network namespaces. Elsewhere every test is reported as ignored in
+//! the runner's summary (this file uses libtest-mimic to decide that at run time).
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use libtest_mimic::{Arguments, Failed, Trial};
+use trellis_init::InitConfig;
+use trellis_tests::{ChildHandle, NODE_IP, Pod, TestBed, root_skip_reason, target_binary};
+
+const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
+const READY: Duration = Duration::from_secs(15);
+
+fn main() {
+    let args = Arguments::from_args();
+    let skip = root_skip_reason();
+    if let Some(reason) = skip {
+        println!("SKIPPED (reported as ignored): {reason}");
+    }
+    let tests: [(&str, fn() -> Result<()>); 4] = [
+        (
+            "app_calls_a_service_by_name_over_mtls",
+            app_calls_a_service_by_name_over_mtls,
+        ),
+        (
+            "plain_tcp_works_through_the_mesh",
+            plain_tcp_works_through_the_mesh,
+        ),
+        (
+            "an_unmeshed_pod_is_refused_by_strict_inbound",
+            an_unmeshed_pod_is_refused_by_strict_inbound,
+        ),
+        (
+            "excluded_ports_bypass_the_proxy",
+            excluded_ports_bypass_the_proxy,
+        ),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            Trial::test(name, move || {
+                test().map_err(|e| Failed::from(format!("{e:#}")))
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// A small cluster: control plane in the node namespace, meshed pods `client` and
+/// `echo`, and `plain`, a pod without a sidecar.
+struct Cluster {
+    bed: TestBed,
+    client: Pod,
+    echo: Pod,
+    plain: Pod,
+    _procs: Vec<ChildHandle>,
+}
+
+const ECHO_VIP: &str = "10.96.0.10";
+const LINE_VIP: &str = "10.96.0.11";
+
+fn registry(client: &Pod, echo: &Pod) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  clusterIP: {ECHO_VIP}
+  selector: {{app: echo}}
+  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lines, namespace: default}}
+spec:
+  clusterIP: {LINE_VIP}
+  selector: {{app: echo}}
+  ports: [{{name: tcp, port: 9000, targetPort: 9000, appProtocol: tcp}}]
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {{name: echo, namespace: default, labels: {{app: echo}}}}
+spec: {{address: {echo_ip}, serviceAccount: echo}}
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {{name: client, namespace: default, labels: {{app: client}}}}
+spec: {{address: {client_ip}, serviceAccount: client}}
+---
+apiVersion: trellis.io/v1alpha1
+kind: BootstrapToken
+metadata: {{name: echo, namespace: default}}
+spec: {{serviceAccount: echo, token: echo-token}}
+---
+apiVersion: trellis.io/v1alpha1
+kind: BootstrapToken
+metadata: {{name: client, namespace: default}}
+spec: {{serviceAccount: client, token: client-token}}
+"#,
+        echo_ip = echo.ip,
+        client_ip = client.ip,
+    )
+}
+
+/// Files the proxy (UID 1337) must read: world-readable, in traversable folders.
+fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let mut up = base.to_path_buf();
+    loop {
+        let mode = std::fs::metadata(&up)?.permissions().mode();
+        std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode | 0o111))?;
+        if !up.pop() || up.as_os_str().len() <= 4 {
+            break;
+        }
+    }
+    Ok(dir)
+}
+
+fn cluster(name: &str, client_init: InitConfig) -> Result<Cluster> {
+    let proxy = target_binary("trellis-proxy")?;
+    let control = target_binary("trellis-control")?;
+    let mut bed = TestBed::new(name)?;
+    let client = bed.add_pod("client")?;
+    let echo = bed.add_pod("echo")?;
+    let plain = bed.add_pod("plain")?;
+    bed.add_service("echo", "default", ECHO_VIP.parse()?)?;
+    bed.add_service("lines", "default", LINE_VIP.parse()?)?;
+
+    let files = shared_dir(&bed.dir().to_path_buf(), "files")?;
+    let registry_dir = files.join("registry");
+    std::fs::create_dir_all(&registry_dir)?;
+    std::fs::write(registry_dir.join("mesh.yaml"), registry(&client, &echo))?;
+    for (sa, token) in [("echo", "echo-token"), ("client", "client-token")] {
+        std::fs::write(files.join(format!("{sa}.token")), token)?;
+    }
+    let state = files.join("state");
+
+    let node = bed.node().clone();
+    let grpc = format!("{NODE_IP}:15010");
+    let mut procs = vec![bed.spawn(
+        &node,
+        None,
+        control.to_str().context("path")?,
+        &[
+            "--registry-dir",
+            registry_dir.to_str().context("path")?,
+            "--state-dir",
+            state.to_str().context("path")?,
+            "--grpc-addr",
+            &grpc,
+            "--admin-addr",
+            &format!("{NODE_IP}:15014"),
+        ],
+    )?];
+    procs[0].wait_for_log("control plane started", READY)?;
+    let root = state.join("root-cert.pem");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755))?;
+
+    // The sample apps, unaware of the mesh.
+    procs.push(bed.spawn(
+        &echo,
+        None,
+        APP,
+        &["http-echo", "--listen", "0.0.0.0:8080", "--name", "echo"],
+    )?);
+    procs.push(bed.spawn(&echo, None, APP, &["tcp-echo", "--listen", "0.0.0.0:9000"])?);
+    for p in &procs[1..] {
+        p.wait_listening(READY)?;
+    }
+
+    for (pod, sa, init) in [
+        (&echo, "echo", InitConfig::default()),
+        (&client, "client", client_init),
+    ] {
+        bed.apply_init(pod, &init)?;
+        let token = files.join(format!("{sa}.token"));
+        let handle = bed.spawn_env(
+            pod,
+            Some(1337),
+            proxy.to_str().context("path")?,
+            &[
+                "run",
+                "--namespace",
+                "default",
+                "--service-account",
+                sa,
+                "--control-addr",
+                &grpc,
+                "--ca-root",
+                root.to_str().context("path")?,
+                "--bootstrap-token-file",
+                token.to_str().context("path")?,
+                "--outbound-addr",
+                "0.0.0.0:15001",
+            ],
+            &[("RUST_LOG", "info,trellis_proxy=debug")],
+        )?;
+        procs.push(handle);
+    }
+    let cluster = Cluster {
+        bed,
+        client,
+        echo,
+        plain,
+        _procs: procs,
+    };
+    for pod in [&cluster.client, &cluster.echo] {
+        cluster.eventually(&format!("the proxy in {} is ready", pod.name), || {
+            Ok(cluster.admin(pod, "/ready")?.contains("ready"))
+        })?;
+    }
+    Ok(cluster)
+}
+
+impl Cluster {
+    /// An admin page of the proxy in `pod` (admin is on the pod's loopback only).
+    fn admin(&self, pod: &Pod, path: &str) -> Result<String> {
+        let out = self.bed.exec(
+            pod,
+            APP,
+            &["http-get", &format!("http://127.0.0.1:15000{path}")],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn eventually(&self, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if check().unwrap_or(false) {
+                return Ok(());
+            }
+            if start.elapsed() > READY {
+                bail!("{what}: not true within {READY:?}\n{}", self.bed.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn metric(&self, pod: &Pod, needle: &str) -> Result<bool> {
+        Ok(self
+            .admin(pod, "/metrics")?
+            .lines()
+            .any(|l| l.starts_with(needle)))
+    }
+}
+
+fn default_cluster(name: &str) -> Result<Cluster> {
+    cluster(name, InitConfig::default())
+}
+
+fn app_calls_a_service_by_name_over_mtls() -> Result<()> {
+    let c = default_cluster("byname")?;
+    let out = c.bed.exec_ok(
+        &c.client,
+        APP,
+        &["http-get", "http://echo.default.svc.cluster.local/hello"],
+    )?;
+    if !out.contains("HTTP 200") || !out.contains("echo GET /hello") {
+        bail!("unexpected answer: {out}\n{}", c.bed.logs());
+    }
+    // The server-side proxy terminated mTLS and saw the caller's identity; the
+    // client-side proxy verified the server's.
+    c.eventually("echo's proxy recorded the client identity", || {
+        c.metric(
+            &c.echo,
+            r#"trellis_inbound_connections_total{peer_identity="spiffe://cluster.local/ns/default/sa/client"}"#,
+        )
+    })?;
+    c.eventually("client's proxy verified echo's identity", || {
+        c.metric(
+            &c.client,
+            r#"trellis_outbound_connections_total{service="echo.default",peer_identity="spiffe://cluster.local/ns/default/sa/echo"}"#,
+        )
+    })?;
+    // The proxy's own connection to the echo pod was not looped back into it.
+    if c.metric(&c.client, "trellis_outbound_failures_total")? {
+        bail!("outbound failures: {}", c.admin(&c.client, "/metrics")?);
+    }
+    Ok(())
+}
+
+fn plain_tcp_works_through_the_mesh() -> Result<()> {
+    let c = default_cluster("tcp")?;
+    let out = c.bed.exec_ok(
+        &c.client,
+        APP,
+        &["tcp-send", "lines.default:9000", "a line of tcp"],
+    )?;
+    if out.trim() != "a line of tcp" {
+        bail!("unexpected answer: {out:?}\n{}", c.bed.logs());
+    }
+    c.eventually("echo's proxy carried the TCP connection", || {
+        c.metric(&c.echo, r#"trellis_inbound_connections_total{peer_identity="spiffe://cluster.local/ns/default/sa/client"}"#)
+    })
+}
+
+fn an_unmeshed_pod_is_refused_by_strict_inbound() -> Result<()> {
+    let c = default_cluster("strict")?;
+    let echo_ip = c.echo.ip;
+    c.bed
+        .add_kube_proxy_dnat(&c.plain, ECHO_VIP.parse()?, 80, &[(echo_ip, 8080)])?;
+    let out = c.bed.exec(
+        &c.plain,
+        APP,
+        &[
+            "http-get",
+            "http://echo.default.svc.cluster.local/",
+            "--timeout",
+            "3",
+        ],
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() || stdout.contains("echo GET") {
+        bail!("a plaintext caller reached the app: {stdout}");
+    }
+    c.eventually("echo's proxy counted the refused plaintext", || {
+        c.metric(
+            &c.echo,
+            r#"trellis_inbound_refused_total{reason="tls_handshake"}"#,
+        )
+    })
+}
+
+fn excluded_ports_bypass_the_proxy() -> Result<()> {
+    let init = InitConfig {
+        exclude_outbound_ports: vec![9100],
+        ..InitConfig::default()
+    };
+    let mut c = cluster("exclude", init)?;
+    // Two line servers outside the mesh, in the pod without a sidecar.
+    let plain = c.plain.clone();
+    for port in ["9100", "9101"] {
+        let p = c.bed.spawn(
+            &plain,
+            None,
+            APP,
+            &["tcp-echo", "--listen", &format!("0.0.0.0:{port}")],
+        )?;
+        p.wait_listening(READY)?;
+        c._procs.push(p);
+    }
+    let excluded = c.bed.exec_ok(
+        &c.client,
+        APP,
+        &["tcp-send", &format!("{}:9100", plain.ip), "direct"],
+    )?;
+    if excluded.trim() != "direct" {
+        bail!("excluded port: {excluded:?}");
+    }
+    if c.metric(&c.client, "trellis_passthrough_connections_total 1")? {
+        bail!("the excluded port went through the proxy");
+    }
+    let proxied = c.bed.exec_ok(
+        &c.client,
+        APP,
+        &["tcp-send", &format!("{}:9101", plain.ip), "proxied"],
+    )?;
+    if proxied.trim() != "proxied" {
+        bail!("passthrough port: {proxied:?}");
+    }
+    c.eventually("the other port passed through the proxy", || {
+        c.metric(&c.client, "trellis_passthrough_connections_total 1")
+    })
+}
