@@ -58,6 +58,8 @@ pub struct SuiteSettings {
     pub warmup: Duration,
     pub timeout: Duration,
     pub max_requests: u64,
+    /// See [`LoadConfig::pacer_spin`].
+    pub pacer_spin: Duration,
     pub path: String,
     pub host: Option<String>,
     /// Scenario the others are compared against (added latency).
@@ -79,6 +81,7 @@ impl Default for SuiteSettings {
             warmup: Duration::from_secs(5),
             timeout: Duration::from_secs(1),
             max_requests: 10_000_000,
+            pacer_spin: Duration::ZERO,
             path: "/".into(),
             host: None,
             baseline: Some("baseline".into()),
@@ -103,6 +106,7 @@ impl SuiteSettings {
             warmup: self.warmup,
             timeout: self.timeout,
             max_requests: self.max_requests,
+            pacer_spin: self.pacer_spin,
         }
     }
 
@@ -115,6 +119,7 @@ impl SuiteSettings {
             warmup_s: self.warmup.as_secs_f64(),
             timeout_s: self.timeout.as_secs_f64(),
             max_requests: self.max_requests,
+            pacer_spin_us: u64::try_from(self.pacer_spin.as_micros()).unwrap_or(u64::MAX),
             path: self.path.clone(),
         }
     }

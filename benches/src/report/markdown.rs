@@ -30,7 +30,7 @@ pub fn render_markdown(report: &Report) -> String {
     let _ = writeln!(
         out,
         "- load: open loop, {} rps over {} connections, {} s measured after {} s warm-up, \
-         size {} B, timeout {} s, at most {} requests, path `{}`",
+         size {} B, timeout {} s, at most {} requests, pacer spin {} µs, path `{}`",
         l.rate,
         l.connections,
         l.duration_s,
@@ -38,6 +38,7 @@ pub fn render_markdown(report: &Report) -> String {
         l.size,
         l.timeout_s,
         l.max_requests,
+        l.pacer_spin_us,
         l.path
     );
     let _ = writeln!(

@@ -214,6 +214,7 @@ pub struct LoadSummary {
     pub warmup_s: f64,
     pub timeout_s: f64,
     pub max_requests: u64,
+    pub pacer_spin_us: u64,
     pub path: String,
 }
 

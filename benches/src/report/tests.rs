@@ -132,6 +132,7 @@ fn report() -> Report {
             warmup_s: 1.0,
             timeout_s: 1.0,
             max_requests: 10,
+            pacer_spin_us: 0,
             path: "/".into(),
         },
         baseline: Some("baseline".into()),
