@@ -10,6 +10,7 @@
 
 pub mod haproxy;
 pub mod loadgen;
+pub mod mesh;
 pub mod procstat;
 pub mod report;
 pub mod saturation;
@@ -41,6 +42,8 @@ pub enum BenchError {
     Resolve(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("setting up the mesh under test: {0}")]
+    Setup(String),
     #[error("histogram: {0}")]
     Histogram(String),
     #[error("parsing {what}: {detail}")]

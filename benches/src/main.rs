@@ -25,6 +25,8 @@ enum Command {
     Load(LoadArgs),
     /// Find the highest rate with p99 under a limit and no errors.
     Saturate(SaturateArgs),
+    /// Every scenario in one run: baseline, trellis-http1/http2/tcp, written to --out.
+    Suite(SuiteArgs),
     /// Run a benchmark server until interrupted.
     #[command(subcommand)]
     Serve(ServeCommand),
@@ -123,6 +125,81 @@ enum ServeCommand {
     },
 }
 
+#[derive(Args)]
+struct SuiteArgs {
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Response (HTTP) or message (TCP) size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Measured seconds per scenario.
+    #[arg(long, default_value = "30", value_parser = secs)]
+    duration: Duration,
+    #[arg(long, default_value = "5", value_parser = secs)]
+    warmup: Duration,
+    /// Where results.json, results.md and latency.svg go.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+}
+
+/// Runs every scenario against a mesh started here, on loopback.
+async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!("trellis-bench-{}", std::process::id()));
+    let mesh = trellis_bench::mesh::start_loopback_mesh(&work, args.size)?;
+    eprintln!(
+        "topology: loopback (no network namespaces; the iptables variant is not wired yet); \
+         proxies pid {} (client side) and {} (server side)",
+        mesh.client_proxy_pid, mesh.server_proxy_pid
+    );
+    let proxies = [mesh.client_proxy_pid, mesh.server_proxy_pid];
+    let scenarios = vec![
+        Scenario::new("baseline", mesh.http_server, Mode::Http1),
+        Scenario::new("trellis-http1", mesh.http_via_mesh, Mode::Http1).with_proxies(proxies),
+        Scenario::new("trellis-http2", mesh.http_via_mesh, Mode::Http2).with_proxies(proxies),
+        Scenario::new("baseline-tcp", mesh.tcp_server, Mode::Tcp),
+        Scenario::new("trellis-tcp", mesh.tcp_via_mesh, Mode::Tcp)
+            .with_proxies([mesh.client_proxy_pid, mesh.server_tcp_proxy_pid]),
+    ];
+    if which("haproxy").is_none() {
+        eprintln!("haproxy-mtls: skipped (haproxy is not installed: apt-get install haproxy)");
+    } else {
+        eprintln!("haproxy-mtls: skipped (installed, but the peer scenario is not wired yet)");
+    }
+    let settings = SuiteSettings {
+        rate: args.rate,
+        connections: args.connections,
+        size: args.size,
+        duration: args.duration,
+        warmup: args.warmup,
+        out_dir: Some(args.out.clone()),
+        ..SuiteSettings::default()
+    };
+    let report = run_suite(&scenarios, &settings).await?;
+    for s in &report.scenarios {
+        println!("{}", s.result.table_line());
+        for p in &s.proxies {
+            println!(
+                "    proxy pid {}: {:.4} CPU s/1k req, {:.3} vCPU, peak RSS {} kB",
+                p.pid, p.cpu_s_per_1k_req, p.vcpu, p.peak_rss_kb
+            );
+        }
+    }
+    println!("reports written to {}", args.out.display());
+    drop(mesh);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
 fn secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     Duration::try_from_secs_f64(v).map_err(|e| format!("{s:?}: {e}"))
@@ -145,6 +222,7 @@ fn main() -> anyhow::Result<()> {
     rt.build()?.block_on(async move {
         match cli.command {
             Command::Load(args) => load(args).await,
+            Command::Suite(args) => suite(args).await,
             Command::Saturate(args) => saturate(args).await,
             Command::Serve(cmd) => serve(cmd).await,
         }
