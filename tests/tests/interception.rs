@@ -19,13 +19,15 @@ use trellis_tests::{ChildHandle, NODE_IP, Pod, TestBed, root_skip_reason, target
 const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
 const READY: Duration = Duration::from_secs(15);
 
+type RootTest = (&'static str, fn() -> Result<()>);
+
 fn main() {
     let args = Arguments::from_args();
     let skip = root_skip_reason();
     if let Some(reason) = skip {
         println!("SKIPPED (reported as ignored): {reason}");
     }
-    let tests: [(&str, fn() -> Result<()>); 4] = [
+    let tests: [RootTest; 4] = [
         (
             "app_calls_a_service_by_name_over_mtls",
             app_calls_a_service_by_name_over_mtls,
@@ -137,7 +139,7 @@ fn cluster(name: &str, client_init: InitConfig) -> Result<Cluster> {
     bed.add_service("echo", "default", ECHO_VIP.parse()?)?;
     bed.add_service("lines", "default", LINE_VIP.parse()?)?;
 
-    let files = shared_dir(&bed.dir().to_path_buf(), "files")?;
+    let files = shared_dir(bed.dir(), "files")?;
     let registry_dir = files.join("registry");
     std::fs::create_dir_all(&registry_dir)?;
     std::fs::write(registry_dir.join("mesh.yaml"), registry(&client, &echo))?;
