@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let files = [
         root.join("trellis/discovery/v1/discovery.proto"),
+        root.join("trellis/discovery/v1/traffic.proto"),
         root.join("trellis/ca/v1/ca.proto"),
     ];
     for file in &files {

@@ -10,6 +10,10 @@ pub mod discovery {
             pub const SERVICE: &str = "type.trellis.io/Service";
             pub const ENDPOINTS: &str = "type.trellis.io/Endpoints";
             pub const TRUST_BUNDLE: &str = "type.trellis.io/TrustBundle";
+            pub const ROUTE_TABLE: &str = "type.trellis.io/RouteTable";
+            pub const TRAFFIC_POLICY: &str = "type.trellis.io/TrafficPolicy";
+            pub const AUTHORIZATION_POLICY: &str = "type.trellis.io/AuthorizationPolicy";
+            pub const PEER_AUTHENTICATION: &str = "type.trellis.io/PeerAuthentication";
         }
     }
 }
