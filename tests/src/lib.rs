@@ -3,9 +3,8 @@
 //! test app (`trellis-testapp`) to run inside them.
 //!
 //! ```no_run
-//! use trellis_tests::{TestBed, skip_unless_root};
+//! use trellis_tests::TestBed;
 //! # fn main() -> anyhow::Result<()> {
-//! if skip_unless_root("my_test") { return Ok(()); }
 //! let mut bed = TestBed::new("mytest")?;
 //! let a = bed.add_pod("a")?;
 //! let b = bed.add_pod("b")?;
@@ -19,7 +18,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Everything needs root and `ip netns`; tests call [`skip_unless_root()`] (or the macro) first. Network
+//! Everything needs root and `ip netns`: test files set `harness = false` and hand their
+//! tests to [`run_root_tests`], which reports them as ignored elsewhere. Network
 //! rule: the bed never adds addresses or routes to the root namespace, so traffic only
 //! flows between namespaces the bed created.
 
@@ -54,42 +54,33 @@ pub fn root_skip_reason() -> Option<&'static str> {
     None
 }
 
-/// Returns true when `test` must be skipped (not root, or `ip netns` does not work),
-/// after printing `SKIPPED: {test}: needs root and network namespaces` to stdout and
-/// stderr. Every root test calls this (or [`skip_unless_root!`]) first: the one place
-/// to change how skips are reported.
-pub fn skip_unless_root(test: &str) -> bool {
-    match root_skip_reason() {
-        Some(reason) => {
-            println!("SKIPPED: {test}: {reason}");
-            eprintln!("SKIPPED: {test}: {reason}");
-            true
-        }
-        None => false,
-    }
-}
+/// A root test for [`run_root_tests`]: its name and body.
+pub type RootTest = (&'static str, fn() -> Result<()>);
 
-/// `skip_unless_root!()` at the top of a test returns early (after reporting) when the
-/// test needs root and network namespaces that this machine lacks. The test's name is
-/// taken from the module path and line unless given: `skip_unless_root!("name")`.
-/// In a test returning `Result`, use `skip_unless_root!(ok)` to `return Ok(())`.
-#[macro_export]
-macro_rules! skip_unless_root {
-    () => {
-        if $crate::skip_unless_root(concat!(module_path!(), ":", line!())) {
-            return;
-        }
-    };
-    (ok) => {
-        if $crate::skip_unless_root(concat!(module_path!(), ":", line!())) {
-            return Ok(());
-        }
-    };
-    ($name:expr) => {
-        if $crate::skip_unless_root($name) {
-            return;
-        }
-    };
+/// The `main` of a `harness = false` test file whose tests all need root and network
+/// namespaces: parses the usual test-runner arguments, and runs `tests` with
+/// libtest-mimic. When [`root_skip_reason`] says they cannot run here, prints one
+/// `SKIPPED (reported as ignored): <reason>` line and marks every test ignored, so the
+/// runner's summary counts them as ignored rather than passed (the line is left out
+/// with `--list`). Exits with the runner's
+/// status (`--ignored` / `--include-ignored` still force them to run).
+pub fn run_root_tests(tests: &[RootTest]) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let skip = root_skip_reason();
+    // Not with `--list`: tools such as cargo-nextest parse that output.
+    if let (Some(reason), false) = (skip, args.list) {
+        println!("SKIPPED (reported as ignored): {reason}");
+    }
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                test().map_err(|e| libtest_mimic::Failed::from(format!("{e:#}")))
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
 }
 
 /// Finds a binary built into the same target folder as the running test (e.g.

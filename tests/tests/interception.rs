@@ -3,7 +3,7 @@
 //! UID 1337, and the app knows nothing of the mesh.
 //!
 //! Needs root and network namespaces. Elsewhere every test is reported as ignored in
-//! the runner's summary (this file uses libtest-mimic to decide that at run time).
+//! the runner's summary (`harness = false`: [`run_root_tests`] decides at run time).
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,22 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use libtest_mimic::{Arguments, Failed, Trial};
 use trellis_init::InitConfig;
-use trellis_tests::{ChildHandle, NODE_IP, Pod, TestBed, root_skip_reason, target_binary};
+use trellis_tests::{ChildHandle, NODE_IP, Pod, TestBed, run_root_tests, target_binary};
 
 const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
 const READY: Duration = Duration::from_secs(15);
 
-type RootTest = (&'static str, fn() -> Result<()>);
-
 fn main() {
-    let args = Arguments::from_args();
-    let skip = root_skip_reason();
-    if let Some(reason) = skip {
-        println!("SKIPPED (reported as ignored): {reason}");
-    }
-    let tests: [RootTest; 4] = [
+    run_root_tests(&[
         (
             "app_calls_a_service_by_name_over_mtls",
             app_calls_a_service_by_name_over_mtls,
@@ -44,17 +36,7 @@ fn main() {
             "excluded_ports_bypass_the_proxy",
             excluded_ports_bypass_the_proxy,
         ),
-    ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
-            Trial::test(name, move || {
-                test().map_err(|e| Failed::from(format!("{e:#}")))
-            })
-            .with_ignored_flag(skip.is_some())
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    ]);
 }
 
 /// A small cluster: control plane in the node namespace, meshed pods `client` and

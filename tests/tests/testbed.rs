@@ -1,18 +1,55 @@
-//! Tests of the test bed itself. Each needs root and `ip netns`, and skips otherwise.
+//! Tests of the test bed itself. Each needs root and `ip netns`; elsewhere every test is
+//! reported as ignored in the runner's summary (`harness = false`: [`run_root_tests`]
+//! decides that at run time).
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use trellis_init::InitConfig;
-use trellis_tests::{TestBed, netns, skip_unless_root};
+use trellis_tests::{TestBed, netns, run_root_tests};
 
 const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
 const READY: Duration = Duration::from_secs(10);
 
-#[test]
+fn main() {
+    run_root_tests(&[
+        (
+            "pods_reach_each_other_over_the_bridge",
+            pods_reach_each_other_over_the_bridge,
+        ),
+        (
+            "service_name_resolves_and_dnat_reaches_the_backend",
+            service_name_resolves_and_dnat_reaches_the_backend,
+        ),
+        (
+            "dnat_spreads_over_several_backends",
+            dnat_spreads_over_several_backends,
+        ),
+        (
+            "root_namespace_has_no_way_into_the_bed",
+            root_namespace_has_no_way_into_the_bed,
+        ),
+        (
+            "drop_removes_namespaces_files_and_processes",
+            drop_removes_namespaces_files_and_processes,
+        ),
+        (
+            "trellis_init_rules_redirect_in_a_pod",
+            trellis_init_rules_redirect_in_a_pod,
+        ),
+        (
+            "a_panicking_test_still_cleans_up",
+            a_panicking_test_still_cleans_up,
+        ),
+        (
+            "namespaces_of_dead_processes_are_swept",
+            namespaces_of_dead_processes_are_swept,
+        ),
+    ]);
+}
+
 fn pods_reach_each_other_over_the_bridge() -> Result<()> {
-    skip_unless_root!(ok);
     let mut bed = TestBed::new("bridge")?;
     let a = bed.add_pod("a")?;
     let b = bed.add_pod("b")?;
@@ -49,9 +86,7 @@ fn pods_reach_each_other_over_the_bridge() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn service_name_resolves_and_dnat_reaches_the_backend() -> Result<()> {
-    skip_unless_root!(ok);
     let mut bed = TestBed::new("svc")?;
     let a = bed.add_pod("a")?;
     let b = bed.add_pod("b")?;
@@ -92,9 +127,7 @@ fn service_name_resolves_and_dnat_reaches_the_backend() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn dnat_spreads_over_several_backends() -> Result<()> {
-    skip_unless_root!(ok);
     let mut bed = TestBed::new("lb")?;
     let client = bed.add_pod("client")?;
     let vip = Ipv4Addr::new(10, 96, 0, 20);
@@ -125,9 +158,7 @@ fn dnat_spreads_over_several_backends() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn root_namespace_has_no_way_into_the_bed() -> Result<()> {
-    skip_unless_root!(ok);
     let mut bed = TestBed::new("isolation")?;
     bed.add_pod("a")?;
     // Only look at routing and addresses; no packet is sent from the root namespace.
@@ -155,9 +186,7 @@ fn root_namespace_has_no_way_into_the_bed() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn drop_removes_namespaces_files_and_processes() -> Result<()> {
-    skip_unless_root!(ok);
     let (names, pid) = {
         let mut bed = TestBed::new("drop")?;
         let a = bed.add_pod("a")?;
@@ -190,9 +219,7 @@ fn drop_removes_namespaces_files_and_processes() -> Result<()> {
 
 /// The Trellis init rules, for real: in a meshed pod, outgoing TCP goes to whatever
 /// listens on 15001 unless it comes from UID 1337; incoming goes to 15006.
-#[test]
 fn trellis_init_rules_redirect_in_a_pod() -> Result<()> {
-    skip_unless_root!(ok);
     let mut bed = TestBed::new("redirect")?;
     let a = bed.add_pod("a")?;
     let b = bed.add_pod("b")?;
@@ -232,9 +259,7 @@ fn trellis_init_rules_redirect_in_a_pod() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn a_panicking_test_still_cleans_up() -> Result<()> {
-    skip_unless_root!(ok);
     let names = std::sync::Mutex::new(Vec::new());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut bed = TestBed::new("panic").expect("bed");
@@ -258,9 +283,7 @@ fn a_panicking_test_still_cleans_up() -> Result<()> {
     Ok(())
 }
 
-#[test]
 fn namespaces_of_dead_processes_are_swept() -> Result<()> {
-    skip_unless_root!(ok);
     // A pid that is not running now.
     let dead = (4_000_000u32..4_000_100)
         .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())

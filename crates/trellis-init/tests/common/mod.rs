@@ -1,40 +1,52 @@
-//! Helpers for the root-only tests: the skip check and a self-deleting network namespace.
+//! Helpers for the root-only tests: the skip check and runner, and a self-deleting
+//! network namespace.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Returns true (after printing `SKIPPED: ...` to stdout and stderr) when the test cannot
-/// run here: not root, or `ip netns` does not work. The one place to change skip reporting.
-pub fn skip_unless_root(test: &str) -> bool {
-    let reason = if !is_root() {
-        Some("needs root and network namespaces (not root)")
-    } else if !netns_works() {
-        Some("needs root and network namespaces (`ip netns` unavailable)")
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => {
-            println!("SKIPPED: {test}: {reason}");
-            eprintln!("SKIPPED: {test}: {reason}");
-            true
-        }
-        None => false,
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
+/// Why this machine cannot run the root tests, or `None` if it can. The same check as
+/// `trellis_tests::root_skip_reason` (copied: trellis-tests depends on this crate).
+pub fn root_skip_reason() -> Option<&'static str> {
+    let root = Command::new("id")
         .arg("-u")
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn netns_works() -> bool {
-    Command::new("ip")
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("needs root and network namespaces (not root)");
+    }
+    let netns = Command::new("ip")
         .args(["netns", "list"])
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !netns {
+        return Some("needs root and network namespaces (`ip netns` unavailable)");
+    }
+    None
+}
+
+/// The `main` of a `harness = false` test file whose tests all need root and network
+/// namespaces, as `trellis_tests::run_root_tests`: runs `tests` with libtest-mimic (a
+/// panic is a failure), and when [`root_skip_reason`] says they cannot run here, prints
+/// one `SKIPPED (reported as ignored): <reason>` line and marks every test ignored, so
+/// the runner's summary counts them as ignored rather than passed.
+pub fn run_root_tests(tests: &[(&'static str, fn())]) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let skip = root_skip_reason();
+    // Not with `--list`: tools such as cargo-nextest parse that output.
+    if let (Some(reason), false) = (skip, args.list) {
+        println!("SKIPPED (reported as ignored): {reason}");
+    }
+    let trials = tests
+        .iter()
+        .map(|&(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                test();
+                Ok(())
+            })
+            .with_ignored_flag(skip.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
 }
 
 /// Whether a binary can be started (`BIN --version`).
