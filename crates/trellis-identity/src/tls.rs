@@ -76,9 +76,9 @@ pub struct MeshTls {
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
     server: Arc<ServerConfig>,
-    /// Client configs per expected peer identity. Built on first use; the map is
-    /// touched once per new connection, never per request.
-    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    /// Client configs per expected peer identity and ALPN. Built on first use; the
+    /// map is touched once per new connection, never per request.
+    clients: Mutex<HashMap<(SpiffeId, &'static [u8]), Arc<ClientConfig>>>,
 }
 
 impl std::fmt::Debug for MeshTls {
@@ -121,10 +121,21 @@ impl MeshTls {
         self.server.clone()
     }
 
-    /// A client config that accepts only a server proving `expected`.
+    /// A client config for an opaque byte stream that accepts only a server proving
+    /// `expected`.
     pub fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        self.client_config_with_alpn(expected, ALPN_TCP)
+    }
+
+    /// A client config offering `alpn` that accepts only a server proving `expected`.
+    pub fn client_config_with_alpn(
+        &self,
+        expected: &SpiffeId,
+        alpn: &'static [u8],
+    ) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        let key = (expected.clone(), alpn);
         if let Ok(clients) = self.clients.lock()
-            && let Some(config) = clients.get(expected)
+            && let Some(config) = clients.get(&key)
         {
             return Ok(config.clone());
         }
@@ -138,10 +149,10 @@ impl MeshTls {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.cert.chain.clone(), self.cert.private_key())?;
-        config.alpn_protocols = vec![ALPN_TCP.to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         let config = Arc::new(config);
         if let Ok(mut clients) = self.clients.lock() {
-            clients.insert(expected.clone(), config.clone());
+            clients.insert(key, config.clone());
         }
         Ok(config)
     }
