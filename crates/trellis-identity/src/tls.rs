@@ -70,6 +70,9 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Expected server identity and the ALPN offered.
+type ClientKey = (SpiffeId, &'static [u8]);
+
 /// Everything a proxy needs to speak mTLS as its workload.
 pub struct MeshTls {
     cert: WorkloadCertificate,
@@ -78,7 +81,7 @@ pub struct MeshTls {
     server: Arc<ServerConfig>,
     /// Client configs per expected peer identity and ALPN. Built on first use; the
     /// map is touched once per new connection, never per request.
-    clients: Mutex<HashMap<(SpiffeId, &'static [u8]), Arc<ClientConfig>>>,
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
 impl std::fmt::Debug for MeshTls {

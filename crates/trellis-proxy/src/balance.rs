@@ -1,33 +1,132 @@
-//! Choosing an endpoint for a new connection: power of two choices over the number of
-//! connections each endpoint has open, among ready endpoints only.
+//! Choosing an endpoint: power of two choices over peak-EWMA latency (default), least
+//! request, round robin, or consistent hashing; ready endpoints only; endpoints with
+//! consecutive failures ejected with growing back-off, never more than a set share.
+//!
+//! Per-endpoint statistics are atomics shared by every connection and carried over
+//! when discovery replaces the endpoint list, so a config update loses no history.
 
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::discovery::state::Endpoint;
+use crate::http::policy::{LbAlgorithm, Outlier};
 
-#[derive(Debug)]
-pub struct EndpointSet {
-    endpoints: Vec<(Endpoint, Arc<AtomicUsize>)>,
+/// Decay time of the latency average.
+const EWMA_TAU: Duration = Duration::from_secs(10);
+/// Cost of an endpoint with no latency sample yet (1 ms), so new ones get tried.
+const DEFAULT_RTT_US: f64 = 1_000.0;
+
+fn now_us() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
-/// Counts a connection against its endpoint while it lives.
-#[derive(Debug)]
-pub struct ActiveGuard(Arc<AtomicUsize>);
+/// What the balancer knows of one endpoint.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Connections (L4) or requests (L7) in flight.
+    active: AtomicUsize,
+    ewma_us: AtomicU64,
+    stamp_us: AtomicU64,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    ejected_until_us: AtomicU64,
+}
 
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl EndpointStats {
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn ewma(&self, now: u64) -> f64 {
+        let bits = self.ewma_us.load(Ordering::Relaxed);
+        if bits == 0 {
+            return DEFAULT_RTT_US;
+        }
+        let value = f64::from_bits(bits);
+        let age = now.saturating_sub(self.stamp_us.load(Ordering::Relaxed)) as f64;
+        // An idle endpoint's cost decays towards the default, so it gets tried again.
+        let w = (-age / EWMA_TAU.as_micros() as f64).exp();
+        value * w + DEFAULT_RTT_US * (1.0 - w)
+    }
+
+    fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until_us.load(Ordering::Relaxed) > now
+    }
+
+    /// Records one request's outcome: latency into the peak-EWMA, and failures
+    /// towards ejection.
+    pub fn observe(&self, latency: Duration, success: bool, outlier: &Outlier) {
+        let now = now_us();
+        let sample = latency.as_micros() as f64;
+        let current = self.ewma(now);
+        // Peak-sensitive: a slow response raises the cost at once, recovery is gradual.
+        let next = if sample > current {
+            sample
+        } else {
+            let age = now.saturating_sub(self.stamp_us.load(Ordering::Relaxed)) as f64;
+            let w = (-age / EWMA_TAU.as_micros() as f64).exp();
+            current * w + sample * (1.0 - w)
+        };
+        self.ewma_us
+            .store(next.max(1.0).to_bits(), Ordering::Relaxed);
+        self.stamp_us.store(now, Ordering::Relaxed);
+        if success {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= outlier.consecutive_failures {
+            let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+            let ejection = outlier.base_ejection.saturating_mul(n.min(10));
+            self.ejected_until_us
+                .store(now + ejection.as_micros() as u64, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            tracing::info!(ejection = ?ejection, times = n, "endpoint ejected after consecutive failures");
+        }
     }
 }
 
+/// Counts a connection or request against its endpoint while it lives.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<EndpointStats>);
+
+impl ActiveGuard {
+    pub fn stats(&self) -> &EndpointStats {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    endpoints: Vec<(Endpoint, Arc<EndpointStats>)>,
+    next: AtomicUsize,
+}
+
 impl EndpointSet {
-    pub fn new(endpoints: Vec<Endpoint>) -> Self {
+    /// A set for `endpoints`, keeping the statistics of those `previous` also had.
+    pub fn new(endpoints: Vec<Endpoint>, previous: Option<&EndpointSet>) -> Self {
         EndpointSet {
             endpoints: endpoints
                 .into_iter()
-                .map(|e| (e, Arc::new(AtomicUsize::new(0))))
+                .map(|e| {
+                    let stats = previous
+                        .and_then(|p| p.endpoints.iter().find(|(old, _)| old.dial == e.dial))
+                        .map(|(_, s)| s.clone())
+                        .unwrap_or_default();
+                    (e, stats)
+                })
                 .collect(),
+            next: AtomicUsize::new(0),
         }
     }
 
@@ -39,32 +138,79 @@ impl EndpointSet {
         self.endpoints.iter().filter(|(e, _)| e.ready).count()
     }
 
-    /// Picks a ready endpoint, skipping `exclude` (endpoints that already failed for
-    /// this connection).
-    pub fn pick(&self, exclude: &[std::net::SocketAddr]) -> Option<(&Endpoint, ActiveGuard)> {
-        let candidates: Vec<&(Endpoint, Arc<AtomicUsize>)> = self
+    /// L4: P2C over open connections, default outlier settings.
+    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<(&Endpoint, ActiveGuard)> {
+        self.pick_with(
+            &LbAlgorithm::LeastRequest,
+            None,
+            exclude,
+            &Outlier::default(),
+        )
+    }
+
+    /// Picks a ready, not ejected endpoint not in `exclude`. Ejection is ignored for
+    /// endpoints beyond `max_ejection_percent`, and when every endpoint is out.
+    pub fn pick_with(
+        &self,
+        algorithm: &LbAlgorithm,
+        hash: Option<u64>,
+        exclude: &[SocketAddr],
+        outlier: &Outlier,
+    ) -> Option<(&Endpoint, ActiveGuard)> {
+        let now = now_us();
+        let ready = self
             .endpoints
             .iter()
-            .filter(|(e, _)| e.ready && !exclude.contains(&e.dial))
+            .filter(|(e, _)| e.ready && !exclude.contains(&e.dial));
+        let total = ready.clone().count();
+        if total == 0 {
+            return None;
+        }
+        let ejected = ready.clone().filter(|(_, s)| s.is_ejected(now)).count();
+        let max_ejected = total * outlier.max_ejection_percent as usize / 100;
+        let honour_ejection = ejected <= max_ejected && ejected < total;
+        // A small set on the stack would avoid this allocation; sets are small and
+        // this is once per request.
+        let candidates: Vec<&(Endpoint, Arc<EndpointStats>)> = ready
+            .filter(|(_, s)| !honour_ejection || !s.is_ejected(now))
             .collect();
-        let chosen = match candidates.len() {
-            0 => return None,
-            1 => candidates[0],
-            n => {
+        let chosen = match (algorithm, candidates.len()) {
+            (_, 0) => return None,
+            (_, 1) => candidates[0],
+            (LbAlgorithm::RoundRobin, n) => {
+                candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]
+            }
+            (LbAlgorithm::ConsistentHash { .. }, _) => {
+                let key = hash.unwrap_or_else(rand::random);
+                // Rendezvous hashing: the endpoint with the highest score for the key.
+                *candidates
+                    .iter()
+                    .max_by_key(|(e, _)| {
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        (key, e.dial).hash(&mut h);
+                        h.finish()
+                    })
+                    .unwrap_or(&candidates[0])
+            }
+            (algorithm, n) => {
                 let a = rand::random_range(0..n);
                 let mut b = rand::random_range(0..n - 1);
                 if b >= a {
                     b += 1;
                 }
+                // Endpoint weights scale the cost: weight 2 looks half as loaded.
+                let cost = |(e, s): &(Endpoint, Arc<EndpointStats>)| {
+                    let load = match algorithm {
+                        LbAlgorithm::P2cEwma => s.ewma(now) * (s.active() as f64 + 1.0),
+                        _ => s.active() as f64 + 1.0,
+                    };
+                    load / f64::from(e.weight.max(1))
+                };
                 let (ca, cb) = (candidates[a], candidates[b]);
-                if cb.1.load(Ordering::Relaxed) < ca.1.load(Ordering::Relaxed) {
-                    cb
-                } else {
-                    ca
-                }
+                if cost(cb) < cost(ca) { cb } else { ca }
             }
         };
-        chosen.1.fetch_add(1, Ordering::Relaxed);
+        chosen.1.active.fetch_add(1, Ordering::Relaxed);
         Some((&chosen.0, ActiveGuard(chosen.1.clone())))
     }
 }
@@ -74,7 +220,7 @@ mod tests {
     use super::*;
 
     fn ep(port: u16, ready: bool) -> Endpoint {
-        let addr = std::net::SocketAddr::from(([10, 0, 0, 1], port));
+        let addr = SocketAddr::from(([10, 0, 0, 1], port));
         Endpoint {
             address: addr,
             identity: "spiffe://cluster.local/ns/a/sa/b".parse().unwrap(),
@@ -86,7 +232,7 @@ mod tests {
 
     #[test]
     fn never_picks_unready_or_excluded() {
-        let set = EndpointSet::new(vec![ep(1, false), ep(2, true), ep(3, true)]);
+        let set = EndpointSet::new(vec![ep(1, false), ep(2, true), ep(3, true)], None);
         let excluded = [ep(3, true).dial];
         for _ in 0..50 {
             let (e, _guard) = set.pick(&excluded).unwrap();
@@ -97,32 +243,116 @@ mod tests {
 
     #[test]
     fn prefers_the_less_loaded_endpoint() {
-        let set = EndpointSet::new(vec![ep(1, true), ep(2, true)]);
-        // Hold many connections on whichever comes first; new picks go to the other.
-        let (first, guard) = set.pick(&[]).unwrap();
-        let busy = first.address;
-        let mut held = vec![guard];
+        let set = EndpointSet::new(vec![ep(1, true), ep(2, true)], None);
+        let mut held = Vec::new();
+        let busy = {
+            let (first, guard) = set.pick(&[]).unwrap();
+            held.push(guard);
+            first.address
+        };
         for _ in 0..10 {
-            held.push(ActiveGuard({
-                let slot = &set
-                    .endpoints
-                    .iter()
-                    .find(|(e, _)| e.address == busy)
-                    .unwrap()
-                    .1;
-                slot.fetch_add(1, Ordering::Relaxed);
-                slot.clone()
-            }));
+            let stats = &set
+                .endpoints
+                .iter()
+                .find(|(e, _)| e.address == busy)
+                .unwrap()
+                .1;
+            stats.active.fetch_add(1, Ordering::Relaxed);
+            held.push(ActiveGuard(stats.clone()));
         }
         for _ in 0..20 {
             let (e, _g) = set.pick(&[]).unwrap();
             assert_ne!(e.address, busy);
         }
         drop(held);
-        assert!(
-            set.endpoints
-                .iter()
-                .all(|(_, n)| n.load(Ordering::Relaxed) == 0)
-        );
+        assert!(set.endpoints.iter().all(|(_, s)| s.active() == 0));
+    }
+
+    #[test]
+    fn p2c_ewma_avoids_the_slow_endpoint() {
+        let set = EndpointSet::new(vec![ep(1, true), ep(2, true)], None);
+        let outlier = Outlier::default();
+        set.endpoints[0]
+            .1
+            .observe(Duration::from_millis(50), true, &outlier);
+        set.endpoints[1]
+            .1
+            .observe(Duration::from_millis(1), true, &outlier);
+        let slow = (0..1000)
+            .filter(|_| {
+                let (e, _g) = set
+                    .pick_with(&LbAlgorithm::P2cEwma, None, &[], &outlier)
+                    .unwrap();
+                e.address.port() == 1
+            })
+            .count();
+        assert_eq!(slow, 0, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_but_not_everyone() {
+        let set = EndpointSet::new(vec![ep(1, true), ep(2, true)], None);
+        let outlier = Outlier {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        };
+        for _ in 0..3 {
+            set.endpoints[0]
+                .1
+                .observe(Duration::from_millis(1), false, &outlier);
+        }
+        for _ in 0..50 {
+            let (e, _g) = set
+                .pick_with(&LbAlgorithm::RoundRobin, None, &[], &outlier)
+                .unwrap();
+            assert_eq!(e.address.port(), 2);
+        }
+        // Ejecting the second too would exceed 50%: both are used again.
+        for _ in 0..3 {
+            set.endpoints[1]
+                .1
+                .observe(Duration::from_millis(1), false, &outlier);
+        }
+        let ports: std::collections::HashSet<u16> = (0..20)
+            .map(|_| {
+                set.pick_with(&LbAlgorithm::RoundRobin, None, &[], &outlier)
+                    .unwrap()
+                    .0
+                    .address
+                    .port()
+            })
+            .collect();
+        assert_eq!(ports.len(), 2);
+    }
+
+    #[test]
+    fn consistent_hashing_is_sticky_and_carries_over() {
+        let set = EndpointSet::new(vec![ep(1, true), ep(2, true), ep(3, true)], None);
+        let algo = LbAlgorithm::ConsistentHash {
+            header: None,
+            cookie: Some("user".into()),
+        };
+        let outlier = Outlier::default();
+        let first = set
+            .pick_with(&algo, Some(42), &[], &outlier)
+            .unwrap()
+            .0
+            .dial;
+        for _ in 0..20 {
+            assert_eq!(
+                set.pick_with(&algo, Some(42), &[], &outlier)
+                    .unwrap()
+                    .0
+                    .dial,
+                first
+            );
+        }
+        set.endpoints[0]
+            .1
+            .observe(Duration::from_millis(7), true, &outlier);
+        let next = EndpointSet::new(vec![ep(1, true), ep(4, true)], Some(&set));
+        assert!(Arc::ptr_eq(&next.endpoints[0].1, &set.endpoints[0].1));
+        assert_eq!(next.endpoints[1].1.active(), 0);
     }
 }

@@ -81,6 +81,9 @@ pub struct ProxyConfig {
     pub admin_addr: SocketAddr,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// How long to wait for a client's first bytes before treating the connection
+    /// as opaque TCP (server-first protocols send nothing first).
+    pub detect_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -102,6 +105,7 @@ impl ProxyConfig {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::ports::ADMIN)),
             connect_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
+            detect_timeout: Duration::from_secs(1),
         }
     }
 }

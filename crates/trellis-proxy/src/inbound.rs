@@ -14,6 +14,7 @@ use tracing::Instrument;
 use trellis_identity::{MeshTls, spiffe_id_of};
 
 use crate::config::ProxyConfig;
+use crate::http::inbound::AppClients;
 use crate::metrics::{Metrics, PeerLabels, ReasonLabels};
 use crate::orig_dst::original_dst;
 
@@ -23,6 +24,7 @@ pub async fn serve(
     tls: watch::Receiver<Option<Arc<MeshTls>>>,
     metrics: Metrics,
 ) {
+    let apps = Arc::new(AppClients::new());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -35,11 +37,12 @@ pub async fn serve(
         let config = config.clone();
         let tls = tls.borrow().clone();
         let metrics = metrics.clone();
+        let apps = apps.clone();
         let span = tracing::debug_span!("inbound", %peer);
         tokio::spawn(
             async move {
                 let reason = match tls {
-                    Some(tls) => match handle(stream, &config, &tls, &metrics).await {
+                    Some(tls) => match handle(stream, &config, &tls, &metrics, &apps).await {
                         Ok(()) => return,
                         Err(e) => e,
                     },
@@ -94,6 +97,7 @@ async fn handle(
     config: &ProxyConfig,
     tls: &MeshTls,
     metrics: &Metrics,
+    apps: &Arc<AppClients>,
 ) -> Result<(), InboundError> {
     let _ = stream.set_nodelay(true);
     let port = match original_dst(&stream) {
@@ -119,6 +123,19 @@ async fn handle(
     tracing::debug!(peer_identity = %peer_identity, port, "inbound mTLS accepted");
 
     let app = SocketAddr::new(config.app_host, port);
+    if downstream.get_ref().1.alpn_protocol() == Some(trellis_identity::ALPN_H2) {
+        metrics.active_connections.inc();
+        crate::http::inbound::InboundConnection {
+            apps: apps.clone(),
+            app,
+            own_identity: Arc::new(config.identity.clone()),
+            peer: Arc::new(peer_identity),
+        }
+        .serve(downstream)
+        .await;
+        metrics.active_connections.dec();
+        return Ok(());
+    }
     let mut upstream =
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub config_updates: Family<ConfigLabels, Counter>,
     pub cert_renewals: Counter,
+    pub http_requests: Family<ServiceLabels, Counter>,
+    pub http_retries: Counter,
+    pub http_proxy_errors: Family<ReasonLabels, Counter>,
     pub cert_expiry_seconds: Gauge,
     registry: Arc<Registry>,
 }
@@ -63,6 +66,9 @@ impl Metrics {
             active_connections: Gauge::default(),
             config_updates: Family::default(),
             cert_renewals: Counter::default(),
+            http_requests: Family::default(),
+            http_retries: Counter::default(),
+            http_proxy_errors: Family::default(),
             cert_expiry_seconds: Gauge::default(),
             registry: Arc::new(Registry::default()),
         };
@@ -115,6 +121,21 @@ impl Metrics {
             "cert_renewals",
             "Workload certificates renewed",
             m.cert_renewals.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests carried, by destination service and caller identity",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_retries",
+            "HTTP retries made (within the retry budget)",
+            m.http_retries.clone(),
+        );
+        registry.register(
+            "http_proxy_errors",
+            "HTTP responses the proxy made itself, by reason",
+            m.http_proxy_errors.clone(),
         );
         registry.register(
             "cert_expiry_timestamp_seconds",

@@ -13,10 +13,14 @@ use tracing::Instrument;
 use trellis_identity::MeshTls;
 
 use crate::config::{OutboundPolicy, ProxyConfig, Upstream};
+use crate::detect;
 use crate::discovery::MeshState;
 use crate::discovery::state::ServicePort;
+use crate::http::outbound::HttpOutbound;
 use crate::metrics::{Metrics, ReasonLabels, ServiceLabels};
 use crate::orig_dst::original_dst;
+use bytes::Bytes;
+use trellis_proto::discovery::v1::Protocol;
 
 /// How many endpoints one connection tries before giving up.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -28,6 +32,7 @@ pub struct Outbound {
     pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
     pub state: watch::Receiver<Arc<MeshState>>,
     pub metrics: Metrics,
+    pub http: Arc<HttpOutbound>,
 }
 
 /// Where a connection is going.
@@ -82,6 +87,7 @@ impl Outbound {
                             .filter(|e| e.address == dst)
                             .cloned()
                             .collect(),
+                        Some(&service.endpoints),
                     )),
                 })));
             }
@@ -132,21 +138,44 @@ impl Outbound {
         }
     }
 
-    async fn forward(
-        &self,
-        mut downstream: TcpStream,
-        target: Target,
-    ) -> Result<(), OutboundError> {
+    async fn forward(&self, downstream: TcpStream, target: Target) -> Result<(), OutboundError> {
         let _ = downstream.set_nodelay(true);
         let service = match target {
             Target::Service(service) => service,
             Target::Passthrough(dst) => {
                 self.metrics.passthrough_connections.inc();
+                let mut downstream = downstream;
                 let mut upstream = self.connect(dst).await?;
                 let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
                 return Ok(());
             }
         };
+        // HTTP is handled per request; anything else is carried as a byte stream. A
+        // port declared tcp/opaque is never inspected; an undeclared one is detected.
+        let mut downstream = downstream;
+        let prefix = match service.protocol {
+            Protocol::Tcp | Protocol::Opaque => Bytes::new(),
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+                self.http.clone().serve(downstream, service).await;
+                return Ok(());
+            }
+            Protocol::Unspecified => {
+                let (detected, prefix) =
+                    detect::detect(&mut downstream, self.config.detect_timeout)
+                        .await
+                        .map_err(|source| OutboundError::Connect {
+                            addr: downstream.local_addr().unwrap_or(([0, 0, 0, 0], 0).into()),
+                            source,
+                        })?;
+                if detected != detect::Protocol::Opaque {
+                    let io = detect::PrefixedIo::new(prefix, downstream);
+                    self.http.clone().serve(io, service).await;
+                    return Ok(());
+                }
+                prefix
+            }
+        };
+        let mut downstream = detect::PrefixedIo::new(prefix, downstream);
         let tls = self
             .tls
             .borrow()

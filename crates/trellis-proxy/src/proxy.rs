@@ -132,11 +132,19 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tls_rx.clone(),
         metrics.clone(),
     )));
+    let http = Arc::new(crate::http::outbound::HttpOutbound {
+        tls: tls_rx.clone(),
+        state: state_rx.clone(),
+        pool: Default::default(),
+        connect_timeout: config.connect_timeout,
+        metrics: metrics.clone(),
+    });
     let outbound = Outbound {
         config: config.clone(),
         tls: tls_rx,
         state: state_rx,
         metrics,
+        http,
     };
     if let Some(listener) = outbound_listener {
         running

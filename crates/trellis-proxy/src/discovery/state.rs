@@ -8,6 +8,8 @@ use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_proto::discovery::v1::{self as pb, resource::Kind, type_url};
 
 use crate::balance::EndpointSet;
+use crate::http::policy::TrafficPolicy;
+use crate::http::route::RouteTable;
 
 /// Why a resource was refused (sent back in the NACK).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -44,6 +46,10 @@ pub struct MeshState {
     /// Pod address:port -> identity, for connections made straight to an endpoint.
     pub endpoint_identities: HashMap<SocketAddr, SpiffeId>,
     pub trust_bundle: Option<TrustBundle>,
+    /// HTTP routes per service (`name.namespace`).
+    pub routes: HashMap<String, Arc<RouteTable>>,
+    /// Traffic policy per service (`name.namespace`).
+    pub policies: HashMap<String, Arc<TrafficPolicy>>,
 }
 
 impl MeshState {
@@ -65,7 +71,16 @@ impl MeshState {
             validate(&response.type_url, resource)?;
             held.insert(resource.name.clone(), resource.clone());
         }
-        build(resources)
+        build(resources, self)
+    }
+
+    /// The policy for `service`, or the defaults.
+    pub fn policy(&self, service: &str) -> Arc<TrafficPolicy> {
+        static DEFAULT: std::sync::OnceLock<Arc<TrafficPolicy>> = std::sync::OnceLock::new();
+        self.policies
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| DEFAULT.get_or_init(Default::default).clone())
     }
 }
 
@@ -103,6 +118,15 @@ fn validate(type_url: &str, resource: &pb::Resource) -> Result<(), InvalidResour
                 .map(|_| ())
                 .map_err(|e| invalid(name, e.to_string()))
         }
+        (type_url::ROUTE_TABLE, Some(Kind::RouteTable(t))) => RouteTable::compile(t)
+            .map(|_| ())
+            .map_err(|e| invalid(name, e.to_string())),
+        (type_url::TRAFFIC_POLICY, Some(Kind::TrafficPolicy(p))) => TrafficPolicy::compile(p)
+            .map(|_| ())
+            .map_err(|e| invalid(name, e.to_string())),
+        // Enforced by the inbound side; accepted as they come until it lands.
+        (type_url::AUTHORIZATION_POLICY, Some(Kind::AuthorizationPolicy(_)))
+        | (type_url::PEER_AUTHENTICATION, Some(Kind::PeerAuthentication(_))) => Ok(()),
         _ => Err(invalid(
             name,
             format!("resource kind does not match type {type_url}"),
@@ -156,7 +180,7 @@ fn endpoint(name: &str, ep: &pb::Endpoint) -> Result<Endpoint, InvalidResource> 
     })
 }
 
-fn build(resources: Resources) -> Result<MeshState, InvalidResource> {
+fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, InvalidResource> {
     let mut state = MeshState::default();
     let empty = BTreeMap::new();
     let by_type = |t: &str| resources.by_type.get(t).unwrap_or(&empty);
@@ -192,7 +216,13 @@ fn build(resources: Resources) -> Result<MeshState, InvalidResource> {
                     port: number,
                     protocol: pb::Protocol::try_from(port.protocol)
                         .unwrap_or(pb::Protocol::Unspecified),
-                    endpoints: Arc::new(EndpointSet::new(eps)),
+                    endpoints: Arc::new(EndpointSet::new(
+                        eps,
+                        previous
+                            .services
+                            .get(&(service.clone(), number))
+                            .map(|s| &*s.endpoints),
+                    )),
                 });
                 for vip in &s.vips {
                     if let Ok(ip) = vip.parse::<IpAddr>() {
@@ -211,6 +241,24 @@ fn build(resources: Resources) -> Result<MeshState, InvalidResource> {
         .and_then(|r| r.kind.as_ref())
     {
         state.trust_bundle = TrustBundle::from_pem(&b.trust_domain, &b.roots_pem).ok();
+    }
+    for resource in by_type(type_url::ROUTE_TABLE).values() {
+        if let Some(Kind::RouteTable(t)) = &resource.kind {
+            let table =
+                RouteTable::compile(t).map_err(|e| invalid(&resource.name, e.to_string()))?;
+            state
+                .routes
+                .insert(format!("{}.{}", t.service, t.namespace), Arc::new(table));
+        }
+    }
+    for resource in by_type(type_url::TRAFFIC_POLICY).values() {
+        if let Some(Kind::TrafficPolicy(p)) = &resource.kind {
+            let policy =
+                TrafficPolicy::compile(p).map_err(|e| invalid(&resource.name, e.to_string()))?;
+            state
+                .policies
+                .insert(format!("{}.{}", p.service, p.namespace), Arc::new(policy));
+        }
     }
     state.resources = resources;
     Ok(state)

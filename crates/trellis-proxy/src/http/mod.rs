@@ -1,5 +1,19 @@
 //! HTTP in the proxy: routing, traffic policy, pooled HTTP/2 over mTLS between
 //! sidecars, retries and timeouts, and the errors the proxy answers itself.
 
+pub mod errors;
+pub mod inbound;
+pub mod outbound;
 pub mod policy;
+pub mod pool;
 pub mod route;
+
+/// Every body the proxy sends: app bodies stream through, its own are small.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Set by the client-side sidecar on requests that were HTTP/1 (carried as HTTP/2
+/// between sidecars); the server-side sidecar removes it and speaks HTTP/1 to the app.
+pub const ORIG_PROTO: http::HeaderName = http::HeaderName::from_static("trellis-orig-proto");
+/// The caller's verified identity for the app (Envoy's header).
+pub const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");

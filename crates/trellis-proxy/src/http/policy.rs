@@ -195,7 +195,7 @@ impl TrafficPolicy {
             }
             _ => None,
         };
-        let timeouts = p.timeouts.clone().unwrap_or_default();
+        let timeouts = p.timeouts.unwrap_or_default();
         let outlier = match &p.outlier_detection {
             None => Outlier::default(),
             Some(o) => Outlier {
@@ -208,7 +208,7 @@ impl TrafficPolicy {
                 max_ejection_percent: o.max_ejection_percent.min(100),
             },
         };
-        let limits = p.limits.clone().unwrap_or_default();
+        let limits = p.limits.unwrap_or_default();
         let nonzero = |v: u32| (v > 0).then_some(v);
         Ok(TrafficPolicy {
             load_balancer,

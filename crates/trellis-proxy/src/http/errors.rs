@@ -1,0 +1,115 @@
+//! Responses the proxy makes itself: proper HTTP statuses with a `trellis-error`
+//! header saying why, or gRPC statuses for gRPC calls. One place maps failures.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use super::Body;
+
+/// Why the proxy answered instead of the app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No route or backend for the request (500).
+    NoBackend,
+    /// No ready endpoint (503).
+    NoEndpoints,
+    /// Every attempt to connect failed (503).
+    ConnectFailed,
+    /// The endpoint's pending-request limit is reached (503).
+    Overflow,
+    /// The upstream connection broke before a response (502).
+    UpstreamReset,
+    /// The request or try took too long (504).
+    Timeout,
+    /// The app behind the inbound side is unreachable (503).
+    AppUnreachable,
+    /// An authorization policy denied the request (403).
+    Forbidden,
+    /// The request cannot be forwarded as it is (400).
+    BadRequest,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::NoEndpoints
+            | ProxyError::ConnectFailed
+            | ProxyError::Overflow
+            | ProxyError::AppUnreachable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProxyError::NoBackend => "no route or backend for this request",
+            ProxyError::NoEndpoints => "no ready endpoint",
+            ProxyError::ConnectFailed => "connecting to the endpoint failed",
+            ProxyError::Overflow => "too many pending requests for the endpoint",
+            ProxyError::UpstreamReset => "the upstream connection was reset",
+            ProxyError::Timeout => "request timed out",
+            ProxyError::AppUnreachable => "the application is not reachable",
+            ProxyError::Forbidden => "denied by authorization policy",
+            ProxyError::BadRequest => "malformed request",
+        }
+    }
+
+    /// The gRPC status code for the same failure.
+    pub fn grpc_code(self) -> u32 {
+        match self {
+            ProxyError::Timeout => 4,    // DEADLINE_EXCEEDED
+            ProxyError::Forbidden => 7,  // PERMISSION_DENIED
+            ProxyError::BadRequest => 3, // INVALID_ARGUMENT
+            ProxyError::NoBackend => 12, // UNIMPLEMENTED
+            _ => 14,                     // UNAVAILABLE
+        }
+    }
+
+    /// The response to send: gRPC callers get HTTP 200 with `grpc-status`
+    /// (trailers-only), everyone else the HTTP status.
+    pub fn response(self, grpc: bool, detail: Option<&str>) -> Response<Body> {
+        let reason = self.reason();
+        let mut response = if grpc {
+            let mut r = Response::new(empty());
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            r.headers_mut()
+                .insert("grpc-status", HeaderValue::from(self.grpc_code()));
+            if let Ok(message) = HeaderValue::from_str(detail.unwrap_or(reason)) {
+                r.headers_mut().insert("grpc-message", message);
+            }
+            r
+        } else {
+            let body = match detail {
+                Some(d) => format!("{reason}: {d}\n"),
+                None => format!("{reason}\n"),
+            };
+            let mut r = Response::new(full(Bytes::from(body)));
+            *r.status_mut() = self.status();
+            r
+        };
+        response
+            .headers_mut()
+            .insert("trellis-error", HeaderValue::from_static(reason));
+        response
+    }
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}

@@ -1,0 +1,543 @@
+//! Outbound HTTP: each request is routed, balanced, retried within budget and timed
+//! out on its own, then carried over the pooled HTTP/2 mTLS connection to the chosen
+//! endpoint's sidecar.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use tokio::sync::watch;
+use trellis_identity::MeshTls;
+
+use super::errors::{ProxyError, full, is_grpc};
+use super::policy::{LbAlgorithm, RetryPolicy, TrafficPolicy};
+use super::pool::{MeshPool, PoolError};
+use super::{Body, ORIG_PROTO, XFCC};
+use crate::discovery::MeshState;
+use crate::discovery::state::ServicePort;
+
+/// Bodies up to this size are kept so that the request can be retried.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+/// Attempts on connect failure when no retry policy says otherwise: nothing was sent.
+const CONNECT_ATTEMPTS: u32 = 3;
+
+/// Everything a request needs, shared by the connections of one proxy.
+pub struct HttpOutbound {
+    pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub pool: MeshPool,
+    pub connect_timeout: Duration,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl HttpOutbound {
+    /// Serves one downstream connection whose destination is `service`.
+    pub async fn serve<IO>(self: Arc<Self>, io: IO, service: Arc<ServicePort>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let service = service.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, &service).await) }
+        });
+        let builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        if let Err(e) = builder
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+            .await
+        {
+            tracing::debug!(error = %e, "downstream HTTP connection ended");
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, service: &ServicePort) -> Response<Body> {
+        let grpc = is_grpc(&req);
+        let state = self.state.borrow().clone();
+        let routes = state.routes.get(&service.service);
+        let rule = routes.and_then(|t| t.find(service.port, &req));
+        let backend = match rule.and_then(|r| r.pick_backend()) {
+            Some(b) => match state.services.get(&(b.service.clone(), b.port)) {
+                Some(s) => s.clone(),
+                None => return ProxyError::NoBackend.response(grpc, Some(&b.service)),
+            },
+            None => match state.services.get(&(service.service.clone(), service.port)) {
+                Some(s) => s.clone(),
+                None => return ProxyError::NoBackend.response(grpc, None),
+            },
+        };
+        let policy = state.policy(&backend.service);
+        let Some(tls) = self.tls.borrow().clone() else {
+            return ProxyError::ConnectFailed.response(grpc, Some("no workload certificate"));
+        };
+
+        let (mut parts, body) = req.into_parts();
+        if let Some(rule) = rule
+            && !rule.request_headers.is_empty()
+        {
+            rule.request_headers.apply(&mut parts.headers);
+        }
+        if let Err(e) = prepare(&mut parts, &backend.service) {
+            return e.response(grpc, None);
+        }
+        // The caller's identity is established by the peer sidecar, never by the app.
+        parts.headers.remove(XFCC);
+
+        let deadline = request_deadline(&parts, rule.and_then(|r| r.request_timeout), &policy);
+        let per_try = rule
+            .and_then(|r| r.backend_request_timeout)
+            .or_else(|| policy.retries.as_ref().and_then(|r| r.per_try_timeout));
+        let retry = policy
+            .retries
+            .as_ref()
+            .filter(|r| r.retry_non_idempotent || is_idempotent(&parts.method));
+        let replay = if body.is_end_stream() {
+            Replay::Buffered(Bytes::new())
+        } else if retry.is_some() {
+            buffer_if_small(body).await
+        } else {
+            Replay::Stream(body)
+        };
+        let hash = hash_key(&policy.load_balancer, &parts);
+        let attempt = Attempt {
+            outbound: self,
+            tls: &tls,
+            backend: &backend,
+            policy: &policy,
+            retry,
+            per_try,
+            hash,
+        };
+        let result = match deadline {
+            Some(d) => match tokio::time::timeout(d, attempt.run(parts, replay)).await {
+                Ok(r) => r,
+                Err(_) => Err(ProxyError::Timeout),
+            },
+            None => attempt.run(parts, replay).await,
+        };
+        match result {
+            Ok(mut response) => {
+                if let Some(rule) = rule
+                    && !rule.response_headers.is_empty()
+                {
+                    rule.response_headers.apply(response.headers_mut());
+                }
+                response
+            }
+            Err(e) => {
+                self.metrics
+                    .http_proxy_errors
+                    .get_or_create(&crate::metrics::ReasonLabels {
+                        reason: e.reason().to_owned(),
+                    })
+                    .inc();
+                e.response(grpc, None)
+            }
+        }
+    }
+}
+
+/// Hop-by-hop headers go; the URI becomes absolute for HTTP/2; an HTTP/1 request is
+/// marked so that the peer sidecar hands it to the app as HTTP/1 again.
+fn prepare(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyError> {
+    let version = parts.version;
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        parts.headers.remove(name);
+    }
+    if parts
+        .headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        parts.headers.remove(header::TE);
+    }
+    if version < Version::HTTP_2 {
+        let proto = if version == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static(proto));
+        let authority = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| service.to_owned());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| ProxyError::BadRequest)?;
+        parts.headers.remove(header::HOST);
+    }
+    parts.version = Version::HTTP_2;
+    Ok(())
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The earliest of the route's, the policy's and the gRPC caller's deadlines.
+fn request_deadline(
+    parts: &http::request::Parts,
+    route: Option<Duration>,
+    policy: &TrafficPolicy,
+) -> Option<Duration> {
+    let grpc = parts
+        .headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    [route.or(policy.request_timeout), grpc]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+/// `grpc-timeout`: digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn hash_key(lb: &LbAlgorithm, parts: &http::request::Parts) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let LbAlgorithm::ConsistentHash { header, cookie } = lb else {
+        return None;
+    };
+    let value: Option<&[u8]> = match (header, cookie) {
+        (Some(h), _) => parts.headers.get(h).map(|v| v.as_bytes()),
+        (None, Some(name)) => parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes()),
+        (None, None) => None,
+    };
+    value.map(|v| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        v.hash(&mut h);
+        h.finish()
+    })
+}
+
+enum Replay {
+    /// Kept whole: may be sent again.
+    Buffered(Bytes),
+    /// Streams once: no retry after it has been sent.
+    Stream(Incoming),
+}
+
+/// Buffers a body that is known to be small (or empty); streams anything else.
+async fn buffer_if_small(body: Incoming) -> Replay {
+    let small = body.is_end_stream()
+        || body
+            .size_hint()
+            .upper()
+            .is_some_and(|upper| upper <= REPLAY_LIMIT);
+    if !small {
+        return Replay::Stream(body);
+    }
+    match body.collect().await {
+        Ok(collected) => Replay::Buffered(collected.to_bytes()),
+        // The client broke off; what we send now does not matter.
+        Err(_) => Replay::Buffered(Bytes::new()),
+    }
+}
+
+struct Attempt<'a> {
+    outbound: &'a HttpOutbound,
+    tls: &'a Arc<MeshTls>,
+    backend: &'a ServicePort,
+    policy: &'a TrafficPolicy,
+    retry: Option<&'a RetryPolicy>,
+    per_try: Option<Duration>,
+    hash: Option<u64>,
+}
+
+/// How one try ended, for the retry decision.
+enum TryError {
+    /// Nothing was sent: always safe to try elsewhere.
+    Connect(ProxyError),
+    /// Sent, no response.
+    Reset,
+    Timeout,
+}
+
+impl Attempt<'_> {
+    async fn run(
+        &self,
+        parts: http::request::Parts,
+        body: Replay,
+    ) -> Result<Response<Body>, ProxyError> {
+        let endpoints = &self.backend.endpoints;
+        if endpoints.ready_count() == 0 {
+            return Err(ProxyError::NoEndpoints);
+        }
+        if let Some(r) = self.retry {
+            r.deposit();
+        }
+        let mut body = Some(body);
+        let mut tried = Vec::new();
+        let mut retries = 0u32;
+        let mut connect_failures = 0u32;
+        loop {
+            let (send_body, replay) = match body.take() {
+                Some(Replay::Buffered(bytes)) => {
+                    (full(bytes.clone()), Some(Replay::Buffered(bytes)))
+                }
+                Some(Replay::Stream(incoming)) => (incoming.map_err(Into::into).boxed(), None),
+                None => return Err(ProxyError::UpstreamReset),
+            };
+            let request = Request::from_parts(clone_parts(&parts), send_body);
+            let outcome = self.try_once(request, &mut tried).await;
+            body = replay;
+            let can_retry = body.is_some();
+            match outcome {
+                Ok(response) => {
+                    let retryable = self.retry.is_some_and(|r| {
+                        r.retries_status(response.status()) || retries_grpc(r, &response)
+                    });
+                    if retryable && can_retry && self.may_retry(&mut retries).await {
+                        continue;
+                    }
+                    return Ok(response.map(|b| b.map_err(Into::into).boxed()));
+                }
+                Err(TryError::Connect(e)) => {
+                    connect_failures += 1;
+                    // Nothing was sent: try another endpoint, within the budget when a
+                    // policy asks for connect-failure retries.
+                    let again = can_retry
+                        && match self.retry {
+                            Some(r) if r.on_connect_failure => self.may_retry(&mut retries).await,
+                            _ => connect_failures < CONNECT_ATTEMPTS,
+                        };
+                    if again {
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(TryError::Reset) => {
+                    if can_retry
+                        && self.retry.is_some_and(|r| r.on_reset)
+                        && self.may_retry(&mut retries).await
+                    {
+                        continue;
+                    }
+                    return Err(ProxyError::UpstreamReset);
+                }
+                Err(TryError::Timeout) => {
+                    if can_retry && self.retry.is_some() && self.may_retry(&mut retries).await {
+                        continue;
+                    }
+                    return Err(ProxyError::Timeout);
+                }
+            }
+        }
+    }
+
+    /// A retry is allowed while attempts remain and the budget has room; waits the
+    /// backoff before saying yes.
+    async fn may_retry(&self, retries: &mut u32) -> bool {
+        let Some(r) = self.retry else {
+            return false;
+        };
+        if *retries >= r.attempts || !r.withdraw() {
+            return false;
+        }
+        tokio::time::sleep(r.backoff(*retries)).await;
+        *retries += 1;
+        self.outbound.metrics.http_retries.inc();
+        true
+    }
+
+    async fn try_once(
+        &self,
+        request: Request<Body>,
+        tried: &mut Vec<std::net::SocketAddr>,
+    ) -> Result<Response<Incoming>, TryError> {
+        // Prefer endpoints not tried yet; fall back to any once all have been.
+        let picked = self
+            .backend
+            .endpoints
+            .pick_with(
+                &self.policy.load_balancer,
+                self.hash,
+                tried,
+                &self.policy.outlier,
+            )
+            .or_else(|| {
+                self.backend.endpoints.pick_with(
+                    &self.policy.load_balancer,
+                    self.hash,
+                    &[],
+                    &self.policy.outlier,
+                )
+            });
+        let Some((endpoint, active)) = picked else {
+            return Err(TryError::Connect(ProxyError::NoEndpoints));
+        };
+        if let Some(limit) = self.policy.max_pending_requests
+            && active.stats().active() > limit as usize
+        {
+            return Err(TryError::Connect(ProxyError::Overflow));
+        }
+        tried.push(endpoint.dial);
+        let started = Instant::now();
+        let connect_timeout = self
+            .policy
+            .connect_timeout
+            .unwrap_or(self.outbound.connect_timeout);
+        let sender = self
+            .outbound
+            .pool
+            .sender(endpoint.dial, &endpoint.identity, self.tls, connect_timeout)
+            .await;
+        let mut sender = match sender {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(endpoint = %endpoint.dial, error = %e, "connect failed");
+                active
+                    .stats()
+                    .observe(started.elapsed(), false, &self.policy.outlier);
+                let kind = match e {
+                    PoolError::Connect { .. } | PoolError::Handshake { .. } => {
+                        ProxyError::ConnectFailed
+                    }
+                    _ => ProxyError::UpstreamReset,
+                };
+                return Err(TryError::Connect(kind));
+            }
+        };
+        let send = sender.send_request(request);
+        let result = match self.per_try {
+            Some(limit) => match tokio::time::timeout(limit, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    active
+                        .stats()
+                        .observe(started.elapsed(), false, &self.policy.outlier);
+                    return Err(TryError::Timeout);
+                }
+            },
+            None => send.await,
+        };
+        match result {
+            Ok(response) => {
+                let ok = !response.status().is_server_error();
+                active
+                    .stats()
+                    .observe(started.elapsed(), ok, &self.policy.outlier);
+                Ok(response)
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %endpoint.dial, error = %e, "request failed");
+                active
+                    .stats()
+                    .observe(started.elapsed(), false, &self.policy.outlier);
+                self.outbound.pool.evict(endpoint.dial);
+                Err(TryError::Reset)
+            }
+        }
+    }
+}
+
+fn retries_grpc(r: &RetryPolicy, response: &Response<Incoming>) -> bool {
+    !r.grpc_statuses.is_empty()
+        && response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|code| r.grpc_statuses.contains(&code))
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut builder = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(parts.version);
+    if let Some(headers) = builder.headers_mut() {
+        *headers = parts.headers.clone();
+    }
+    let (mut new, ()) = match builder.body(()) {
+        Ok(r) => r.into_parts(),
+        Err(_) => Request::new(()).into_parts(),
+    };
+    new.extensions = http::Extensions::new();
+    new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    #[test]
+    fn http1_requests_become_absolute_and_marked() {
+        let req = Request::builder()
+            .uri("/a?b=1")
+            .header("host", "echo.default:8080")
+            .header("connection", "keep-alive")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        prepare(&mut parts, "echo.default").unwrap();
+        assert_eq!(parts.uri, "http://echo.default:8080/a?b=1");
+        assert_eq!(parts.version, Version::HTTP_2);
+        assert_eq!(parts.headers.get(ORIG_PROTO).unwrap(), "HTTP/1.1");
+        assert!(parts.headers.get("connection").is_none());
+        assert!(parts.headers.get("host").is_none());
+    }
+}

@@ -1,0 +1,125 @@
+//! HTTP/2 over mutual TLS between sidecars: one multiplexed connection per peer
+//! endpoint, made on first use and replaced when it breaks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use trellis_identity::{ALPN_H2, MeshTls, SpiffeId};
+
+use super::Body;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("mTLS handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] trellis_identity::TlsConfigError),
+    #[error("HTTP/2 handshake with {addr}: {source}")]
+    H2 {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+struct Pooled {
+    identity: SpiffeId,
+    /// The TLS configuration it was made with: a rotated certificate makes new ones.
+    tls: Arc<MeshTls>,
+    sender: SendRequest<Body>,
+}
+
+/// Connections by dial address. The map is sharded; lookups on the request path take
+/// a shard read lock and clone a handle.
+#[derive(Default)]
+pub struct MeshPool {
+    conns: DashMap<SocketAddr, Pooled>,
+}
+
+impl MeshPool {
+    /// A sender to `addr`, which must prove `identity`.
+    pub async fn sender(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        tls: &Arc<MeshTls>,
+        connect_timeout: Duration,
+    ) -> Result<SendRequest<Body>, PoolError> {
+        if let Some(pooled) = self.conns.get(&addr)
+            && &pooled.identity == identity
+            && Arc::ptr_eq(&pooled.tls, tls)
+            && pooled.sender.is_ready()
+        {
+            return Ok(pooled.sender.clone());
+        }
+        let sender = connect(addr, identity, tls, connect_timeout).await?;
+        self.conns.insert(
+            addr,
+            Pooled {
+                identity: identity.clone(),
+                tls: tls.clone(),
+                sender: sender.clone(),
+            },
+        );
+        Ok(sender)
+    }
+
+    /// Forgets a connection that failed, so the next request makes a new one.
+    pub fn evict(&self, addr: SocketAddr) {
+        self.conns.remove(&addr);
+    }
+}
+
+async fn connect(
+    addr: SocketAddr,
+    identity: &SpiffeId,
+    tls: &MeshTls,
+    connect_timeout: Duration,
+) -> Result<SendRequest<Body>, PoolError> {
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PoolError::Connect {
+            addr,
+            source: std::io::ErrorKind::TimedOut.into(),
+        })?
+        .map_err(|source| PoolError::Connect { addr, source })?;
+    let _ = tcp.set_nodelay(true);
+    let config = tls.client_config_with_alpn(identity, ALPN_H2)?;
+    let stream = tokio::time::timeout(
+        connect_timeout,
+        TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .map_err(|_| PoolError::Handshake {
+        addr,
+        source: std::io::ErrorKind::TimedOut.into(),
+    })?
+    .map_err(|source| PoolError::Handshake { addr, source })?;
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .adaptive_window(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| PoolError::H2 { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%addr, error = %e, "mesh connection closed");
+        }
+    });
+    Ok(sender)
+}
