@@ -65,6 +65,10 @@ pub struct ProxyConfig {
     pub control_root_pem: String,
     /// Proof of identity for the CA (file registry).
     pub bootstrap_token: Option<String>,
+    /// Projected service-account token (audience `trellis-ca`), the proof on
+    /// Kubernetes when there is no bootstrap token. Read at every request: the
+    /// kubelet rotates it.
+    pub service_account_token_file: Option<std::path::PathBuf>,
     /// Requested certificate lifetime; the CA may shorten it.
     pub cert_ttl: Option<Duration>,
     /// mTLS listener for traffic to this workload (15006).
@@ -95,6 +99,7 @@ impl ProxyConfig {
             control_server_name: "trellis-control".to_owned(),
             control_root_pem,
             bootstrap_token: None,
+            service_account_token_file: None,
             cert_ttl: None,
             inbound_addr: SocketAddr::from(([0, 0, 0, 0], crate::ports::INBOUND)),
             app_host: std::net::Ipv4Addr::LOCALHOST.into(),

@@ -17,8 +17,13 @@ use crate::control;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("no proof of identity is configured (bootstrap token)")]
+    #[error("no proof of identity is configured (bootstrap token or service-account token)")]
     NoProof,
+    #[error("reading the service-account token {path}: {source}")]
+    TokenFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error("the CA refused: {}: {}", .0.code(), .0.message())]
@@ -37,10 +42,17 @@ pub struct Issued {
 
 /// Makes a fresh key and asks the CA to certify it.
 pub async fn fetch(config: &ProxyConfig) -> Result<Issued, IdentityError> {
-    let token = config
-        .bootstrap_token
-        .clone()
-        .ok_or(IdentityError::NoProof)?;
+    let proof = match (&config.bootstrap_token, &config.service_account_token_file) {
+        (Some(token), _) => Proof::BootstrapToken(token.clone()),
+        (None, Some(path)) => match tokio::fs::read_to_string(path).await {
+            Ok(token) => Proof::ServiceAccountToken(token.trim().to_owned()),
+            Err(source) => {
+                let path = path.display().to_string();
+                return Err(IdentityError::TokenFile { path, source });
+            }
+        },
+        (None, None) => return Err(IdentityError::NoProof),
+    };
     let key = WorkloadKey::generate()?;
     let csr_pem = key.csr_pem(&config.identity)?;
     let channel = control::channel(
@@ -52,7 +64,7 @@ pub async fn fetch(config: &ProxyConfig) -> Result<Issued, IdentityError> {
     let response = CertificateAuthorityClient::new(channel)
         .issue_certificate(IssueCertificateRequest {
             csr_pem,
-            proof: Some(Proof::BootstrapToken(token)),
+            proof: Some(proof),
             validity_seconds: config.cert_ttl.map(|d| d.as_secs()).unwrap_or_default(),
         })
         .await

@@ -1,63 +1,267 @@
-//! Inbound: terminate mTLS, learn who is calling, forward to the app.
+//! Inbound: terminate mTLS, learn who is calling, check policy, forward to the app.
 //!
 //! STRICT by default: a connection that does not complete a mutual TLS handshake with
-//! a certificate from our trust bundle never reaches the app.
+//! a certificate from our trust bundle never reaches the app. PeerAuthentication may
+//! relax a port to PERMISSIVE (TLS and plaintext told apart by the first byte) or
+//! DISABLE (plaintext, nothing terminated).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
-use trellis_identity::{MeshTls, spiffe_id_of};
+use trellis_identity::{MeshTls, SpiffeId, spiffe_id_of};
 
+use crate::authz::{Decision, MtlsMode, RequestInfo};
 use crate::config::ProxyConfig;
-use crate::http::inbound::AppClients;
-use crate::metrics::{Metrics, PeerLabels, ReasonLabels};
+use crate::detect::PrefixedIo;
+use crate::discovery::MeshState;
+use crate::http::inbound::{AppClients, InboundConnection};
+use crate::metrics::{Metrics, PeerLabels, PolicyLabels, ReasonLabels};
 use crate::orig_dst::original_dst;
 
-pub async fn serve(
-    listener: TcpListener,
-    config: Arc<ProxyConfig>,
-    tls: watch::Receiver<Option<Arc<MeshTls>>>,
-    metrics: Metrics,
-) {
-    let apps = Arc::new(AppClients::new());
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
+/// Shared by every inbound connection.
+#[derive(Clone)]
+pub struct Inbound {
+    pub config: Arc<ProxyConfig>,
+    pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub metrics: Metrics,
+    pub apps: Arc<AppClients>,
+}
+
+impl Inbound {
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let span = tracing::debug_span!("inbound", %peer);
+            tokio::spawn(
+                async move {
+                    if let Err(reason) = this.handle(stream, peer).await {
+                        tracing::debug!(error = %reason, "inbound connection refused");
+                        this.metrics
+                            .inbound_refused
+                            .get_or_create(&ReasonLabels {
+                                reason: reason.label().to_owned(),
+                            })
+                            .inc();
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn handle(&self, mut stream: TcpStream, source: SocketAddr) -> Result<(), InboundError> {
+        let _ = stream.set_nodelay(true);
+        let port = match original_dst(&stream) {
+            Some(dst) => dst.port(),
+            None => self.config.app_port.ok_or(InboundError::NoAppPort)?,
+        };
+        let app = SocketAddr::new(self.config.app_host, port);
+        let mode = self.state.borrow().inbound_policy.peer_auth.mode(port);
+        let prefix = match mode {
+            MtlsMode::Strict => Bytes::new(),
+            MtlsMode::Disable => {
+                return self
+                    .plaintext(stream, Bytes::new(), source, port, app)
+                    .await;
+            }
+            MtlsMode::Permissive => {
+                // A TLS record starts with 0x16 (handshake); anything else is plaintext.
+                let mut first = [0u8; 1];
+                let n = tokio::time::timeout(self.config.detect_timeout, stream.read(&mut first))
+                    .await
+                    .unwrap_or(Ok(0))
+                    .map_err(InboundError::Handshake)?;
+                let prefix = Bytes::copy_from_slice(&first[..n]);
+                if first[..n] != [0x16] {
+                    return self.plaintext(stream, prefix, source, port, app).await;
+                }
+                prefix
             }
         };
-        let config = config.clone();
-        let tls = tls.borrow().clone();
-        let metrics = metrics.clone();
-        let apps = apps.clone();
-        let span = tracing::debug_span!("inbound", %peer);
-        tokio::spawn(
-            async move {
-                let reason = match tls {
-                    Some(tls) => match handle(stream, &config, &tls, &metrics, &apps).await {
-                        Ok(()) => return,
-                        Err(e) => e,
-                    },
-                    None => InboundError::NoCertificate,
-                };
-                tracing::debug!(error = %reason, "inbound connection refused");
-                metrics
-                    .inbound_refused
-                    .get_or_create(&ReasonLabels {
-                        reason: reason.label().to_owned(),
-                    })
-                    .inc();
+        let tls = self
+            .tls
+            .borrow()
+            .clone()
+            .ok_or(InboundError::NoCertificate)?;
+        let acceptor = TlsAcceptor::from(tls.server_config());
+        let io = PrefixedIo::new(prefix, stream);
+        let mut downstream =
+            tokio::time::timeout(self.config.handshake_timeout, acceptor.accept(io))
+                .await
+                .map_err(|_| InboundError::HandshakeTimeout)?
+                .map_err(InboundError::Handshake)?;
+        let peer_cert = downstream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .ok_or(trellis_identity::PeerIdentityError::NoUriSan)?;
+        let peer = spiffe_id_of(peer_cert)?;
+        let labels = PeerLabels {
+            peer_identity: peer.to_string(),
+        };
+        self.metrics
+            .inbound_connections
+            .get_or_create(&labels)
+            .inc();
+        tracing::debug!(peer_identity = %peer, port, "inbound mTLS accepted");
+
+        if downstream.get_ref().1.alpn_protocol() == Some(trellis_identity::ALPN_H2) {
+            self.metrics.active_connections.inc();
+            InboundConnection {
+                apps: self.apps.clone(),
+                app,
+                port,
+                own_identity: Arc::new(self.config.identity.clone()),
+                peer: Arc::new(peer),
+                state: self.state.clone(),
+                metrics: self.metrics.clone(),
             }
-            .instrument(span),
-        );
+            .serve(downstream)
+            .await;
+            self.metrics.active_connections.dec();
+            return Ok(());
+        }
+        if let Err(e) = self.authorize_l4(Some(&peer), port) {
+            let _ = downstream.shutdown().await;
+            return Err(e);
+        }
+        let upstream = match self.connect_app(app).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = downstream.shutdown().await;
+                return Err(e);
+            }
+        };
+        let bytes = self.carry(downstream, upstream, Some(&peer), port).await;
+        self.metrics
+            .inbound_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes);
+        Ok(())
+    }
+
+    /// A plaintext caller on a PERMISSIVE or DISABLE port: no identity.
+    async fn plaintext(
+        &self,
+        stream: TcpStream,
+        prefix: Bytes,
+        source: SocketAddr,
+        port: u16,
+        app: SocketAddr,
+    ) -> Result<(), InboundError> {
+        tracing::debug!(%source, port, "plaintext inbound connection");
+        self.authorize_l4(None, port)?;
+        let upstream = self.connect_app(app).await?;
+        self.carry(PrefixedIo::new(prefix, stream), upstream, None, port)
+            .await;
+        Ok(())
+    }
+
+    fn authorize_l4(&self, peer: Option<&SpiffeId>, port: u16) -> Result<(), InboundError> {
+        let state = self.state.borrow().clone();
+        let decision = state.inbound_policy.authorizer.decide(&RequestInfo {
+            peer,
+            port,
+            http: None,
+        });
+        record(&self.metrics, &decision, peer, port);
+        match decision {
+            Decision::Allow => Ok(()),
+            Decision::Deny { policy } => Err(InboundError::Denied(policy)),
+        }
+    }
+
+    async fn connect_app(&self, app: SocketAddr) -> Result<TcpStream, InboundError> {
+        let stream = tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(app))
+            .await
+            .map_err(|_| InboundError::App {
+                addr: app,
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| InboundError::App { addr: app, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Copies both ways until either side closes, or until a policy change denies
+    /// this caller: then the connection is closed.
+    async fn carry<D>(
+        &self,
+        mut downstream: D,
+        mut upstream: TcpStream,
+        peer: Option<&SpiffeId>,
+        port: u16,
+    ) -> u64
+    where
+        D: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.metrics.active_connections.inc();
+        let mut state = self.state.clone();
+        state.mark_unchanged();
+        let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+        tokio::pin!(copy);
+        let bytes = loop {
+            tokio::select! {
+                copied = &mut copy => break copied.map(|(a, b)| a + b).unwrap_or_default(),
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let current = state.borrow_and_update().clone();
+                    let decision = current.inbound_policy.authorizer.decide(&RequestInfo { peer, port, http: None });
+                    if let Decision::Deny { policy } = decision {
+                        tracing::info!(peer_identity = ?peer.map(ToString::to_string), port, policy, "closing a connection that policy now denies");
+                        record(&self.metrics, &Decision::Deny { policy }, peer, port);
+                        break 0;
+                    }
+                }
+            }
+        };
+        self.metrics.active_connections.dec();
+        bytes
+    }
+}
+
+/// Counts a decision; denials are logged with who, where and which policy.
+pub fn record(metrics: &Metrics, decision: &Decision, peer: Option<&SpiffeId>, port: u16) {
+    match decision {
+        Decision::Allow => {
+            metrics.authz_allowed.inc();
+        }
+        Decision::Deny { policy } => {
+            let peer = peer
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "plaintext".to_owned());
+            tracing::info!(
+                peer_identity = peer,
+                port,
+                policy,
+                "denied by authorization policy"
+            );
+            metrics
+                .authz_denied
+                .get_or_create(&PolicyLabels {
+                    policy: policy.clone(),
+                    peer_identity: peer,
+                })
+                .inc();
+        }
     }
 }
 
@@ -73,6 +277,8 @@ enum InboundError {
     Identity(#[from] trellis_identity::PeerIdentityError),
     #[error("no app port: the connection was not redirected and no --app-port is set")]
     NoAppPort,
+    #[error("denied by {0}")]
+    Denied(String),
     #[error("connecting to the app at {addr}: {source}")]
     App {
         addr: SocketAddr,
@@ -87,79 +293,8 @@ impl InboundError {
             InboundError::Handshake(_) | InboundError::HandshakeTimeout => "tls_handshake",
             InboundError::Identity(_) => "peer_identity",
             InboundError::NoAppPort => "no_app_port",
+            InboundError::Denied(_) => "denied",
             InboundError::App { .. } => "app_unreachable",
         }
     }
-}
-
-async fn handle(
-    stream: TcpStream,
-    config: &ProxyConfig,
-    tls: &MeshTls,
-    metrics: &Metrics,
-    apps: &Arc<AppClients>,
-) -> Result<(), InboundError> {
-    let _ = stream.set_nodelay(true);
-    let port = match original_dst(&stream) {
-        Some(dst) => dst.port(),
-        None => config.app_port.ok_or(InboundError::NoAppPort)?,
-    };
-    let acceptor = TlsAcceptor::from(tls.server_config());
-    let mut downstream = tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream))
-        .await
-        .map_err(|_| InboundError::HandshakeTimeout)?
-        .map_err(InboundError::Handshake)?;
-    let peer_cert = downstream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .ok_or(trellis_identity::PeerIdentityError::NoUriSan)?;
-    let peer_identity = spiffe_id_of(peer_cert)?;
-    let labels = PeerLabels {
-        peer_identity: peer_identity.to_string(),
-    };
-    metrics.inbound_connections.get_or_create(&labels).inc();
-    tracing::debug!(peer_identity = %peer_identity, port, "inbound mTLS accepted");
-
-    let app = SocketAddr::new(config.app_host, port);
-    if downstream.get_ref().1.alpn_protocol() == Some(trellis_identity::ALPN_H2) {
-        metrics.active_connections.inc();
-        crate::http::inbound::InboundConnection {
-            apps: apps.clone(),
-            app,
-            own_identity: Arc::new(config.identity.clone()),
-            peer: Arc::new(peer_identity),
-        }
-        .serve(downstream)
-        .await;
-        metrics.active_connections.dec();
-        return Ok(());
-    }
-    let mut upstream =
-        match tokio::time::timeout(config.connect_timeout, TcpStream::connect(app)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                let _ = downstream.shutdown().await;
-                return Err(InboundError::App { addr: app, source });
-            }
-            Err(_) => {
-                let _ = downstream.shutdown().await;
-                return Err(InboundError::App {
-                    addr: app,
-                    source: std::io::ErrorKind::TimedOut.into(),
-                });
-            }
-        };
-    let _ = upstream.set_nodelay(true);
-    metrics.active_connections.inc();
-    let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-    metrics.active_connections.dec();
-    if let Ok((up, down)) = copied {
-        metrics
-            .inbound_bytes
-            .get_or_create(&labels)
-            .inc_by(up + down);
-    }
-    Ok(())
 }

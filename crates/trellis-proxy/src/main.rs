@@ -43,6 +43,14 @@ struct RunArgs {
     /// File holding the bootstrap token (file registry).
     #[arg(long, env = "TRELLIS_BOOTSTRAP_TOKEN_FILE")]
     bootstrap_token_file: Option<PathBuf>,
+    /// Projected service-account token (audience trellis-ca), the proof of identity
+    /// on Kubernetes; used when no bootstrap token is given.
+    #[arg(
+        long,
+        env = "TRELLIS_SERVICE_ACCOUNT_TOKEN_FILE",
+        default_value = "/var/run/secrets/trellis/tokens/trellis-ca-token"
+    )]
+    service_account_token_file: PathBuf,
     /// Requested certificate lifetime (the CA may shorten it).
     #[arg(long, value_parser = humantime::parse_duration)]
     cert_ttl: Option<Duration>,
@@ -114,6 +122,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => std::env::var("TRELLIS_BOOTSTRAP_TOKEN").ok(),
     };
+    config.service_account_token_file = Some(args.service_account_token_file);
     config.cert_ttl = args.cert_ttl;
     config.inbound_addr = args.inbound_addr;
     config.outbound_addr = args.outbound_addr;

@@ -27,6 +27,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+    pub peer_identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConfigLabels {
     pub type_url: String,
     pub result: String,
@@ -45,7 +51,8 @@ pub struct Metrics {
     pub active_connections: Gauge,
     pub config_updates: Family<ConfigLabels, Counter>,
     pub cert_renewals: Counter,
-    pub http_requests: Family<ServiceLabels, Counter>,
+    pub authz_allowed: Counter,
+    pub authz_denied: Family<PolicyLabels, Counter>,
     pub http_retries: Counter,
     pub http_proxy_errors: Family<ReasonLabels, Counter>,
     pub cert_expiry_seconds: Gauge,
@@ -66,7 +73,8 @@ impl Metrics {
             active_connections: Gauge::default(),
             config_updates: Family::default(),
             cert_renewals: Counter::default(),
-            http_requests: Family::default(),
+            authz_allowed: Counter::default(),
+            authz_denied: Family::default(),
             http_retries: Counter::default(),
             http_proxy_errors: Family::default(),
             cert_expiry_seconds: Gauge::default(),
@@ -123,9 +131,14 @@ impl Metrics {
             m.cert_renewals.clone(),
         );
         registry.register(
-            "http_requests",
-            "HTTP requests carried, by destination service and caller identity",
-            m.http_requests.clone(),
+            "authz_allowed",
+            "Requests and connections allowed by authorization policy",
+            m.authz_allowed.clone(),
+        );
+        registry.register(
+            "authz_denied",
+            "Requests and connections denied, by the policy that decided",
+            m.authz_denied.clone(),
         );
         registry.register(
             "http_retries",

@@ -126,16 +126,20 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         synced_tx,
         metrics.clone(),
     )));
-    running.tasks.push(tokio::spawn(inbound::serve(
-        inbound_listener,
-        config.clone(),
-        tls_rx.clone(),
-        metrics.clone(),
-    )));
+    let inbound = inbound::Inbound {
+        config: config.clone(),
+        tls: tls_rx.clone(),
+        state: state_rx.clone(),
+        metrics: metrics.clone(),
+        apps: Arc::new(crate::http::inbound::AppClients::new()),
+    };
+    running
+        .tasks
+        .push(tokio::spawn(inbound.serve(inbound_listener)));
     let http = Arc::new(crate::http::outbound::HttpOutbound {
         tls: tls_rx.clone(),
         state: state_rx.clone(),
-        pool: Default::default(),
+        pool: crate::http::pool::MeshPool::new(metrics.clone()),
         connect_timeout: config.connect_timeout,
         metrics: metrics.clone(),
     });

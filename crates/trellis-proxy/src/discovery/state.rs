@@ -7,6 +7,7 @@ use std::sync::Arc;
 use trellis_identity::{SpiffeId, TrustBundle};
 use trellis_proto::discovery::v1::{self as pb, resource::Kind, type_url};
 
+use crate::authz::{Authorizer, InboundPolicy, PeerAuth};
 use crate::balance::EndpointSet;
 use crate::http::policy::TrafficPolicy;
 use crate::http::route::RouteTable;
@@ -50,6 +51,8 @@ pub struct MeshState {
     pub routes: HashMap<String, Arc<RouteTable>>,
     /// Traffic policy per service (`name.namespace`).
     pub policies: HashMap<String, Arc<TrafficPolicy>>,
+    /// Who may call this workload, and how.
+    pub inbound_policy: InboundPolicy,
 }
 
 impl MeshState {
@@ -124,9 +127,12 @@ fn validate(type_url: &str, resource: &pb::Resource) -> Result<(), InvalidResour
         (type_url::TRAFFIC_POLICY, Some(Kind::TrafficPolicy(p))) => TrafficPolicy::compile(p)
             .map(|_| ())
             .map_err(|e| invalid(name, e.to_string())),
-        // Enforced by the inbound side; accepted as they come until it lands.
-        (type_url::AUTHORIZATION_POLICY, Some(Kind::AuthorizationPolicy(_)))
-        | (type_url::PEER_AUTHENTICATION, Some(Kind::PeerAuthentication(_))) => Ok(()),
+        (type_url::AUTHORIZATION_POLICY, Some(Kind::AuthorizationPolicy(p))) => {
+            Authorizer::compile([p])
+                .map(|_| ())
+                .map_err(|e| invalid(name, e.to_string()))
+        }
+        (type_url::PEER_AUTHENTICATION, Some(Kind::PeerAuthentication(_))) => Ok(()),
         _ => Err(invalid(
             name,
             format!("resource kind does not match type {type_url}"),
@@ -259,6 +265,22 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
                 .policies
                 .insert(format!("{}.{}", p.service, p.namespace), Arc::new(policy));
         }
+    }
+    let authorization = by_type(type_url::AUTHORIZATION_POLICY)
+        .values()
+        .filter_map(|r| match &r.kind {
+            Some(Kind::AuthorizationPolicy(p)) => Some(p),
+            _ => None,
+        });
+    state.inbound_policy.authorizer =
+        Arc::new(Authorizer::compile(authorization).map_err(|e| invalid(&e.policy, e.reason))?);
+    // The control plane sends the one effective PeerAuthentication for this workload.
+    if let Some(Kind::PeerAuthentication(p)) = by_type(type_url::PEER_AUTHENTICATION)
+        .values()
+        .next()
+        .and_then(|r| r.kind.as_ref())
+    {
+        state.inbound_policy.peer_auth = PeerAuth::compile(p);
     }
     state.resources = resources;
     Ok(state)

@@ -16,6 +16,7 @@ use trellis_identity::SpiffeId;
 
 use super::errors::{ProxyError, is_grpc};
 use super::{Body, ORIG_PROTO, XFCC};
+use crate::authz::{Decision, HttpInfo, RequestInfo};
 
 /// Pooled connections to the local app, one client per protocol.
 pub struct AppClients {
@@ -46,8 +47,11 @@ impl Default for AppClients {
 pub struct InboundConnection {
     pub apps: Arc<AppClients>,
     pub app: std::net::SocketAddr,
+    pub port: u16,
     pub own_identity: Arc<SpiffeId>,
     pub peer: Arc<SpiffeId>,
+    pub state: tokio::sync::watch::Receiver<Arc<crate::discovery::MeshState>>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl InboundConnection {
@@ -72,6 +76,23 @@ impl InboundConnection {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let grpc = is_grpc(&req);
+        // Policy is read per request, so a change applies to the next one.
+        let authorizer = self.state.borrow().inbound_policy.authorizer.clone();
+        if !authorizer.is_empty() {
+            let decision = authorizer.decide(&RequestInfo {
+                peer: Some(&self.peer),
+                port: self.port,
+                http: Some(HttpInfo {
+                    method: req.method(),
+                    path: req.uri().path(),
+                    headers: req.headers(),
+                }),
+            });
+            crate::inbound::record(&self.metrics, &decision, Some(&self.peer), self.port);
+            if let Decision::Deny { policy } = decision {
+                return ProxyError::Forbidden.response(grpc, Some(&policy));
+            }
+        }
         let (mut parts, body) = req.into_parts();
         let http1 = parts.headers.remove(ORIG_PROTO);
         // Tell the app who called, as Istio does; the value comes from the handshake.

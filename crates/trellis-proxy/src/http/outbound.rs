@@ -433,7 +433,13 @@ impl Attempt<'_> {
         let sender = self
             .outbound
             .pool
-            .sender(endpoint.dial, &endpoint.identity, self.tls, connect_timeout)
+            .sender(
+                endpoint.dial,
+                &endpoint.identity,
+                self.tls,
+                connect_timeout,
+                &self.backend.service,
+            )
             .await;
         let mut sender = match sender {
             Ok(s) => s,

@@ -45,19 +45,27 @@ struct Pooled {
 
 /// Connections by dial address. The map is sharded; lookups on the request path take
 /// a shard read lock and clone a handle.
-#[derive(Default)]
 pub struct MeshPool {
     conns: DashMap<SocketAddr, Pooled>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl MeshPool {
-    /// A sender to `addr`, which must prove `identity`.
+    pub fn new(metrics: crate::metrics::Metrics) -> Self {
+        MeshPool {
+            conns: DashMap::new(),
+            metrics,
+        }
+    }
+
+    /// A sender to `addr`, which must prove `identity`; `service` is for telemetry.
     pub async fn sender(
         &self,
         addr: SocketAddr,
         identity: &SpiffeId,
         tls: &Arc<MeshTls>,
         connect_timeout: Duration,
+        service: &str,
     ) -> Result<SendRequest<Body>, PoolError> {
         if let Some(pooled) = self.conns.get(&addr)
             && &pooled.identity == identity
@@ -67,6 +75,13 @@ impl MeshPool {
             return Ok(pooled.sender.clone());
         }
         let sender = connect(addr, identity, tls, connect_timeout).await?;
+        self.metrics
+            .outbound_connections
+            .get_or_create(&crate::metrics::ServiceLabels {
+                service: service.to_owned(),
+                peer_identity: identity.to_string(),
+            })
+            .inc();
         self.conns.insert(
             addr,
             Pooled {
