@@ -510,3 +510,35 @@ async fn certificates_renew_at_half_life_without_dropping_connections() {
     // ...and new ones handshake with the new certificates.
     assert_eq!(round_trip(mesh.echo_upstream, b"three\n").await, b"three\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_open_connections_and_refuses_new_ones() {
+    let mesh = mesh().await;
+    let mut open = TcpStream::connect(mesh.echo_upstream).await.unwrap();
+    open.write_all(b"before\n").await.unwrap();
+    let mut buf = [0u8; 7];
+    open.read_exact(&mut buf).await.unwrap();
+
+    let upstream = mesh.echo_upstream;
+    let draining = tokio::spawn(mesh.client.shutdown(Duration::from_secs(10)));
+    eventually(
+        "the listener closes",
+        Duration::from_secs(3),
+        || async move { TcpStream::connect(upstream).await.is_err() },
+    )
+    .await;
+    // The connection opened before the drain still works...
+    open.write_all(b"during\n").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during\n");
+    assert!(
+        !draining.is_finished(),
+        "the drain must wait for the open connection"
+    );
+    // ...and closing it ends the drain well before its deadline.
+    drop(open);
+    tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .unwrap()
+        .unwrap();
+}

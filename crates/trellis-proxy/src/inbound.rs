@@ -32,12 +32,17 @@ pub struct Inbound {
     pub state: watch::Receiver<Arc<MeshState>>,
     pub metrics: Metrics,
     pub apps: Arc<AppClients>,
+    pub drain: crate::drain::Drain,
 }
 
 impl Inbound {
     pub async fn serve(self, listener: TcpListener) {
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = self.drain.signaled() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "inbound accept failed");
@@ -46,9 +51,11 @@ impl Inbound {
                 }
             };
             let this = self.clone();
+            let guard = self.drain.track();
             let span = tracing::debug_span!("inbound", %peer);
             tokio::spawn(
                 async move {
+                    let _guard = guard;
                     if let Err(reason) = this.handle(stream, peer).await {
                         tracing::debug!(error = %reason, "inbound connection refused");
                         this.metrics

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod detect;
 pub mod discovery;
+pub mod drain;
 pub mod http;
 pub mod identity;
 pub mod inbound;

@@ -74,6 +74,9 @@ struct RunArgs {
     /// Admin listener; keep it on loopback.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
     admin_addr: SocketAddr,
+    /// How long open connections may take to finish after SIGTERM.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain: Duration,
     /// Worker threads (0: one per core).
     #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -107,6 +110,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let args_drain = args.drain;
     let identity = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
         .context("workload identity")?;
     let root = std::fs::read_to_string(&args.ca_root)
@@ -137,8 +141,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy = trellis_proxy::start(config).await?;
     tracing::info!(admin = %proxy.admin_addr, inbound = %proxy.inbound_addr, "proxy started");
     shutdown_signal().await;
-    tracing::info!("shutting down");
-    drop(proxy);
+    tracing::info!(grace = ?args_drain, "draining");
+    proxy.shutdown(args_drain).await;
     Ok(())
 }
 

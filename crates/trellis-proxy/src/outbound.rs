@@ -33,6 +33,7 @@ pub struct Outbound {
     pub state: watch::Receiver<Arc<MeshState>>,
     pub metrics: Metrics,
     pub http: Arc<HttpOutbound>,
+    pub drain: crate::drain::Drain,
 }
 
 /// Where a connection is going.
@@ -105,7 +106,11 @@ impl Outbound {
     {
         let route = Arc::new(route);
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = self.drain.signaled() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbound accept failed");
@@ -115,9 +120,11 @@ impl Outbound {
             };
             let this = self.clone();
             let route = route.clone();
+            let guard = self.drain.track();
             let span = tracing::debug_span!("outbound", %peer);
             tokio::spawn(
                 async move {
+                    let _guard = guard;
                     let state = this.state.borrow().clone();
                     let result = match route(&stream, &state) {
                         Ok(target) => this.forward(stream, target).await,

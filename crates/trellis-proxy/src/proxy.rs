@@ -34,6 +34,7 @@ pub struct RunningProxy {
     pub outbound_addr: Option<SocketAddr>,
     pub upstream_addrs: Vec<SocketAddr>,
     pub admin: AdminState,
+    drain: crate::drain::DrainTrigger,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -46,6 +47,17 @@ impl Drop for RunningProxy {
 }
 
 impl RunningProxy {
+    /// Stops accepting, gives open connections up to `grace` to finish, then stops.
+    pub async fn shutdown(self, grace: std::time::Duration) {
+        let left = self.drain.drain(grace).await;
+        if left > 0 {
+            tracing::info!(
+                open = left,
+                "drain period over; closing the remaining connections"
+            );
+        }
+    }
+
     /// Waits until the proxy has a certificate and a first config.
     pub async fn ready(&self) {
         let mut synced = self.admin.synced.clone();
@@ -73,6 +85,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let (bundle_tx, bundle_rx) = watch::channel(None);
     let (synced_tx, synced_rx) = watch::channel(false);
 
+    let (drain_trigger, drain) = crate::drain::channel();
     let admin_listener = bind("admin", config.admin_addr).await?;
     let inbound_listener = bind("inbound", config.inbound_addr).await?;
     let outbound_listener = match config.outbound_addr {
@@ -102,6 +115,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             .map(|(l, u)| local(l, u.listen))
             .collect(),
         admin: admin.clone(),
+        drain: drain_trigger,
         tasks: Vec::new(),
     };
     running
@@ -132,6 +146,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         state: state_rx.clone(),
         metrics: metrics.clone(),
         apps: Arc::new(crate::http::inbound::AppClients::new()),
+        drain: drain.clone(),
     };
     running
         .tasks
@@ -149,6 +164,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         state: state_rx,
         metrics,
         http,
+        drain,
     };
     if let Some(listener) = outbound_listener {
         running
