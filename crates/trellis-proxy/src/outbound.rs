@@ -47,10 +47,7 @@ impl Outbound {
     pub async fn serve_upstream(self, listener: TcpListener, upstream: Upstream) {
         let upstream = Arc::new(upstream);
         self.accept_loop(listener, move |_, state| {
-            match state
-                .services
-                .get(&(upstream.service.clone(), upstream.port))
-            {
+            match state.service(&upstream.service, upstream.port) {
                 Some(service) => Ok(Target::Service(service.clone())),
                 None => Err(OutboundError::UnknownService(format!(
                     "{}:{}",

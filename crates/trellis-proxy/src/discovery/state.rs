@@ -42,6 +42,8 @@ pub struct MeshState {
     pub resources: Resources,
     /// `(name.namespace, port)` -> service port.
     pub services: HashMap<(String, u16), Arc<ServicePort>>,
+    /// The same, by name then port: looked up per request without allocating.
+    pub ports_by_service: HashMap<String, Vec<Arc<ServicePort>>>,
     /// VIP:port -> service port (transparent outbound).
     pub vips: HashMap<SocketAddr, Arc<ServicePort>>,
     /// Pod address:port -> identity, for connections made straight to an endpoint.
@@ -75,6 +77,13 @@ impl MeshState {
             held.insert(resource.name.clone(), resource.clone());
         }
         build(resources, self)
+    }
+
+    /// One port of a service, by `name.namespace` and port.
+    pub fn service(&self, name: &str, port: u16) -> Option<&Arc<ServicePort>> {
+        self.ports_by_service
+            .get(name)
+            .and_then(|ports| ports.iter().find(|p| p.port == port))
     }
 
     /// The policy for `service`, or the defaults.
@@ -237,6 +246,11 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
                             .insert(SocketAddr::new(ip, number), entry.clone());
                     }
                 }
+                state
+                    .ports_by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .push(entry.clone());
                 state.services.insert((service.clone(), number), entry);
             }
         }

@@ -63,11 +63,11 @@ impl HttpOutbound {
         let routes = state.routes.get(&service.service);
         let rule = routes.and_then(|t| t.find(service.port, &req));
         let backend = match rule.and_then(|r| r.pick_backend()) {
-            Some(b) => match state.services.get(&(b.service.clone(), b.port)) {
+            Some(b) => match state.service(&b.service, b.port) {
                 Some(s) => s.clone(),
                 None => return ProxyError::NoBackend.response(grpc, Some(&b.service)),
             },
-            None => match state.services.get(&(service.service.clone(), service.port)) {
+            None => match state.service(&service.service, service.port) {
                 Some(s) => s.clone(),
                 None => return ProxyError::NoBackend.response(grpc, None),
             },
