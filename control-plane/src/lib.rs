@@ -2,8 +2,10 @@
 //! each proxy its view of the mesh.
 
 pub mod admin;
+pub mod api;
 pub mod ca;
 pub mod discovery;
+pub mod injector;
 pub mod model;
 pub mod registry;
 pub mod server;

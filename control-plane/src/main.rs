@@ -2,7 +2,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
+use trellis_control::injector::{FailurePolicy, InjectorSettings};
+use trellis_control::server::{KubeOptions, WebhookOptions, start_kube};
 use trellis_control::{ControlConfig, start};
 
 /// The Trellis control plane: registry, CA and discovery.
@@ -10,8 +13,33 @@ use trellis_control::{ControlConfig, start};
 #[command(version, about)]
 struct Args {
     /// Folder of YAML (Services, EndpointSlices, WorkloadEntries, BootstrapTokens).
-    #[arg(long, env = "TRELLIS_REGISTRY_DIR")]
-    registry_dir: PathBuf,
+    #[arg(long, env = "TRELLIS_REGISTRY_DIR", required_unless_present = "kube")]
+    registry_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster or kubeconfig) instead of a folder;
+    /// service-account tokens are then checked with TokenReview.
+    #[arg(long, env = "TRELLIS_KUBE", conflicts_with = "registry_dir")]
+    kube: bool,
+    /// The injector's admission webhook (kube mode only).
+    #[arg(long, env = "TRELLIS_INJECTOR", requires = "kube")]
+    injector: bool,
+    #[arg(long, default_value = "0.0.0.0:15017")]
+    injector_addr: SocketAddr,
+    /// The proxy image the injector adds to Pods.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_IMAGE",
+        default_value = "ghcr.io/trellis-mesh/trellis-proxy:latest"
+    )]
+    proxy_image: String,
+    /// The control plane's address as injected proxies dial it.
+    #[arg(long, default_value = "trellis-control.trellis-system.svc:15010")]
+    injector_control_addr: String,
+    /// What the webhook answers when it cannot inject a Pod it should.
+    #[arg(long, value_enum, default_value = "ignore")]
+    injector_failure_policy: FailurePolicy,
+    /// The MutatingWebhookConfiguration whose caBundle is kept equal to the CA root.
+    #[arg(long, default_value = "trellis-injector")]
+    webhook_configuration: String,
     /// Where the CA keeps its root certificate and key.
     #[arg(long, env = "TRELLIS_STATE_DIR", default_value = "/var/lib/trellis")]
     state_dir: PathBuf,
@@ -43,16 +71,40 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let control = start(ControlConfig {
-        registry_dir: args.registry_dir,
+    let config = ControlConfig {
+        registry_dir: args.registry_dir.clone().unwrap_or_default(),
         state_dir: args.state_dir,
-        trust_domain: args.trust_domain,
+        trust_domain: args.trust_domain.clone(),
         grpc_addr: args.grpc_addr,
         admin_addr: args.admin_addr,
         cert_ttl: args.cert_ttl,
-        server_names: args.server_names,
-    })
-    .await?;
+        server_names: args.server_names.clone(),
+    };
+    let control = if args.kube {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let webhook = args.injector.then(|| WebhookOptions {
+            addr: args.injector_addr,
+            settings: InjectorSettings {
+                proxy_image: args.proxy_image,
+                trust_domain: args.trust_domain,
+                control_server_name: args
+                    .injector_control_addr
+                    .rsplit_once(':')
+                    .map_or(args.injector_control_addr.as_str(), |(host, _)| host)
+                    .to_owned(),
+                control_addr: args.injector_control_addr,
+                failure_policy: args.injector_failure_policy,
+                ..InjectorSettings::default()
+            },
+            dns_names: args.server_names,
+            configuration: Some(args.webhook_configuration),
+        });
+        start_kube(config, KubeOptions { client, webhook }).await?
+    } else {
+        start(config).await?
+    };
     shutdown_signal().await;
     tracing::info!("shutting down");
     control.stop().await;

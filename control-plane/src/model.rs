@@ -3,10 +3,26 @@
 //! Registries (file, kube) fill it; the discovery server turns it into per-proxy
 //! resources. Nothing here knows of YAML, Kubernetes or protobuf.
 
+mod policy;
+mod route;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use trellis_identity::SpiffeId;
+
+pub use policy::{
+    AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Backoff, ConnectionLimits,
+    EffectivePeerAuthentication, HashKey, LoadBalancer, MtlsMode, OutlierDetection,
+    PeerAuthentication, Ratio, RetryBudget, RetryOn, RetryPolicy, Timeouts, TrafficPolicy,
+};
+pub use route::{
+    HeaderModifier, HttpMatch, HttpRouteRule, PathMatch, RouteOrigin, StringMatch, ValueMatch,
+    WeightedBackend, sort_by_precedence,
+};
+
+/// The root namespace: policies here without a selector apply to the whole mesh.
+pub const ROOT_NAMESPACE: &str = "trellis-system";
 
 /// How a Service port's traffic is handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -107,6 +123,15 @@ pub struct MeshSnapshot {
     pub endpoints: BTreeMap<(ServiceKey, u16), Vec<Endpoint>>,
     pub workloads: Vec<Workload>,
     pub bootstrap_tokens: Vec<BootstrapToken>,
+    /// HTTP route rules per parent Service, producer and consumer routes together,
+    /// in Gateway API precedence order ([`sort_by_precedence`]).
+    pub routes: BTreeMap<ServiceKey, Vec<HttpRouteRule>>,
+    /// At most one TrafficPolicy per Service.
+    pub traffic_policies: BTreeMap<ServiceKey, TrafficPolicy>,
+    /// Sorted by namespace and name.
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Sorted by namespace and name.
+    pub peer_authentications: Vec<PeerAuthentication>,
 }
 
 impl MeshSnapshot {
@@ -121,3 +146,6 @@ impl MeshSnapshot {
             .map(|t| &t.identity)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,8 +12,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use trellis_identity::SpiffeId;
 
 use crate::admin;
-use crate::ca::{CaService, CertificateAuthority};
+use crate::ca::{CaService, CertificateAuthority, KubeTokenReviewer, TokenReviewer};
 use crate::discovery::DiscoveryServer;
+use crate::injector::{InjectorSettings, webhook};
+use crate::model::MeshSnapshot;
 use crate::registry::{self, RegistryStatus};
 
 /// How often the file registry looks at its folder.
@@ -48,12 +50,18 @@ pub enum StartError {
     Tls(#[from] tonic::transport::Error),
     #[error("the control plane's own identity is invalid: {0}")]
     Identity(#[from] trellis_identity::SpiffeIdError),
+    #[error("the Kubernetes registry stopped before its first snapshot")]
+    KubeRegistryStopped,
+    #[error("the injector webhook could not start: {0}")]
+    Webhook(#[from] crate::injector::webhook::WebhookError),
 }
 
 /// A control plane running in this process.
 pub struct RunningControlPlane {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The injector webhook (kube mode with the injector on).
+    pub webhook_addr: Option<SocketAddr>,
     /// The root certificate proxies trust for the control plane and each other.
     pub root_pem: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -90,14 +98,138 @@ pub async fn start(config: ControlConfig) -> Result<RunningControlPlane, StartEr
         })?;
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
     let (status_tx, status_rx) = watch::channel(RegistryStatus::default());
-    let mut tasks = vec![tokio::spawn(registry::watch_dir(
+    let tasks = vec![tokio::spawn(registry::watch_dir(
         config.registry_dir.clone(),
         config.trust_domain.clone(),
         REGISTRY_POLL,
         snapshot_tx,
         status_tx,
     ))];
+    let (running, _ca) = serve(config, snapshot_rx, status_rx, tasks, None).await?;
+    Ok(running)
+}
 
+/// The kube registry's extras: the API client, and the injector when enabled.
+pub struct KubeOptions {
+    pub client: kube::Client,
+    pub webhook: Option<WebhookOptions>,
+}
+
+/// The admission webhook (15017).
+pub struct WebhookOptions {
+    pub addr: SocketAddr,
+    /// The root PEM is filled in from the CA.
+    pub settings: InjectorSettings,
+    /// Names in the webhook's serving certificate (the Service's DNS names).
+    pub dns_names: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps.
+    pub configuration: Option<String>,
+}
+
+/// Starts with the `kube` registry (`config.registry_dir` is not used). Serves
+/// discovery and the CA only once every watched kind has been listed, so no proxy is
+/// ever sent a half-built view.
+pub async fn start_kube(
+    config: ControlConfig,
+    kube_options: KubeOptions,
+) -> Result<RunningControlPlane, StartError> {
+    use crate::registry::kube as kube_registry;
+    let (snapshot_tx, mut snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
+    let (status_tx, mut status_rx) = watch::channel(RegistryStatus::default());
+    let (namespaces_tx, namespaces_rx) =
+        watch::channel(Arc::new(kube_registry::NamespaceLabels::default()));
+    let client = kube_options.client;
+    let mut tasks = vec![tokio::spawn(kube_registry::watch_cluster(
+        client.clone(),
+        config.trust_domain.clone(),
+        kube_registry::DEFAULT_DEBOUNCE,
+        kube_registry::Outputs {
+            snapshots: snapshot_tx,
+            status: status_tx,
+            namespaces: namespaces_tx,
+        },
+    ))];
+    loop {
+        let listed = status_rx.wait_for(|s| s.generation > 0);
+        let waited = tokio::time::timeout(Duration::from_secs(10), listed)
+            .await
+            .map(|r| r.is_ok());
+        match waited {
+            Ok(true) => break,
+            Ok(false) => return Err(StartError::KubeRegistryStopped),
+            Err(_) => tracing::info!(
+                errors = ?status_rx.borrow().last_error,
+                "waiting for the first complete list of the cluster"
+            ),
+        }
+    }
+    snapshot_rx.mark_unchanged();
+
+    let reviewer: Arc<dyn TokenReviewer> = Arc::new(KubeTokenReviewer::new(
+        client.clone(),
+        config.trust_domain.clone(),
+    ));
+    let webhook = kube_options.webhook;
+    let trust_domain = config.trust_domain.clone();
+    let started = serve(config, snapshot_rx, status_rx, Vec::new(), Some(reviewer)).await;
+    let (mut running, ca) = match started {
+        Ok(running) => running,
+        Err(e) => {
+            for task in &tasks {
+                task.abort();
+            }
+            return Err(e);
+        }
+    };
+    running.tasks.append(&mut tasks);
+    if let Some(webhook) = webhook {
+        let own_id = SpiffeId::new(&trust_domain, "trellis-system", "trellis-control")?;
+        let (cert_pem, key_pem) = ca.issue_serving(
+            &own_id,
+            &webhook.dns_names,
+            Duration::from_secs(365 * 24 * 3600),
+        )?;
+        let tls = webhook::tls_config(&cert_pem, &key_pem)?;
+        let listener =
+            TcpListener::bind(webhook.addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: webhook.addr,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: webhook.addr,
+            source,
+        })?;
+        let mut settings = webhook.settings;
+        settings.ca_root_pem = running.root_pem.clone();
+        let state = webhook::WebhookState {
+            settings: Arc::new(settings),
+            namespaces: namespaces_rx,
+        };
+        running
+            .tasks
+            .push(tokio::spawn(webhook::serve(listener, tls, state)));
+        if let Some(name) = webhook.configuration {
+            let root = running.root_pem.clone();
+            running
+                .tasks
+                .push(tokio::spawn(webhook::keep_ca_bundle(client, name, root)));
+        }
+        tracing::info!(%addr, "injector webhook started");
+        running.webhook_addr = Some(addr);
+    }
+    Ok(running)
+}
+
+/// The CA, discovery and admin, fed by any registry.
+async fn serve(
+    config: ControlConfig,
+    snapshot_rx: watch::Receiver<Arc<MeshSnapshot>>,
+    status_rx: watch::Receiver<RegistryStatus>,
+    mut tasks: Vec<tokio::task::JoinHandle<()>>,
+    token_reviewer: Option<Arc<dyn TokenReviewer>>,
+) -> Result<(RunningControlPlane, Arc<CertificateAuthority>), StartError> {
     let ca = Arc::new(CertificateAuthority::load_or_create(
         &config.state_dir,
         &config.trust_domain,
@@ -137,10 +269,14 @@ pub async fn start(config: ControlConfig) -> Result<RunningControlPlane, StartEr
         .client_ca_root(Certificate::from_pem(&root_pem))
         .client_auth_optional(true);
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut ca_service = CaService::new(ca.clone(), snapshot_rx.clone());
+    if let Some(reviewer) = token_reviewer {
+        ca_service = ca_service.with_token_reviewer(reviewer);
+    }
     let router = Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(CaService::new(ca.clone(), snapshot_rx.clone()).into_server())
+        .add_service(ca_service.into_server())
         .add_service(discovery.into_server());
     tasks.push(tokio::spawn(async move {
         let incoming = TcpListenerStream::new(grpc_listener);
@@ -173,11 +309,13 @@ pub async fn start(config: ControlConfig) -> Result<RunningControlPlane, StartEr
     };
     tasks.push(tokio::spawn(admin::serve(admin_listener, state)));
     tracing::info!(%grpc_addr, %admin_addr, trust_domain = config.trust_domain, "control plane started");
-    Ok(RunningControlPlane {
+    let running = RunningControlPlane {
         grpc_addr,
         admin_addr,
+        webhook_addr: None,
         root_pem,
         shutdown: Some(shutdown_tx),
         tasks,
-    })
+    };
+    Ok((running, ca))
 }

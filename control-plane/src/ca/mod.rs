@@ -2,6 +2,7 @@
 //! control plane: only signed certificates and the root certificate go out.
 
 mod service;
+mod token_review;
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,6 +16,9 @@ use time::OffsetDateTime;
 use trellis_identity::SpiffeId;
 
 pub use service::CaService;
+pub use token_review::{
+    KubeTokenReviewer, TOKEN_AUDIENCE, TokenReviewError, TokenReviewer, identity_from_review,
+};
 
 /// Leaves are valid from a little before now, so peers with a clock slightly behind
 /// accept them.

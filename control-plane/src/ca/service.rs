@@ -10,12 +10,14 @@ use trellis_proto::ca::v1::{
     issue_certificate_request::Proof,
 };
 
-use super::{CaError, CertificateAuthority};
+use super::{CaError, CertificateAuthority, TokenReviewError, TokenReviewer};
 use crate::model::MeshSnapshot;
 
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
     snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    /// Checks service-account tokens (kube registry); without it they are refused.
+    token_reviewer: Option<Arc<dyn TokenReviewer>>,
 }
 
 impl CaService {
@@ -23,7 +25,17 @@ impl CaService {
         ca: Arc<CertificateAuthority>,
         snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     ) -> Self {
-        CaService { ca, snapshots }
+        CaService {
+            ca,
+            snapshots,
+            token_reviewer: None,
+        }
+    }
+
+    /// Accepts projected service-account tokens, checked by `reviewer`.
+    pub fn with_token_reviewer(mut self, reviewer: Arc<dyn TokenReviewer>) -> Self {
+        self.token_reviewer = Some(reviewer);
+        self
     }
 
     pub fn into_server(self) -> certificate_authority_server::CertificateAuthorityServer<Self> {
@@ -49,10 +61,19 @@ impl certificate_authority_server::CertificateAuthority for CaService {
                     tracing::warn!(?remote, "certificate refused: unknown bootstrap token");
                     Status::unauthenticated("the bootstrap token is not known to the registry")
                 })?,
-            Some(Proof::ServiceAccountToken(_)) => {
-                return Err(Status::unauthenticated(
-                    "service-account tokens are checked only with the kube registry",
-                ));
+            Some(Proof::ServiceAccountToken(token)) => {
+                let Some(reviewer) = &self.token_reviewer else {
+                    return Err(Status::unauthenticated(
+                        "service-account tokens are checked only with the kube registry",
+                    ));
+                };
+                reviewer.review(token).await.map_err(|e| {
+                    tracing::warn!(?remote, error = %e, "certificate refused");
+                    match e {
+                        TokenReviewError::Refused(_) => Status::unauthenticated(e.to_string()),
+                        TokenReviewError::Unavailable(_) => Status::unavailable(e.to_string()),
+                    }
+                })?
             }
             None => return Err(Status::unauthenticated("no proof of identity was sent")),
         };

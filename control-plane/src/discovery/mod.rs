@@ -155,10 +155,21 @@ impl ProxySession {
         snapshot: &MeshSnapshot,
     ) -> Result<(), Closed> {
         let Some(type_url) = TYPE_URLS.iter().copied().find(|t| *t == request.type_url) else {
-            tracing::warn!(
-                type_url = request.type_url,
-                "unknown resource type requested"
-            );
+            // A newer proxy may ask for kinds this control plane does not serve: an
+            // empty answer tells it there is nothing, instead of leaving it waiting.
+            if request.response_nonce.is_empty() {
+                tracing::info!(
+                    type_url = request.type_url,
+                    "unknown resource type; answering empty"
+                );
+                self.nonce += 1;
+                let response = pb::DeltaDiscoveryResponse {
+                    type_url: request.type_url,
+                    nonce: self.nonce.to_string(),
+                    ..Default::default()
+                };
+                self.tx.send(Ok(response)).await.map_err(|_| Closed)?;
+            }
             return Ok(());
         };
         if !request.response_nonce.is_empty() {

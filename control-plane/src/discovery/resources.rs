@@ -1,5 +1,7 @@
 //! The mesh model as discovery resources: typed, named, versioned.
 
+mod policy;
+
 use std::collections::BTreeMap;
 
 use prost::Message;
@@ -19,19 +21,26 @@ pub struct ProxyView {
     pub by_type: BTreeMap<&'static str, ResourceSet>,
 }
 
-pub const TYPE_URLS: [&str; 3] = [
+pub const TYPE_URLS: [&str; 7] = [
     type_url::TRUST_BUNDLE,
     type_url::SERVICE,
     type_url::ENDPOINTS,
+    type_url::ROUTE_TABLE,
+    type_url::TRAFFIC_POLICY,
+    type_url::AUTHORIZATION_POLICY,
+    type_url::PEER_AUTHENTICATION,
 ];
 
-/// Builds the view for the proxy of `_proxy`. Every proxy sees every service for now,
-/// as Istio does without a `Sidecar` resource; the seam for scoping is here.
+/// Builds the view for the proxy of `proxy`. Every proxy sees every service, with its
+/// routes and traffic policy, as Istio does without a `Sidecar` resource; the seam for
+/// scoping is here. Security policy is the proxy's own: the AuthorizationPolicies
+/// selecting its workloads (those running as its identity) and one
+/// PeerAuthentication, `<namespace>/effective`, with precedence already resolved.
 pub fn view_for(
     snapshot: &MeshSnapshot,
     trust_domain: &str,
     roots_pem: &[String],
-    _proxy: &SpiffeId,
+    proxy: &SpiffeId,
 ) -> ProxyView {
     let mut view = ProxyView::default();
 
@@ -101,6 +110,27 @@ pub fn view_for(
             pb::resource::Kind::Endpoints(resource),
         );
     }
+    for (key, rules) in &snapshot.routes {
+        if let Some(table) = policy::route_table(key, rules, proxy.namespace()) {
+            let kind = pb::resource::Kind::RouteTable(table);
+            insert(&mut view, type_url::ROUTE_TABLE, key.to_string(), kind);
+        }
+    }
+    for (key, traffic) in &snapshot.traffic_policies {
+        let kind = pb::resource::Kind::TrafficPolicy(policy::traffic_policy(key, traffic));
+        insert(&mut view, type_url::TRAFFIC_POLICY, key.to_string(), kind);
+    }
+    for authz in snapshot.authorization_policies_for(proxy) {
+        let name = format!("{}/{}", authz.namespace, authz.name);
+        let kind = pb::resource::Kind::AuthorizationPolicy(policy::authorization_policy(authz));
+        insert(&mut view, type_url::AUTHORIZATION_POLICY, name, kind);
+    }
+    let peer = snapshot.peer_authentication_for(proxy);
+    let peer = policy::peer_authentication(proxy.namespace(), &peer);
+    let name = format!("{}/{}", peer.namespace, peer.name);
+    let kind = pb::resource::Kind::PeerAuthentication(peer);
+    insert(&mut view, type_url::PEER_AUTHENTICATION, name, kind);
+
     for type_url in TYPE_URLS {
         view.by_type.entry(type_url).or_default();
     }
@@ -159,3 +189,6 @@ pub fn delta(
         .collect();
     (changed, removed)
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,18 +2,23 @@
 //!
 //! Kinds read (top-level `*.yaml` / `*.yml` files, several documents per file split by
 //! `---` lines): `v1/Service`, `discovery.k8s.io/v1/EndpointSlice`,
-//! `trellis.io/v1alpha1/WorkloadEntry` and `trellis.io/v1alpha1/BootstrapToken`.
+//! `trellis.io/v1alpha1/WorkloadEntry` and `trellis.io/v1alpha1/BootstrapToken`;
+//! `trellis.io/v1alpha1` `TrafficPolicy`, `AuthorizationPolicy`, `PeerAuthentication`
+//! and `gateway.networking.k8s.io/v1` (or `v1beta1`) `HTTPRoute` (see [`crate::api`]).
 //! Anything else is an error, and every error is reported, not just the first.
 
 mod build;
+mod policy;
 mod types;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::api;
 use crate::model::MeshSnapshot;
 use types::{
     BootstrapTokenObject, EndpointSliceObject, ServiceObject, TypeMeta, WorkloadEntryObject,
@@ -68,6 +73,45 @@ pub struct RegistryStatus {
     /// Counts in the snapshot being served.
     pub services: usize,
     pub workloads: usize,
+    /// Routes and policies in the snapshot being served, by kind: `namespace/name` of
+    /// each accepted object. (In file mode an object is accepted with its folder.)
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub accepted: BTreeMap<&'static str, Vec<String>>,
+}
+
+/// `namespace/name` of the routes and policies in `snapshot`, by kind.
+pub fn accepted_objects(snapshot: &MeshSnapshot) -> BTreeMap<&'static str, Vec<String>> {
+    let mut accepted: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    let routes: BTreeSet<String> = snapshot
+        .routes
+        .values()
+        .flatten()
+        .map(|r| format!("{}/{}", r.origin.namespace, r.origin.name))
+        .collect();
+    let traffic: BTreeSet<String> = snapshot
+        .traffic_policies
+        .values()
+        .map(|p| p.source.clone())
+        .collect();
+    let authz = snapshot
+        .authorization_policies
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name));
+    let peer = snapshot
+        .peer_authentications
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.name));
+    for (kind, names) in [
+        ("HTTPRoute", routes.into_iter().collect::<Vec<_>>()),
+        ("TrafficPolicy", traffic.into_iter().collect()),
+        ("AuthorizationPolicy", authz.collect()),
+        ("PeerAuthentication", peer.collect()),
+    ] {
+        if !names.is_empty() {
+            accepted.insert(kind, names);
+        }
+    }
+    accepted
 }
 
 /// Reads `dir` once. The caller decides whether errors are fatal.
@@ -162,6 +206,7 @@ fn publish(
     status: &tokio::sync::watch::Sender<RegistryStatus>,
 ) {
     let (services, workloads) = (snapshot.services.len(), snapshot.workloads.len());
+    let accepted = accepted_objects(&snapshot);
     let changed = **snapshots.borrow() != snapshot;
     if changed {
         snapshots.send_replace(Arc::new(snapshot));
@@ -182,6 +227,7 @@ fn publish(
         s.last_error.clear();
         s.services = services;
         s.workloads = workloads;
+        s.accepted = accepted;
     });
 }
 
@@ -318,6 +364,10 @@ enum Object {
     EndpointSlice(EndpointSliceObject),
     WorkloadEntry(WorkloadEntryObject),
     BootstrapToken(BootstrapTokenObject),
+    HttpRoute(Box<api::HttpRoute>),
+    TrafficPolicy(Box<api::TrafficPolicy>),
+    AuthorizationPolicy(Box<api::AuthorizationPolicy>),
+    PeerAuthentication(Box<api::PeerAuthentication>),
 }
 
 fn parse_document(
@@ -349,6 +399,18 @@ fn parse_document(
         }
         ("trellis.io/v1alpha1", "BootstrapToken") => {
             serde_yaml_ng::from_str(doc.text).map(Object::BootstrapToken)
+        }
+        ("trellis.io/v1alpha1", "TrafficPolicy") => {
+            serde_yaml_ng::from_str(doc.text).map(|o| Object::TrafficPolicy(Box::new(o)))
+        }
+        ("trellis.io/v1alpha1", "AuthorizationPolicy") => {
+            serde_yaml_ng::from_str(doc.text).map(|o| Object::AuthorizationPolicy(Box::new(o)))
+        }
+        ("trellis.io/v1alpha1", "PeerAuthentication") => {
+            serde_yaml_ng::from_str(doc.text).map(|o| Object::PeerAuthentication(Box::new(o)))
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+            serde_yaml_ng::from_str(doc.text).map(|o| Object::HttpRoute(Box::new(o)))
         }
         ("", _) | (_, "") => {
             let reason = "missing apiVersion or kind";
@@ -393,6 +455,8 @@ fn strip_positions(message: &str) -> String {
     out
 }
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! trellisctl: the Trellis command line.
 
 mod demo;
+mod inject;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Run a local mesh on loopback: control plane, two services with sidecars, traffic.
     Demo(demo::DemoArgs),
+    /// Add the sidecar to the Pods and Pod templates of a manifest (offline webhook).
+    Inject(inject::InjectArgs),
 }
 
 #[tokio::main]
@@ -26,5 +29,6 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Inject(args) => inject::run(args),
     }
 }

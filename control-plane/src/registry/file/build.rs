@@ -78,6 +78,11 @@ pub(super) fn build(
                 Err(reason) => errors.push(at.error(reason)),
             },
             Object::EndpointSlice(s) => slices.push((at, s)),
+            // After the Services: see `policy::add`.
+            Object::HttpRoute(_)
+            | Object::TrafficPolicy(_)
+            | Object::AuthorizationPolicy(_)
+            | Object::PeerAuthentication(_) => {}
         }
     }
     snapshot
@@ -111,6 +116,7 @@ pub(super) fn build(
         list.dedup_by_key(|e| (e.address, e.port));
         snapshot.endpoints.insert(key, list);
     }
+    super::policy::add(&objects, &mut snapshot, errors);
     snapshot
 }
 
@@ -119,13 +125,22 @@ fn drop_duplicates(objects: Vec<Parsed>, errors: &mut Vec<RegistryError>) -> Vec
     let mut seen: HashMap<(&'static str, String, String), (PathBuf, usize)> = HashMap::new();
     let mut kept = Vec::with_capacity(objects.len());
     for p in objects {
-        let (kind, meta): (&'static str, &ObjectMeta) = match &p.object {
-            Object::Service(o) => ("Service", &o.metadata),
-            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-            Object::WorkloadEntry(o) => ("WorkloadEntry", &o.metadata),
-            Object::BootstrapToken(o) => ("BootstrapToken", &o.metadata),
+        let own = |kind, meta: &ObjectMeta| (kind, meta.namespace().to_owned(), meta.name.clone());
+        let api = |kind, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            let name = meta.name.clone().unwrap_or_default();
+            (kind, crate::api::namespace_of(meta).to_owned(), name)
         };
-        let key = (kind, meta.namespace().to_owned(), meta.name.clone());
+        let key = match &p.object {
+            Object::Service(o) => own("Service", &o.metadata),
+            Object::EndpointSlice(o) => own("EndpointSlice", &o.metadata),
+            Object::WorkloadEntry(o) => own("WorkloadEntry", &o.metadata),
+            Object::BootstrapToken(o) => own("BootstrapToken", &o.metadata),
+            Object::HttpRoute(o) => api("HTTPRoute", &o.metadata),
+            Object::TrafficPolicy(o) => api("TrafficPolicy", &o.metadata),
+            Object::AuthorizationPolicy(o) => api("AuthorizationPolicy", &o.metadata),
+            Object::PeerAuthentication(o) => api("PeerAuthentication", &o.metadata),
+        };
+        let kind = key.0;
         if let Some((file, line)) = seen.get(&key) {
             let reason = format!(
                 "duplicate {kind} {}/{}: first declared at {}:{line}",

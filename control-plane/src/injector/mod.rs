@@ -1,0 +1,334 @@
+//! Namespace-wide sidecar injection: a mutating admission webhook, and the same
+//! mutation offline for manifests (`trellisctl inject`).
+//!
+//! Rules:
+//! - Pods in a namespace labelled `trellis.io/inject=enabled` are injected; the
+//!   webhook configuration selects those namespaces, and [`review`] checks the label
+//!   again when it knows the namespace.
+//! - A Pod annotated `trellis.io/inject: "false"` is left alone, and so is a
+//!   host-network Pod (its iptables would be the node's).
+//! - A Pod already injected (annotation `trellis.io/status`, or a `trellis-proxy`
+//!   container) gets no patch: injection is idempotent.
+//! - The patch adds the `trellis-init` init container (iptables, NET_ADMIN and NET_RAW
+//!   only), the proxy as a native sidecar (`restartPolicy: Always`, UID 1337,
+//!   read-only root, requests and limits, startup/readiness/liveness probes on 15020),
+//!   the projected token volume (audience `trellis-ca`), the control plane's root
+//!   (via an annotation and a downward-API volume), and rewrites the app's HTTP probes
+//!   to go through the proxy (see [`probes`]).
+
+pub mod probes;
+pub mod sidecar;
+pub mod webhook;
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde_json::{Value, json};
+
+/// Annotations and labels the injector reads and writes.
+pub mod annotations {
+    /// Namespace label that enables injection, with value `enabled`.
+    pub const INJECT_LABEL: &str = "trellis.io/inject";
+    /// Pod annotation; `"false"` opts the Pod out.
+    pub const INJECT: &str = "trellis.io/inject";
+    /// Set on injected Pods.
+    pub const STATUS: &str = "trellis.io/status";
+    /// The control plane's root certificate (PEM), read by the proxy through a
+    /// downward-API volume.
+    pub const CA_ROOT: &str = "trellis.io/ca-root";
+    pub const PROXY_CPU: &str = "trellis.io/proxy-cpu";
+    pub const PROXY_MEMORY: &str = "trellis.io/proxy-memory";
+    pub const PROXY_CPU_LIMIT: &str = "trellis.io/proxy-cpu-limit";
+    pub const PROXY_MEMORY_LIMIT: &str = "trellis.io/proxy-memory-limit";
+    pub const EXCLUDE_INBOUND_PORTS: &str = "trellis.io/exclude-inbound-ports";
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "trellis.io/exclude-outbound-ports";
+}
+
+/// The proxy's default requests and limits (Kubernetes quantities).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyResources {
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub cpu_limit: String,
+    pub memory_limit: String,
+}
+
+impl Default for ProxyResources {
+    fn default() -> Self {
+        ProxyResources {
+            cpu_request: "50m".into(),
+            memory_request: "64Mi".into(),
+            cpu_limit: "1".into(),
+            memory_limit: "256Mi".into(),
+        }
+    }
+}
+
+/// What the webhook does when it cannot decide (a request it cannot read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailurePolicy {
+    /// Admit the Pod uninjected (the MutatingWebhookConfiguration says `Ignore`).
+    #[default]
+    Ignore,
+    /// Refuse the Pod (`Fail`): nothing runs outside the mesh by accident.
+    Fail,
+}
+
+impl FailurePolicy {
+    /// The `failurePolicy` value for the MutatingWebhookConfiguration.
+    pub fn as_kubernetes(self) -> &'static str {
+        match self {
+            FailurePolicy::Ignore => "Ignore",
+            FailurePolicy::Fail => "Fail",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InjectorSettings {
+    pub proxy_image: String,
+    pub trust_domain: String,
+    /// The control plane's gRPC address as Pods dial it.
+    pub control_addr: String,
+    pub control_server_name: String,
+    /// The root the proxy trusts for the control plane (PEM).
+    pub ca_root_pem: String,
+    pub resources: ProxyResources,
+    pub failure_policy: FailurePolicy,
+}
+
+impl Default for InjectorSettings {
+    fn default() -> Self {
+        InjectorSettings {
+            proxy_image: "ghcr.io/trellis-mesh/trellis-proxy:latest".into(),
+            trust_domain: trellis_identity::DEFAULT_TRUST_DOMAIN.into(),
+            control_addr: "trellis-control.trellis-system.svc:15010".into(),
+            control_server_name: "trellis-control.trellis-system.svc".into(),
+            ca_root_pem: String::new(),
+            resources: ProxyResources::default(),
+            failure_policy: FailurePolicy::default(),
+        }
+    }
+}
+
+/// Why a Pod was not injected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Skip {
+    NamespaceNotEnabled,
+    OptedOut,
+    AlreadyInjected,
+    HostNetwork,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("the object is not a Pod: {0}")]
+    NotAPod(serde_json::Error),
+    #[error("building the patch: {0}")]
+    Patch(serde_json::Error),
+}
+
+/// The namespace label check: `trellis.io/inject=enabled`.
+pub fn namespace_enabled(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(annotations::INJECT_LABEL).map(String::as_str) == Some("enabled")
+}
+
+/// The JSON patch (relative to `prefix`, `""` for a Pod or `/spec/template` for a
+/// workload's template) that injects `pod`, or why it is skipped.
+pub fn pod_patch(
+    pod: &Value,
+    prefix: &str,
+    settings: &InjectorSettings,
+) -> Result<Result<json_patch::Patch, Skip>, InjectError> {
+    let typed: Pod = serde_json::from_value(pod.clone()).map_err(InjectError::NotAPod)?;
+    let pod_annotations = typed.metadata.annotations.clone().unwrap_or_default();
+    let spec = typed.spec.clone().unwrap_or_default();
+    if pod_annotations.get(annotations::INJECT).map(String::as_str) == Some("false") {
+        return Ok(Err(Skip::OptedOut));
+    }
+    let has_proxy = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == sidecar::PROXY_CONTAINER);
+    if pod_annotations.contains_key(annotations::STATUS) || has_proxy {
+        return Ok(Err(Skip::AlreadyInjected));
+    }
+    if spec.host_network == Some(true) {
+        return Ok(Err(Skip::HostNetwork));
+    }
+
+    let tuning = sidecar::Tuning::new(settings, &pod_annotations);
+    let (rewrites, originals) = probes::rewrites(&spec.containers);
+    let app_probes = (!originals.is_empty())
+        .then(|| serde_json::to_string(&originals))
+        .transpose()
+        .map_err(InjectError::Patch)?;
+    let proxy = to_json(&sidecar::proxy_container(settings, &tuning, app_probes))?;
+    let init = to_json(&sidecar::init_container(settings, &tuning))?;
+    let volumes = to_json(&sidecar::volumes())?;
+
+    let mut ops = Vec::new();
+    let add = |path: String, value: Value| json!({"op": "add", "path": path, "value": value});
+    let new_annotations = [
+        (annotations::STATUS, "injected".to_owned()),
+        (annotations::CA_ROOT, settings.ca_root_pem.clone()),
+    ];
+    if pod.get("metadata").is_none() {
+        let map: BTreeMap<_, _> = new_annotations.into_iter().collect();
+        ops.push(add(
+            format!("{prefix}/metadata"),
+            json!({ "annotations": map }),
+        ));
+    } else if typed.metadata.annotations.is_none() {
+        let map: BTreeMap<_, _> = new_annotations.into_iter().collect();
+        ops.push(add(format!("{prefix}/metadata/annotations"), json!(map)));
+    } else {
+        for (k, v) in new_annotations {
+            let path = format!("{prefix}/metadata/annotations/{}", escape(k));
+            ops.push(add(path, json!(v)));
+        }
+    }
+    // Init containers run in order: iptables first, then the proxy, then the app's.
+    if spec.init_containers.is_none() {
+        ops.push(add(
+            format!("{prefix}/spec/initContainers"),
+            json!([init, proxy]),
+        ));
+    } else {
+        ops.push(add(format!("{prefix}/spec/initContainers/0"), proxy));
+        ops.push(add(format!("{prefix}/spec/initContainers/0"), init));
+    }
+    if spec.volumes.is_none() {
+        ops.push(add(format!("{prefix}/spec/volumes"), volumes));
+    } else if let Value::Array(list) = volumes {
+        for v in list {
+            ops.push(add(format!("{prefix}/spec/volumes/-"), v));
+        }
+    }
+    for r in rewrites {
+        ops.push(json!({
+            "op": "replace",
+            "path": format!("{prefix}/spec/containers/{}/{}/httpGet", r.container, r.field),
+            "value": r.http_get,
+        }));
+    }
+    let patch = serde_json::from_value(Value::Array(ops)).map_err(InjectError::Patch)?;
+    Ok(Ok(patch))
+}
+
+/// JSON Pointer escaping of one path segment (RFC 6901).
+fn escape(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, InjectError> {
+    serde_json::to_value(value).map_err(InjectError::Patch)
+}
+
+/// The webhook's decision for one `AdmissionReview` (JSON in, JSON out).
+///
+/// `namespace_labels` are the labels of the Pod's namespace when the registry knows
+/// it; `None` trusts the webhook's namespace selector (a namespace created a moment
+/// ago may not have reached the registry yet).
+pub fn review(
+    review: Value,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    settings: &InjectorSettings,
+) -> Value {
+    let mut response = match decide(review, namespace_labels, settings) {
+        Ok(response) => response,
+        Err(reason) => {
+            tracing::warn!(%reason, "admission request not understood");
+            let mut response = AdmissionResponse::invalid(&reason);
+            // Ignore: admit uninjected (the request's uid is unknown here, so the
+            // API server applies its own failurePolicy to the malformed answer).
+            response.allowed = settings.failure_policy == FailurePolicy::Ignore;
+            response
+        }
+    };
+    // kube-core serializes the patch bytes as a JSON array of numbers; the API
+    // documents a base64 string (Go's []byte), which is what we send.
+    let patch = response.patch.take();
+    let mut answer = serde_json::to_value(response.into_review()).unwrap_or_else(|e| {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+               "response": {"uid": "", "allowed": false, "status": {"message": e.to_string()}}})
+    });
+    if let (Some(patch), Some(response)) = (patch, answer.get_mut("response")) {
+        response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+    }
+    answer
+}
+
+fn decide(
+    review: Value,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    settings: &InjectorSettings,
+) -> Result<AdmissionResponse, String> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_value(review).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let request: AdmissionRequest<DynamicObject> =
+        review.try_into().map_err(|e| format!("no request: {e}"))?;
+    let response = AdmissionResponse::from(&request);
+    let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+    let (true, Operation::Create, Some(object)) = (is_pod, &request.operation, &request.object)
+    else {
+        return Ok(response);
+    };
+    let namespace = request.namespace.as_deref().unwrap_or_default();
+    let pod_name = object
+        .metadata
+        .name
+        .as_deref()
+        .or(object.metadata.generate_name.as_deref())
+        .unwrap_or_default();
+    if namespace_labels.is_some_and(|l| !namespace_enabled(l)) {
+        tracing::debug!(
+            namespace,
+            pod = pod_name,
+            "not injected: namespace not enabled"
+        );
+        return Ok(response);
+    }
+    let patched = serde_json::to_value(object)
+        .map_err(|e| e.to_string())
+        .and_then(|pod| pod_patch(&pod, "", settings).map_err(|e| e.to_string()));
+    match patched {
+        Ok(Ok(patch)) => {
+            tracing::info!(namespace, pod = pod_name, "injecting the proxy");
+            let answer = response.clone().with_patch(patch);
+            Ok(answer.unwrap_or_else(|e| failed(response, settings, e.to_string())))
+        }
+        Ok(Err(skip)) => {
+            tracing::debug!(namespace, pod = pod_name, ?skip, "not injected");
+            Ok(response)
+        }
+        Err(reason) => {
+            tracing::warn!(namespace, pod = pod_name, %reason, "injection failed");
+            Ok(failed(response, settings, reason))
+        }
+    }
+}
+
+/// The answer when injection itself fails, by the failure policy.
+fn failed(
+    response: AdmissionResponse,
+    settings: &InjectorSettings,
+    reason: String,
+) -> AdmissionResponse {
+    match settings.failure_policy {
+        FailurePolicy::Fail => response.deny(format!("trellis injection failed: {reason}")),
+        FailurePolicy::Ignore => {
+            let mut response = response;
+            response.warnings = Some(vec![format!("not injected into the mesh: {reason}")]);
+            response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,319 @@
+//! The webhook on recorded AdmissionReviews: the patch is applied with `json-patch`
+//! to the object the API server sent, and the result inspected.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn fixture(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/injector")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn settings() -> InjectorSettings {
+    InjectorSettings {
+        proxy_image: "ghcr.io/trellis-mesh/trellis-proxy:0.1.0".into(),
+        ca_root_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        ..InjectorSettings::default()
+    }
+}
+
+fn enabled() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("kubernetes.io/metadata.name".into(), "shop".into()),
+        ("trellis.io/inject".into(), "enabled".into()),
+    ])
+}
+
+/// The response, and the object with its patch applied (None: no patch).
+fn run(review_json: &Value, labels: Option<&BTreeMap<String, String>>) -> (Value, Option<Value>) {
+    let answer = review(review_json.clone(), labels, &settings());
+    let response = answer["response"].clone();
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(response["uid"], review_json["request"]["uid"]);
+    let patched = response.get("patch").filter(|p| !p.is_null()).map(|p| {
+        assert_eq!(response["patchType"], "JSONPatch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(p.as_str().unwrap())
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut object = review_json["request"]["object"].clone();
+        json_patch::patch(&mut object, &patch).expect("the patch applies cleanly");
+        object
+    });
+    (response, patched)
+}
+
+fn container<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name} in {list:#}"))
+}
+
+#[test]
+fn a_pod_in_an_enabled_namespace_gets_the_native_sidecar_and_init_container() {
+    let (response, pod) = run(&fixture("review-deployment-pod.json"), Some(&enabled()));
+    assert_eq!(response["allowed"], true);
+    let pod = pod.expect("a patch");
+    // Still a valid Pod for the Kubernetes types.
+    let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
+    let spec = typed.spec.unwrap();
+
+    let inits: Vec<_> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(inits, ["trellis-init", "trellis-proxy"]);
+
+    let init = &pod["spec"]["initContainers"][0];
+    assert_eq!(init["args"][0], "init");
+    assert_eq!(
+        init["securityContext"]["capabilities"],
+        json!({"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]})
+    );
+    assert_eq!(init["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(init["securityContext"]["privileged"], false);
+
+    let proxy = &pod["spec"]["initContainers"][1];
+    assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(proxy["image"], "ghcr.io/trellis-mesh/trellis-proxy:0.1.0");
+    assert_eq!(proxy["args"][0], "run");
+    let sc = &proxy["securityContext"];
+    assert_eq!(sc["runAsUser"], 1337);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        proxy["resources"]["requests"],
+        json!({"cpu": "50m", "memory": "64Mi"})
+    );
+    assert_eq!(
+        proxy["resources"]["limits"],
+        json!({"cpu": "1", "memory": "256Mi"})
+    );
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(proxy[probe]["httpGet"]["port"], 15020, "{probe}");
+    }
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let token_file = args
+        .iter()
+        .position(|a| *a == "--service-account-token-file")
+        .unwrap();
+    assert_eq!(
+        args[token_file + 1],
+        "/var/run/secrets/trellis/tokens/trellis-ca-token"
+    );
+
+    // The projected token for the CA, and the root through the downward API.
+    let volumes = &pod["spec"]["volumes"];
+    assert_eq!(
+        volumes[0]["name"], "kube-api-access-x7k2p",
+        "existing volumes stay"
+    );
+    let token = container(volumes, "trellis-token");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"],
+        json!({"audience": "trellis-ca", "expirationSeconds": 43200, "path": "trellis-ca-token"})
+    );
+    let root = container(volumes, "trellis-ca-root");
+    assert_eq!(
+        root["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+        "metadata.annotations['trellis.io/ca-root']"
+    );
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["trellis.io/status"], "injected");
+    assert_eq!(annotations["trellis.io/ca-root"], settings().ca_root_pem);
+    assert_eq!(
+        annotations["kubectl.kubernetes.io/restartedAt"],
+        "2025-05-01T10:00:00Z"
+    );
+
+    // The app's HTTP probes go through the proxy; the originals travel to it.
+    let web = &pod["spec"]["containers"][0];
+    assert_eq!(
+        web["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/web/readyz", "port": 15020, "scheme": "HTTP"})
+    );
+    assert_eq!(web["readinessProbe"]["periodSeconds"], 5, "timing is kept");
+    assert_eq!(
+        web["livenessProbe"]["httpGet"]["path"],
+        "/app-health/web/livez"
+    );
+    assert_eq!(
+        web["livenessProbe"]["httpGet"]["httpHeaders"],
+        json!([{"name": "X-Probe", "value": "kubelet"}])
+    );
+    let env = container(&proxy["env"], "TRELLIS_APP_PROBES");
+    let probes: Value = serde_json::from_str(env["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        probes["/app-health/web/readyz"]["httpGet"],
+        json!({"path": "/healthz/ready", "port": 8080, "scheme": "HTTP"}),
+        "the named port is resolved"
+    );
+    assert_eq!(
+        probes["/app-health/web/livez"]["httpGet"]["path"],
+        "/healthz/live"
+    );
+}
+
+#[test]
+fn an_opted_out_pod_is_untouched() {
+    let (response, patched) = run(&fixture("review-opted-out-pod.json"), Some(&enabled()));
+    assert_eq!(response["allowed"], true);
+    assert!(patched.is_none(), "{response:#}");
+}
+
+#[test]
+fn a_pod_in_an_unlabelled_namespace_is_untouched() {
+    let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "shop".to_owned())]);
+    let (response, patched) = run(&fixture("review-deployment-pod.json"), Some(&labels));
+    assert_eq!(response["allowed"], true);
+    assert!(patched.is_none());
+    let disabled = BTreeMap::from([("trellis.io/inject".to_owned(), "disabled".to_owned())]);
+    let (_, patched) = run(&fixture("review-deployment-pod.json"), Some(&disabled));
+    assert!(patched.is_none());
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    let mut review_json = fixture("review-deployment-pod.json");
+    let (_, once) = run(&review_json, Some(&enabled()));
+    review_json["request"]["object"] = once.unwrap();
+    let (response, twice) = run(&review_json, Some(&enabled()));
+    assert_eq!(response["allowed"], true);
+    assert!(twice.is_none(), "a second patch: {response:#}");
+
+    // The same when only the container is there (injected by an older version).
+    let mut review_json = fixture("review-deployment-pod.json");
+    review_json["request"]["object"]["spec"]["initContainers"] =
+        json!([{"name": "trellis-proxy", "image": "x"}]);
+    let (_, patched) = run(&review_json, Some(&enabled()));
+    assert!(patched.is_none());
+}
+
+#[test]
+fn a_job_pod_keeps_its_init_containers_after_the_mesh_ones() {
+    let labels = BTreeMap::from([("trellis.io/inject".to_owned(), "enabled".to_owned())]);
+    let (_, pod) = run(&fixture("review-job-pod.json"), Some(&labels));
+    let pod = pod.unwrap();
+    let names: Vec<_> = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    // The app's own init container already runs with the proxy up.
+    assert_eq!(names, ["trellis-init", "trellis-proxy", "fetch"]);
+    let volumes: Vec<_> = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        volumes,
+        ["work", "trellis-token", "trellis-ca-root", "trellis-run"]
+    );
+    assert!(pod["spec"]["containers"][0].get("readinessProbe").is_none());
+    assert!(
+        container(
+            &pod["spec"]["initContainers"][1]["env"],
+            "TRELLIS_NAMESPACE"
+        )["value"]
+            .is_null(),
+        "no app probes to carry"
+    );
+    assert!(
+        pod["spec"]["initContainers"][1]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["name"] != "TRELLIS_APP_PROBES")
+    );
+}
+
+#[test]
+fn an_unknown_namespace_trusts_the_webhook_selector() {
+    let (_, patched) = run(&fixture("review-deployment-pod.json"), None);
+    assert!(patched.is_some());
+}
+
+#[test]
+fn host_network_pods_updates_and_other_kinds_are_left_alone() {
+    let mut host = fixture("review-deployment-pod.json");
+    host["request"]["object"]["spec"]["hostNetwork"] = json!(true);
+    assert!(run(&host, Some(&enabled())).1.is_none());
+
+    let mut update = fixture("review-deployment-pod.json");
+    update["request"]["operation"] = json!("UPDATE");
+    assert!(run(&update, Some(&enabled())).1.is_none());
+
+    let mut deployment = fixture("review-deployment-pod.json");
+    deployment["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    assert!(run(&deployment, Some(&enabled())).1.is_none());
+}
+
+#[test]
+fn annotations_tune_the_proxy() {
+    let mut review_json = fixture("review-deployment-pod.json");
+    let annotations = &mut review_json["request"]["object"]["metadata"]["annotations"];
+    annotations["trellis.io/proxy-memory-limit"] = json!("512Mi");
+    annotations["trellis.io/exclude-outbound-ports"] = json!("5432,6379");
+    let (_, pod) = run(&review_json, Some(&enabled()));
+    let pod = pod.unwrap();
+    assert_eq!(
+        pod["spec"]["initContainers"][1]["resources"]["limits"]["memory"],
+        "512Mi"
+    );
+    let args = &pod["spec"]["initContainers"][0]["args"];
+    assert_eq!(
+        args,
+        &json!([
+            "init",
+            "--proxy-uid",
+            "1337",
+            "--exclude-outbound-ports",
+            "5432,6379"
+        ])
+    );
+}
+
+#[test]
+fn a_pod_that_cannot_be_read_follows_the_failure_policy() {
+    let mut broken = fixture("review-deployment-pod.json");
+    broken["request"]["object"]["spec"]["containers"] = json!("not a list");
+    let mut fail = settings();
+    fail.failure_policy = FailurePolicy::Fail;
+    let answer = review(broken.clone(), Some(&enabled()), &fail);
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["uid"], broken["request"]["uid"]);
+
+    let answer = review(broken, Some(&enabled()), &settings());
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(
+        answer["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("not injected")
+    );
+
+    let answer = review(json!({"kind": "nonsense"}), None, &settings());
+    assert_eq!(answer["response"]["allowed"], true);
+    let answer = review(json!({"kind": "nonsense"}), None, &fail);
+    assert_eq!(answer["response"]["allowed"], false);
+}

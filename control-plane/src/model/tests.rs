@@ -1,0 +1,233 @@
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+
+fn rule(route: &str, rule: usize, m: HttpMatch) -> HttpRouteRule {
+    HttpRouteRule {
+        origin: RouteOrigin {
+            namespace: "demo".into(),
+            name: route.into(),
+            created: None,
+            rule,
+            match_index: 0,
+        },
+        port: None,
+        request_match: m,
+        request_headers: HeaderModifier::default(),
+        response_headers: HeaderModifier::default(),
+        backends: Vec::new(),
+        request_timeout: None,
+        backend_request_timeout: None,
+    }
+}
+
+fn path(p: PathMatch) -> HttpMatch {
+    HttpMatch {
+        path: p,
+        headers: Vec::new(),
+        query_params: Vec::new(),
+        method: None,
+    }
+}
+
+fn header(name: &str) -> ValueMatch {
+    ValueMatch {
+        name: name.into(),
+        value: StringMatch::Exact("1".into()),
+    }
+}
+
+#[test]
+fn routes_sort_by_gateway_api_precedence() {
+    let prefix = |p: &str| PathMatch::Prefix(p.into());
+    let mut with_method = path(prefix("/api"));
+    with_method.method = Some("GET".into());
+    let mut one_header = path(prefix("/api"));
+    one_header.headers = vec![header("a")];
+    let mut two_headers = one_header.clone();
+    two_headers.headers.push(header("b"));
+    let mut query = one_header.clone();
+    query.query_params = vec![header("q")];
+    let mut rules = vec![
+        rule("z", 0, path(prefix("/"))),
+        rule("z", 1, path(PathMatch::Regex("/api/.*/long-regex".into()))),
+        rule("z", 2, one_header.clone()),
+        rule("b", 0, path(prefix("/api"))),
+        rule("a", 3, path(prefix("/api"))),
+        rule("z", 3, two_headers),
+        rule("z", 4, query),
+        rule("z", 5, with_method),
+        rule("z", 6, path(prefix("/api/v1"))),
+        rule("z", 7, path(PathMatch::Exact("/x".into()))),
+        rule("a", 0, path(prefix("/api"))),
+    ];
+    // An older route wins a tie even against a name earlier in the alphabet.
+    rules[3].origin.created = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(5));
+    sort_by_precedence(&mut rules);
+    let order: Vec<String> = rules.iter().map(HttpRouteRule::name).collect();
+    assert_eq!(
+        order,
+        [
+            "demo/z/7", // exact
+            "demo/z/6", // the longest prefix
+            "demo/z/5", // a method
+            "demo/z/3", // two headers
+            "demo/z/4", // one header and a query parameter
+            "demo/z/2", // one header
+            "demo/b/0", // the same match: the oldest route
+            "demo/a/0", // then by name and rule index
+            "demo/a/3", "demo/z/0", // prefix "/"
+            "demo/z/1", // a regex ranks below every prefix
+        ]
+    );
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect()
+}
+
+fn peer(ns: &str, name: &str, selector: &[(&str, &str)], mode: MtlsMode) -> PeerAuthentication {
+    PeerAuthentication {
+        namespace: ns.into(),
+        name: name.into(),
+        selector: labels(selector),
+        mode,
+        port_modes: BTreeMap::new(),
+    }
+}
+
+fn effective(mode: MtlsMode, ports: &[(u16, MtlsMode)]) -> EffectivePeerAuthentication {
+    EffectivePeerAuthentication {
+        mode,
+        port_modes: ports.iter().copied().collect(),
+    }
+}
+
+#[test]
+fn peer_authentication_precedence() {
+    use MtlsMode::*;
+    let mut snapshot = MeshSnapshot::default();
+    let app = labels(&[("app", "legacy")]);
+    let none = BTreeMap::new();
+    // Nothing: STRICT.
+    assert_eq!(
+        snapshot.effective_peer_authentication("demo", &none),
+        effective(Strict, &[])
+    );
+    // Mesh-wide.
+    snapshot.peer_authentications = vec![peer(ROOT_NAMESPACE, "mesh", &[], Permissive)];
+    assert_eq!(
+        snapshot.effective_peer_authentication("demo", &app),
+        effective(Permissive, &[])
+    );
+    // Namespace-wide beats the mesh; UNSET inherits.
+    snapshot
+        .peer_authentications
+        .push(peer("demo", "ns", &[], Disable));
+    snapshot
+        .peer_authentications
+        .push(peer("other", "ns", &[], Unset));
+    assert_eq!(
+        snapshot.effective_peer_authentication("demo", &app),
+        effective(Disable, &[])
+    );
+    assert_eq!(
+        snapshot.effective_peer_authentication("other", &app),
+        effective(Permissive, &[])
+    );
+    // A workload policy beats its namespace; its ports beat it; an unset port and a
+    // port with the workload's mode add nothing.
+    let mut workload = peer("demo", "legacy", &[("app", "legacy")], Strict);
+    workload.port_modes = BTreeMap::from([(9100, Permissive), (9200, Unset), (9300, Strict)]);
+    snapshot.peer_authentications.push(workload);
+    assert_eq!(
+        snapshot.effective_peer_authentication("demo", &app),
+        effective(Strict, &[(9100, Permissive)])
+    );
+    // Not selected: the namespace's.
+    assert_eq!(
+        snapshot.effective_peer_authentication("demo", &none),
+        effective(Disable, &[])
+    );
+    // A selector in another namespace does not apply.
+    assert_eq!(
+        snapshot.effective_peer_authentication("other", &app),
+        effective(Permissive, &[])
+    );
+    // An UNSET workload mode inherits, and its ports resolve against that.
+    let mut unset = peer("other", "w", &[("app", "legacy")], Unset);
+    unset.port_modes = BTreeMap::from([(8080, Strict), (8081, Unset)]);
+    snapshot.peer_authentications.push(unset);
+    assert_eq!(
+        snapshot.effective_peer_authentication("other", &app),
+        effective(Permissive, &[(8080, Strict)])
+    );
+}
+
+fn workload(name: &str, sa: &str, pairs: &[(&str, &str)]) -> Workload {
+    Workload {
+        namespace: "demo".into(),
+        name: name.into(),
+        address: "10.0.0.1".parse().unwrap(),
+        identity: SpiffeId::new("cluster.local", "demo", sa).unwrap(),
+        labels: labels(pairs),
+        ports: BTreeMap::new(),
+        sidecar_port: None,
+        weight: 1,
+        zone: String::new(),
+    }
+}
+
+#[test]
+fn a_shared_identity_gets_the_strictest_peer_authentication() {
+    use MtlsMode::*;
+    let mut a = peer("demo", "a", &[("app", "a")], Permissive);
+    a.port_modes = BTreeMap::from([(9000, Disable), (9100, Strict)]);
+    let mut b = peer("demo", "b", &[("app", "b")], Disable);
+    b.port_modes = BTreeMap::from([(9000, Permissive)]);
+    let snapshot = MeshSnapshot {
+        workloads: vec![
+            workload("a", "shared", &[("app", "a")]),
+            workload("b", "shared", &[("app", "b")]),
+        ],
+        peer_authentications: vec![a, b],
+        ..MeshSnapshot::default()
+    };
+    let id = SpiffeId::new("cluster.local", "demo", "shared").unwrap();
+    assert_eq!(
+        snapshot.peer_authentication_for(&id),
+        effective(Permissive, &[(9100, Strict)])
+    );
+    // An identity without workloads: its namespace, no labels.
+    let lone = SpiffeId::new("cluster.local", "demo", "lone").unwrap();
+    assert_eq!(
+        snapshot.peer_authentication_for(&lone),
+        effective(Strict, &[])
+    );
+}
+
+#[test]
+fn authorization_policy_selection() {
+    let policy = |ns: &str, selector: &[(&str, &str)]| AuthorizationPolicy {
+        namespace: ns.into(),
+        name: "p".into(),
+        selector: labels(selector),
+        action: AuthorizationAction::Allow,
+        rules: Vec::new(),
+    };
+    let echo = labels(&[("app", "echo"), ("tier", "web")]);
+    assert!(policy("demo", &[]).selects("demo", &echo));
+    assert!(!policy("other", &[]).selects("demo", &echo));
+    assert!(policy("demo", &[("app", "echo")]).selects("demo", &echo));
+    assert!(!policy("demo", &[("app", "echo"), ("tier", "db")]).selects("demo", &echo));
+    // The root namespace spans the mesh, with or without a selector.
+    assert!(policy(ROOT_NAMESPACE, &[]).selects("demo", &echo));
+    assert!(policy(ROOT_NAMESPACE, &[("tier", "web")]).selects("demo", &echo));
+    assert!(!policy(ROOT_NAMESPACE, &[("tier", "db")]).selects("demo", &echo));
+}

@@ -1,0 +1,330 @@
+//! The `kube` registry: Kubernetes objects, watched with kube-rs, read into the same
+//! [`MeshSnapshot`] the file registry makes. Nothing downstream knows which one fed it.
+//!
+//! One watcher per kind (Services, EndpointSlices, Pods, Namespaces,
+//! ServiceAccounts, and Gateway API `HTTPRoute` when its CRD is installed), merged
+//! into one task that owns a [`ClusterState`]. kube-runtime's watcher does the hard
+//! parts: paged lists, bookmarks, resuming from the last resourceVersion, and a fresh
+//! list after `410 Gone`. [`KindStore`] buffers each list, so a re-list is swapped in
+//! whole. No snapshot is published until every kind has completed its first list, and
+//! events arriving together are folded into one snapshot.
+
+mod snapshot;
+mod store;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+pub use snapshot::{ClusterState, snapshot_from};
+pub use store::{KindStore, ObjectKey};
+
+use super::{RegistryErrorView, RegistryStatus};
+use crate::model::MeshSnapshot;
+
+/// Labels of every namespace, by name (the injector reads
+/// `trellis.io/inject=enabled` here).
+pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// How long events are gathered into one snapshot after the first of a burst.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The kinds watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    Namespace,
+    ServiceAccount,
+    HttpRoute,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices.discovery.k8s.io",
+            Kind::Pod => "pods",
+            Kind::Namespace => "namespaces",
+            Kind::ServiceAccount => "serviceaccounts",
+            Kind::HttpRoute => "httproutes.gateway.networking.k8s.io",
+        }
+    }
+
+    /// A kind whose CRD may be missing: then it counts as listed and empty.
+    fn optional(self) -> bool {
+        matches!(self, Kind::HttpRoute)
+    }
+}
+
+/// One watcher's output, tagged with its kind (boxed: objects are large and
+/// of very different sizes).
+#[derive(Debug)]
+pub enum Change {
+    Service(Box<Event<Service>>),
+    EndpointSlice(Box<Event<EndpointSlice>>),
+    Pod(Box<Event<Pod>>),
+    Namespace(Box<Event<Namespace>>),
+    ServiceAccount(Box<Event<ServiceAccount>>),
+    HttpRoute(Box<Event<DynamicObject>>),
+    Failed(Kind, watcher::Error),
+}
+
+/// Where the registry publishes.
+pub struct Outputs {
+    pub snapshots: watch::Sender<Arc<MeshSnapshot>>,
+    pub status: watch::Sender<RegistryStatus>,
+    pub namespaces: watch::Sender<Arc<NamespaceLabels>>,
+}
+
+/// The Gateway API `HTTPRoute`, read untyped until the route model lands.
+pub fn http_route_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+    ))
+}
+
+/// The merged watch streams of every kind, cluster-wide.
+pub fn changes(client: Client) -> impl Stream<Item = Change> + Send + 'static {
+    fn watch<K, F>(api: Api<K>, kind: Kind, tag: F) -> futures::stream::BoxStream<'static, Change>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+        F: Fn(Box<Event<K>>) -> Change + Send + 'static,
+    {
+        watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map(move |r| match r {
+                Ok(e) => tag(Box::new(e)),
+                Err(e) => Change::Failed(kind, e),
+            })
+            .boxed()
+    }
+    let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .modify(slim_pod)
+        .default_backoff()
+        .map(|r| match r {
+            Ok(e) => Change::Pod(Box::new(e)),
+            Err(e) => Change::Failed(Kind::Pod, e),
+        })
+        .boxed();
+    futures::stream::select_all([
+        watch(Api::all(client.clone()), Kind::Service, Change::Service),
+        watch(
+            Api::all(client.clone()),
+            Kind::EndpointSlice,
+            Change::EndpointSlice,
+        ),
+        pods,
+        watch(Api::all(client.clone()), Kind::Namespace, Change::Namespace),
+        watch(
+            Api::all(client.clone()),
+            Kind::ServiceAccount,
+            Change::ServiceAccount,
+        ),
+        watch(
+            Api::<DynamicObject>::all_with(client, &http_route_resource()),
+            Kind::HttpRoute,
+            Change::HttpRoute,
+        ),
+    ])
+}
+
+/// Drops what the registry never reads from a Pod (it is most of the object).
+fn slim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    if let Some(status) = &mut pod.status {
+        status.conditions = None;
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+    }
+}
+
+/// Watches the cluster and publishes snapshots until the task is dropped.
+pub async fn watch_cluster(client: Client, trust_domain: String, debounce: Duration, out: Outputs) {
+    run(changes(client), &trust_domain, debounce, &out).await;
+}
+
+/// The registry loop over any stream of changes (tests feed it directly).
+pub async fn run(
+    changes: impl Stream<Item = Change> + Send,
+    trust_domain: &str,
+    debounce: Duration,
+    out: &Outputs,
+) {
+    let mut changes = std::pin::pin!(changes);
+    let mut registry = Registry::default();
+    while let Some(first) = changes.next().await {
+        let mut dirty = registry.apply(first);
+        // Fold what arrives within `debounce` into the same snapshot.
+        let deadline = tokio::time::sleep(debounce);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                next = changes.next() => match next {
+                    Some(change) => dirty |= registry.apply(change),
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        registry.report_errors(&out.status);
+        if dirty {
+            registry.publish(trust_domain, out);
+        }
+    }
+    tracing::warn!("the Kubernetes watch streams ended");
+}
+
+/// The state and the bookkeeping of the registry loop.
+#[derive(Default)]
+struct Registry {
+    state: ClusterState,
+    /// The latest failure of each kind, cleared by its next success.
+    errors: BTreeMap<Kind, String>,
+    errors_reported: bool,
+    /// Optional kinds known to be absent (logged once).
+    absent: BTreeMap<Kind, ()>,
+}
+
+impl Registry {
+    /// Applies one change; returns whether a snapshot may need rebuilding.
+    fn apply(&mut self, change: Change) -> bool {
+        let (kind, changed) = match change {
+            Change::Service(e) => (Kind::Service, self.state.services.apply(*e)),
+            Change::EndpointSlice(e) => (Kind::EndpointSlice, self.state.endpoint_slices.apply(*e)),
+            Change::Pod(e) => (Kind::Pod, self.state.pods.apply(*e)),
+            Change::Namespace(e) => (Kind::Namespace, self.state.namespaces.apply(*e)),
+            Change::ServiceAccount(e) => {
+                (Kind::ServiceAccount, self.state.service_accounts.apply(*e))
+            }
+            Change::HttpRoute(e) => {
+                if self.absent.remove(&Kind::HttpRoute).is_some() {
+                    tracing::info!(
+                        kind = Kind::HttpRoute.name(),
+                        "optional CRD is now installed"
+                    );
+                }
+                (Kind::HttpRoute, self.state.http_routes.apply(*e))
+            }
+            Change::Failed(kind, error) => return self.failed(kind, error),
+        };
+        if self.errors.remove(&kind).is_some() {
+            tracing::info!(kind = kind.name(), "watch recovered");
+            self.errors_reported = false;
+        }
+        changed
+    }
+
+    fn failed(&mut self, kind: Kind, error: watcher::Error) -> bool {
+        if kind.optional() && is_not_found(&error) {
+            if self.absent.insert(kind, ()).is_none() {
+                tracing::info!(
+                    kind = kind.name(),
+                    "optional CRD is not installed; carrying on without it"
+                );
+            }
+            return self.state.http_routes.set_absent();
+        }
+        if is_gone(&error) {
+            tracing::info!(
+                kind = kind.name(),
+                "watch expired (410 Gone); listing again"
+            );
+            return false;
+        }
+        tracing::warn!(kind = kind.name(), error = %error, "watch failed; retrying with backoff");
+        self.errors.insert(kind, error.to_string());
+        self.errors_reported = false;
+        false
+    }
+
+    fn report_errors(&mut self, status: &watch::Sender<RegistryStatus>) {
+        if self.errors_reported {
+            return;
+        }
+        self.errors_reported = true;
+        let errors: Vec<RegistryErrorView> = self
+            .errors
+            .iter()
+            .map(|(kind, reason)| RegistryErrorView {
+                file: format!("kube:{}", kind.name()),
+                line: None,
+                reason: reason.clone(),
+            })
+            .collect();
+        status.send_if_modified(|s| {
+            let changed = s.last_error != errors;
+            s.last_error = errors;
+            changed
+        });
+    }
+
+    fn publish(&self, trust_domain: &str, out: &Outputs) {
+        if !self.state.is_complete() {
+            return;
+        }
+        let labels = self.state.namespace_labels();
+        out.namespaces.send_if_modified(|current| {
+            let changed = **current != labels;
+            if changed {
+                *current = Arc::new(labels);
+            }
+            changed
+        });
+        let snapshot = snapshot_from(&self.state, trust_domain);
+        let (services, workloads) = (snapshot.services.len(), snapshot.workloads.len());
+        let first = out.status.borrow().generation == 0;
+        if !first && **out.snapshots.borrow() == snapshot {
+            return;
+        }
+        out.snapshots.send_replace(Arc::new(snapshot));
+        out.status.send_modify(|s| {
+            s.generation += 1;
+            s.services = services;
+            s.workloads = workloads;
+            tracing::info!(
+                generation = s.generation,
+                services,
+                workloads,
+                "registry snapshot updated"
+            );
+        });
+    }
+}
+
+fn api_status(error: &watcher::Error) -> Option<u16> {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+fn is_not_found(error: &watcher::Error) -> bool {
+    api_status(error) == Some(404)
+}
+
+fn is_gone(error: &watcher::Error) -> bool {
+    api_status(error) == Some(410)
+}
+
+#[cfg(test)]
+pub(crate) mod fake_api;
+#[cfg(test)]
+mod tests;

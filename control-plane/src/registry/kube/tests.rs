@@ -1,0 +1,212 @@
+//! The kube registry: events → stores → snapshot without a client, then the whole
+//! loop against a scripted API server (lists, watches, 404 for an optional CRD, 410).
+
+mod mock_api;
+
+use std::net::IpAddr;
+
+use k8s_openapi::List;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::Event;
+
+use super::fake_api::fixture_json;
+use super::*;
+use crate::model::{AppProtocol, ServiceKey, TargetPort};
+
+fn items<K>(name: &str) -> Vec<K>
+where
+    K: serde::de::DeserializeOwned + Clone + k8s_openapi::ListableResource,
+{
+    let list: List<K> = serde_json::from_value(fixture_json(name)).unwrap();
+    list.items
+}
+
+fn key(ns: &str, name: &str) -> ServiceKey {
+    ServiceKey {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The cluster as the list fixtures describe it.
+fn listed_state() -> ClusterState {
+    ClusterState {
+        services: KindStore::listed(items::<Service>("services-list.json")),
+        endpoint_slices: KindStore::listed(items::<EndpointSlice>("endpointslices-list.json")),
+        pods: KindStore::listed(items::<Pod>("pods-list.json")),
+        namespaces: KindStore::listed(items("namespaces-list.json")),
+        service_accounts: KindStore::listed(items("serviceaccounts-list.json")),
+        http_routes: KindStore::listed([]),
+    }
+}
+
+#[test]
+fn snapshot_from_listed_objects() {
+    let snapshot = snapshot_from(&listed_state(), "cluster.local");
+
+    // ExternalName is not a mesh service; UDP ports are not proxied.
+    let names: Vec<_> = snapshot.services.keys().map(|k| k.to_string()).collect();
+    assert_eq!(names, ["echo.default", "kubernetes.default"]);
+    let echo = &snapshot.services[&key("default", "echo")];
+    assert_eq!(echo.vips, [ip("10.96.10.20")]);
+    assert_eq!(echo.ports.len(), 1);
+    assert_eq!(echo.ports[0].port, 80);
+    assert_eq!(echo.ports[0].protocol, AppProtocol::Http);
+    assert_eq!(echo.ports[0].target_port, TargetPort::Name("http".into()));
+    assert_eq!(echo.selector["app"], "echo");
+
+    // Host-network Pods have no identity of their own.
+    let workloads: Vec<_> = snapshot
+        .workloads
+        .iter()
+        .map(|w| {
+            (
+                w.name.as_str(),
+                w.address.to_string(),
+                w.identity.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        workloads,
+        [
+            (
+                "echo-6d8f7b9c5-abcde",
+                "10.244.1.5".into(),
+                "spiffe://cluster.local/ns/default/sa/echo".into()
+            ),
+            (
+                "echo-6d8f7b9c5-fghij",
+                "10.244.2.7".into(),
+                "spiffe://cluster.local/ns/default/sa/echo".into()
+            ),
+            (
+                "client-5c9d8f7b6-xyz12",
+                "10.244.1.9".into(),
+                "spiffe://cluster.local/ns/shop/sa/default".into()
+            ),
+        ]
+    );
+    assert_eq!(snapshot.workloads[0].ports["http"], 8080);
+
+    let endpoints = &snapshot.endpoints[&(key("default", "echo"), 80)];
+    let got: Vec<_> = endpoints
+        .iter()
+        .map(|e| (e.address, e.port, e.zone.as_str(), e.ready))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (ip("10.244.1.5"), 8080, "zone-a", true),
+            (ip("10.244.2.7"), 8080, "zone-b", true),
+        ]
+    );
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| e.identity.to_string() == "spiffe://cluster.local/ns/default/sa/echo")
+    );
+    // The API server's own endpoint is no Pod: it has no identity and is left out.
+    assert!(snapshot.endpoints[&(key("default", "kubernetes"), 443)].is_empty());
+}
+
+#[test]
+fn endpoint_without_target_ref_takes_the_identity_of_the_pod_with_its_ip() {
+    let mut state = listed_state();
+    let mut slice = items::<EndpointSlice>("endpointslices-list.json").remove(0);
+    for e in &mut slice.endpoints {
+        e.target_ref = None;
+    }
+    state.endpoint_slices = KindStore::listed([slice]);
+    let snapshot = snapshot_from(&state, "cluster.local");
+    let endpoints = &snapshot.endpoints[&(key("default", "echo"), 80)];
+    assert_eq!(endpoints.len(), 2);
+    assert_eq!(
+        endpoints[0].identity.to_string(),
+        "spiffe://cluster.local/ns/default/sa/echo"
+    );
+}
+
+#[test]
+fn a_relist_replaces_the_store_whole_and_only_at_init_done() {
+    let [a, b, c]: [Service; 3] = items::<Service>("services-list.json").try_into().unwrap();
+    let mut store = KindStore::default();
+    assert!(!store.apply(Event::Init));
+    assert!(!store.apply(Event::InitApply(a.clone())));
+    assert!(!store.is_listed(), "not listed before InitDone");
+    assert!(store.is_empty(), "nothing visible before InitDone");
+    assert!(store.apply(Event::InitDone));
+    assert_eq!(store.len(), 1);
+    assert!(store.apply(Event::Apply(b.clone())));
+    assert_eq!(store.len(), 2);
+
+    // A re-list (after 410 Gone) that no longer has `a`: the old view stays until
+    // the list is done, then `a` is gone without a Delete event.
+    store.apply(Event::Init);
+    store.apply(Event::InitApply(b.clone()));
+    store.apply(Event::InitApply(c.clone()));
+    assert_eq!(store.len(), 2);
+    assert!(store.get("default", "kubernetes").is_some());
+    store.apply(Event::InitDone);
+    assert_eq!(store.len(), 2);
+    assert!(store.get("default", "kubernetes").is_none());
+    assert!(store.get("default", "upstream-db").is_some());
+
+    assert!(store.apply(Event::Delete(b)));
+    assert!(!store.apply(Event::Delete(a)), "deleting what is not there");
+    assert_eq!(store.len(), 1);
+}
+
+#[test]
+fn the_state_is_complete_only_when_every_kind_has_listed() {
+    let mut state = listed_state();
+    assert!(state.is_complete());
+    state.pods = KindStore::default();
+    assert!(!state.is_complete());
+    state.pods.apply(Event::Init);
+    state.pods.apply(Event::InitDone);
+    assert!(state.is_complete());
+    state.http_routes = KindStore::default();
+    assert!(!state.is_complete());
+    state.http_routes.set_absent();
+    assert!(state.is_complete());
+}
+
+#[test]
+fn namespace_labels_are_exposed_for_the_injector() {
+    let labels = listed_state().namespace_labels();
+    assert_eq!(labels["default"]["trellis.io/inject"], "enabled");
+    assert!(!labels["shop"].contains_key("trellis.io/inject"));
+}
+
+#[test]
+fn pods_that_are_done_or_without_an_ip_are_no_workloads() {
+    let mut pods = items::<Pod>("pods-list.json");
+    pods[0].status.as_mut().unwrap().phase = Some("Succeeded".into());
+    pods[1].status.as_mut().unwrap().pod_ip = None;
+    let mut state = listed_state();
+    state.pods = KindStore::listed(pods);
+    let snapshot = snapshot_from(&state, "cluster.local");
+    let names: Vec<_> = snapshot.workloads.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["client-5c9d8f7b6-xyz12"]);
+    assert!(snapshot.endpoints[&(key("default", "echo"), 80)].is_empty());
+}
+
+#[test]
+fn watch_errors_are_classified() {
+    let status = |code| {
+        let mut s = kube::core::Status::failure("x", "y");
+        s.code = code;
+        s
+    };
+    assert!(is_gone(&watcher::Error::WatchError(status(410).boxed())));
+    assert!(is_not_found(&watcher::Error::InitialListFailed(
+        kube::Error::Api(status(404).boxed())
+    )));
+    assert!(!is_not_found(&watcher::Error::NoResourceVersion));
+}
