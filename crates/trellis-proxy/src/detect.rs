@@ -21,7 +21,10 @@ const MAX_PEEK: usize = 4096;
 pub enum Protocol {
     Http1,
     Http2,
-    /// Anything else, including TLS from the app and upgrade requests.
+    /// An HTTP/1 request that turns the connection into something else (WebSocket,
+    /// CONNECT): carried as a byte stream after it.
+    Upgrade,
+    /// Anything else, including TLS from the app, and silence until the timeout.
     Opaque,
 }
 
@@ -74,7 +77,7 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
         return Some(Protocol::Opaque);
     }
     if buf[..line_end].starts_with(b"CONNECT ") {
-        return Some(Protocol::Opaque);
+        return Some(Protocol::Upgrade);
     }
     let Some(headers_end) = find(buf, b"\r\n\r\n") else {
         return (buf.len() >= MAX_PEEK).then_some(Protocol::Opaque);
@@ -84,7 +87,7 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
         .split(|b| *b == b'\n')
         .any(|line| line.len() >= 8 && line[..8].eq_ignore_ascii_case(b"upgrade:"));
     Some(if upgrade {
-        Protocol::Opaque
+        Protocol::Upgrade
     } else {
         Protocol::Http1
     })
@@ -165,11 +168,11 @@ mod tests {
         assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
         assert_eq!(
             classify(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
-            Some(Protocol::Opaque)
+            Some(Protocol::Upgrade)
         );
         assert_eq!(
             classify(b"CONNECT a:443 HTTP/1.1\r\n\r\n"),
-            Some(Protocol::Opaque)
+            Some(Protocol::Upgrade)
         );
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);

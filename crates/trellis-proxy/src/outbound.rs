@@ -142,28 +142,33 @@ impl Outbound {
         }
     }
 
-    async fn forward(&self, downstream: TcpStream, target: Target) -> Result<(), OutboundError> {
+    async fn forward(
+        &self,
+        mut downstream: TcpStream,
+        target: Target,
+    ) -> Result<(), OutboundError> {
         let _ = downstream.set_nodelay(true);
         let service = match target {
             Target::Service(service) => service,
             Target::Passthrough(dst) => {
                 self.metrics.passthrough_connections.inc();
-                let mut downstream = downstream;
                 let mut upstream = self.connect(dst).await?;
                 let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
                 return Ok(());
             }
         };
         // HTTP is handled per request; anything else is carried as a byte stream. A
-        // port declared tcp/opaque is never inspected; an undeclared one is detected.
-        let mut downstream = downstream;
+        // port declared tcp/opaque is never inspected. On a port declared HTTP only an
+        // upgrade (WebSocket, CONNECT) becomes a stream: silence or garbage still meets
+        // the HTTP server (which answers 400), so no caller can skip L7 handling (and
+        // header sanitizing) by waiting. An undeclared port is detected.
+        let declared_http = matches!(
+            service.protocol,
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc
+        );
         let prefix = match service.protocol {
             Protocol::Tcp | Protocol::Opaque => Bytes::new(),
-            Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
-                self.http.clone().serve(downstream, service).await;
-                return Ok(());
-            }
-            Protocol::Unspecified => {
+            _ => {
                 let (detected, prefix) =
                     detect::detect(&mut downstream, self.config.detect_timeout)
                         .await
@@ -171,7 +176,12 @@ impl Outbound {
                             addr: downstream.local_addr().unwrap_or(([0, 0, 0, 0], 0).into()),
                             source,
                         })?;
-                if detected != detect::Protocol::Opaque {
+                let http = match detected {
+                    detect::Protocol::Http1 | detect::Protocol::Http2 => true,
+                    detect::Protocol::Upgrade => false,
+                    detect::Protocol::Opaque => declared_http,
+                };
+                if http {
                     let io = detect::PrefixedIo::new(prefix, downstream);
                     self.http.clone().serve(io, service).await;
                     return Ok(());

@@ -19,11 +19,16 @@ use crate::control;
 use crate::metrics::{ConfigLabels, Metrics};
 pub use state::MeshState;
 
-/// The kinds this proxy subscribes to, in the order it needs them.
-const TYPES: [&str; 3] = [
+/// The kinds this proxy subscribes to, in the order it needs them. It is ready once
+/// each has been answered (an empty answer counts).
+const TYPES: [&str; 7] = [
     type_url::TRUST_BUNDLE,
     type_url::SERVICE,
     type_url::ENDPOINTS,
+    type_url::ROUTE_TABLE,
+    type_url::TRAFFIC_POLICY,
+    type_url::AUTHORIZATION_POLICY,
+    type_url::PEER_AUTHENTICATION,
 ];
 
 /// Runs forever: keeps `state` current from the control plane.

@@ -273,11 +273,23 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
     }
     for resource in by_type(type_url::TRAFFIC_POLICY).values() {
         if let Some(Kind::TrafficPolicy(p)) = &resource.kind {
-            let policy =
-                TrafficPolicy::compile(p).map_err(|e| invalid(&resource.name, e.to_string()))?;
-            state
-                .policies
-                .insert(format!("{}.{}", p.service, p.namespace), Arc::new(policy));
+            let service = format!("{}.{}", p.service, p.namespace);
+            // An unchanged policy keeps its state (the retry budget above all): an
+            // update elsewhere must not refill the budget.
+            let unchanged = previous
+                .resources
+                .by_type
+                .get(type_url::TRAFFIC_POLICY)
+                .and_then(|held| held.get(&resource.name))
+                .is_some_and(|old| old.version == resource.version);
+            let policy = match previous.policies.get(&service) {
+                Some(kept) if unchanged => kept.clone(),
+                _ => Arc::new(
+                    TrafficPolicy::compile(p)
+                        .map_err(|e| invalid(&resource.name, e.to_string()))?,
+                ),
+            };
+            state.policies.insert(service, policy);
         }
     }
     let authorization = by_type(type_url::AUTHORIZATION_POLICY)
