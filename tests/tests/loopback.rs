@@ -542,3 +542,48 @@ async fn shutdown_drains_open_connections_and_refuses_new_ones() {
         .unwrap()
         .unwrap();
 }
+
+/// The kubelet's probes under STRICT mTLS: the health port answers for the proxy and
+/// runs the app's own HTTP probes over loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_port_serves_proxy_and_app_probes() {
+    let mesh = mesh().await;
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = app.accept().await {
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /ok ");
+            let status = if ok {
+                "200 OK"
+            } else {
+                "500 Internal Server Error"
+            };
+            let _ = stream
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+    });
+    let mut config = proxy_config(&mesh.control, "client", TOKEN_CLIENT);
+    config.health_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.app_probes = trellis_proxy::health::parse_app_probes(&format!(
+        r#"{{"/app-health/web/readyz": {{"httpGet": {{"path": "/ok", "port": {app_port}}}}},
+            "/app-health/web/livez": {{"httpGet": {{"path": "/bad", "port": {app_port}}}}}}}"#
+    ))
+    .unwrap();
+    let proxy = trellis_proxy::start(config).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), proxy.ready())
+        .await
+        .unwrap();
+    let health = proxy.health_addr.unwrap();
+    assert_eq!(http_get(health, "/ready").await.0, 200);
+    assert_eq!(http_get(health, "/live").await.0, 200);
+    assert_eq!(http_get(health, "/app-health/web/readyz").await.0, 200);
+    assert_eq!(http_get(health, "/app-health/web/livez").await.0, 503);
+    assert_eq!(http_get(health, "/app-health/other/readyz").await.0, 404);
+    assert!(http_get(health, "/metrics").await.1.contains("trellis_"));
+}

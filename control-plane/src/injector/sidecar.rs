@@ -157,6 +157,8 @@ pub fn proxy_container(
                 &format!("{TOKEN_DIR}/{TOKEN_FILE}"),
                 "--outbound-addr",
                 "0.0.0.0:15001",
+                "--health-addr",
+                "0.0.0.0:15020",
             ]
             .map(str::to_owned)
             .to_vec(),

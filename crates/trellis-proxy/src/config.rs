@@ -81,6 +81,10 @@ pub struct ProxyConfig {
     pub outbound_addr: Option<SocketAddr>,
     pub upstreams: Vec<Upstream>,
     pub outbound_policy: OutboundPolicy,
+    /// Health, metrics and app probes (15020, on the pod IP); off unless set.
+    pub health_addr: Option<SocketAddr>,
+    /// App probes the injector moved to the health port.
+    pub app_probes: std::collections::HashMap<String, crate::health::AppProbe>,
     /// Admin (15000), 127.0.0.1 by default.
     pub admin_addr: SocketAddr,
     pub connect_timeout: Duration,
@@ -107,6 +111,8 @@ impl ProxyConfig {
             outbound_addr: None,
             upstreams: Vec::new(),
             outbound_policy: OutboundPolicy::AllowAny,
+            health_addr: None,
+            app_probes: Default::default(),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::ports::ADMIN)),
             connect_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),

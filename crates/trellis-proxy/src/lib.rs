@@ -9,6 +9,7 @@ pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod inbound;

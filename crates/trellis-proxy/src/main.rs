@@ -71,6 +71,13 @@ struct RunArgs {
     /// App port for inbound connections that were not redirected (no iptables).
     #[arg(long)]
     app_port: Option<u16>,
+    /// Health, metrics and app probes for the kubelet (e.g. 0.0.0.0:15020); off
+    /// unless given.
+    #[arg(long, env = "TRELLIS_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
+    /// App probes moved to the health port by the injector (JSON).
+    #[arg(long, env = "TRELLIS_APP_PROBES")]
+    app_probes: Option<String>,
     /// Admin listener; keep it on loopback.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
     admin_addr: SocketAddr,
@@ -135,6 +142,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.app_host = args.app_host;
     config.app_port = args.app_port;
     config.admin_addr = args.admin_addr;
+    config.health_addr = args.health_addr;
+    if let Some(json) = &args.app_probes {
+        config.app_probes =
+            trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
+    }
     if !config.admin_addr.ip().is_loopback() {
         tracing::warn!(admin = %config.admin_addr, "admin is not on loopback: it exposes config and metrics");
     }

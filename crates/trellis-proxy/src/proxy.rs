@@ -33,6 +33,7 @@ pub struct RunningProxy {
     pub inbound_addr: SocketAddr,
     pub outbound_addr: Option<SocketAddr>,
     pub upstream_addrs: Vec<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
     pub admin: AdminState,
     drain: crate::drain::DrainTrigger,
     tasks: Vec<JoinHandle<()>>,
@@ -114,10 +115,20 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             .iter()
             .map(|(l, u)| local(l, u.listen))
             .collect(),
+        health_addr: None,
         admin: admin.clone(),
         drain: drain_trigger,
         tasks: Vec::new(),
     };
+    if let Some(addr) = config.health_addr {
+        let listener = bind("health", addr).await?;
+        running.health_addr = Some(local(&listener, addr));
+        running.tasks.push(tokio::spawn(crate::health::serve(
+            listener,
+            admin.clone(),
+            Arc::new(config.app_probes.clone()),
+        )));
+    }
     running
         .tasks
         .push(tokio::spawn(admin::serve(admin_listener, admin)));
