@@ -43,7 +43,8 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
     },
-    /// HTTP/1.1 GET over one connection, `--count` times; prints `HTTP <status>` then the body.
+    /// HTTP/1.1 requests (GET unless `--method`) over one connection, `--count` times;
+    /// prints `HTTP <status>` then the body.
     HttpGet {
         /// `http://host[:port][/path]`; the host is resolved via /etc/hosts.
         url: String,
@@ -52,6 +53,9 @@ enum Cmd {
         /// Seconds allowed for everything.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
+        /// Request method.
+        #[arg(long, default_value = "GET")]
+        method: String,
     },
     /// Sends one line to a TCP server and prints the line it answers.
     TcpSend {
@@ -72,7 +76,8 @@ async fn main() {
             url,
             count,
             timeout,
-        } => within(timeout, http_get(&url, count)).await,
+            method,
+        } => within(timeout, http_get(&url, count, &method)).await,
         Cmd::TcpSend {
             addr,
             line,
@@ -175,7 +180,7 @@ fn parse_url(url: &str) -> Result<(String, String, String)> {
     Ok((addr, authority.to_string(), path.to_string()))
 }
 
-async fn http_get(url: &str, count: u32) -> Result<()> {
+async fn http_get(url: &str, count: u32, method: &str) -> Result<()> {
     let (addr, host, path) = parse_url(url)?;
     let target = resolve(&addr)?;
     let stream = TcpStream::connect(target)
@@ -187,7 +192,9 @@ async fn http_get(url: &str, count: u32) -> Result<()> {
     });
     let mut failures = 0;
     for _ in 0..count {
-        let req = Request::get(path.as_str())
+        let req = Request::builder()
+            .method(method)
+            .uri(path.as_str())
             .header("host", host.as_str())
             .body(Full::new(Bytes::new()))?;
         let resp = sender.send_request(req).await?;
