@@ -81,6 +81,10 @@ struct RunArgs {
     /// Admin listener; keep it on loopback.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
     admin_addr: SocketAddr,
+    /// How long to wait for a client's first bytes before carrying the connection as
+    /// opaque TCP (server-first protocols such as MySQL send nothing first).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    detect_timeout: Duration,
     /// How long open connections may take to finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -143,6 +147,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.app_port = args.app_port;
     config.admin_addr = args.admin_addr;
     config.health_addr = args.health_addr;
+    config.detect_timeout = args.detect_timeout;
     if let Some(json) = &args.app_probes {
         config.app_probes =
             trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
