@@ -2,6 +2,7 @@
 
 mod demo;
 mod inject;
+mod install;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +19,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Add the sidecar to the Pods and Pod templates of a manifest (offline webhook).
     Inject(inject::InjectArgs),
+    /// Print the install manifests (CRDs, RBAC, control plane, webhook): `| kubectl apply -f -`.
+    Install(install::InstallArgs),
 }
 
 #[tokio::main]
@@ -30,5 +33,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
         Command::Inject(args) => inject::run(args),
+        Command::Install(args) => install::run(args),
     }
 }

@@ -1,0 +1,1095 @@
+//! The manifests under `deploy/` (and the kind test's under `tests/kind/`) against
+//! the Kubernetes schemas, as k8s-openapi types: every document must be a known
+//! kind, parse into its type, and survive a round trip unchanged (k8s-openapi does
+//! not deny unknown fields, so a misspelt field shows up as a value the typed
+//! object dropped). Then the facts an install depends on: replicas, non-root,
+//! probes on the admin port, flags the binary has, the webhook's path, selectors
+//! and ports, least-privilege RBAC, and CRDs that match the Rust policy types.
+//!
+//! The CRD YAML is written by hand (the policy types are not yet
+//! `#[derive(CustomResource, JsonSchema)]`). Three tests keep it in step with the
+//! Rust types: `crd_schemas_match_the_rust_types` (full samples and the examples
+//! parse into the Rust types and fit the schema), `full_samples_set_every_rust_field`
+//! (destructures every spec type without `..`, so a new Rust field does not compile
+//! until the samples cover it) and `crd_enums_are_the_rust_enums`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use trellis_control::api::{AuthorizationPolicy, PeerAuthentication, TrafficPolicy};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Every `*.yaml` under `dir`, sorted, except kustomizations.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                && path.file_name().is_some_and(|n| n != "kustomization.yaml")
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The documents of a YAML stream, as JSON values (empty documents dropped).
+fn docs_of(text: &str, origin: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(i, doc)| {
+            Value::deserialize(doc).unwrap_or_else(|e| panic!("{origin} document {i}: {e}"))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// One parsed document: its JSON and where it came from.
+struct Doc {
+    origin: String,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        self.value["kind"].as_str().unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.value["metadata"]["name"].as_str().unwrap_or_default()
+    }
+
+    fn typed<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_value(self.value.clone())
+            .unwrap_or_else(|e| panic!("{} {}: {e}", self.origin, self.kind()))
+    }
+}
+
+fn load(dir: &str) -> Vec<Doc> {
+    let mut out = Vec::new();
+    for file in yaml_files(&repo().join(dir)) {
+        let text = std::fs::read_to_string(&file).expect("a readable file");
+        let rel = file
+            .strip_prefix(repo())
+            .expect("under the repository")
+            .display()
+            .to_string();
+        for (i, value) in docs_of(&text, &rel).into_iter().enumerate() {
+            out.push(Doc {
+                origin: format!("{rel}#{i}"),
+                value,
+            });
+        }
+    }
+    assert!(!out.is_empty(), "no manifests under {dir}");
+    out
+}
+
+fn deploy_docs() -> Vec<Doc> {
+    load("deploy")
+}
+
+/// Paths in `original` that `round_tripped` lacks or holds differently.
+fn lost(original: &Value, round_tripped: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, round_tripped) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let p = format!("{path}.{k}");
+                match b.get(k) {
+                    Some(w) => lost(v, w, &p, out),
+                    // An explicit empty value the type leaves out is no loss.
+                    None if is_empty(v) => {}
+                    None => out.push(format!("{p}: unknown field (dropped by the typed object)")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                lost(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {}
+        (a, b) if a == b => {}
+        (a, b) => out.push(format!("{path}: {a} became {b}")),
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+/// Parses `doc` as `T` and checks nothing was dropped or changed on the way.
+fn round_trip<T: DeserializeOwned + serde::Serialize>(doc: &Doc) -> Vec<String> {
+    let typed: T = doc.typed();
+    let again = serde_json::to_value(&typed).expect("serializable");
+    let mut out = Vec::new();
+    lost(&doc.value, &again, "", &mut out);
+    out.into_iter()
+        .map(|e| format!("{} ({} {}): {e}", doc.origin, doc.kind(), doc.name()))
+        .collect()
+}
+
+/// Checks one document against the type of its `apiVersion` and `kind`.
+fn validate(doc: &Doc) -> Vec<String> {
+    let api_version = doc.value["apiVersion"].as_str().unwrap_or_default();
+    match (api_version, doc.kind()) {
+        ("v1", "Namespace") => round_trip::<Namespace>(doc),
+        ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(doc),
+        ("v1", "Service") => round_trip::<Service>(doc),
+        ("v1", "Pod") => round_trip::<Pod>(doc),
+        ("apps/v1", "Deployment") => round_trip::<Deployment>(doc),
+        ("batch/v1", "Job") => round_trip::<Job>(doc),
+        ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(doc),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(doc),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            round_trip::<ClusterRoleBinding>(doc)
+        }
+        ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(doc),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(doc),
+        ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
+            round_trip::<MutatingWebhookConfiguration>(doc)
+        }
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            round_trip::<CustomResourceDefinition>(doc)
+        }
+        // Trellis' own kinds: the Rust types deny unknown fields themselves, and
+        // `validate` checks values as the control plane would.
+        ("trellis.io/v1alpha1", "TrafficPolicy") => {
+            policy_errors(doc, doc.typed::<TrafficPolicy>().validate())
+        }
+        ("trellis.io/v1alpha1", "AuthorizationPolicy") => {
+            policy_errors(doc, doc.typed::<AuthorizationPolicy>().validate())
+        }
+        ("trellis.io/v1alpha1", "PeerAuthentication") => {
+            policy_errors(doc, doc.typed::<PeerAuthentication>().validate())
+        }
+        (api_version, kind) => vec![format!(
+            "{}: unknown kind {api_version}/{kind}: add it to validate() in control-plane/tests/deploy.rs",
+            doc.origin
+        )],
+    }
+}
+
+fn policy_errors(
+    doc: &Doc,
+    result: Result<(), Vec<trellis_control::api::FieldError>>,
+) -> Vec<String> {
+    match result {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors
+            .into_iter()
+            .map(|e| format!("{}: {e}", doc.origin))
+            .collect(),
+    }
+}
+
+#[test]
+fn every_manifest_parses_into_its_kubernetes_type() {
+    let mut errors = Vec::new();
+    let mut docs = deploy_docs();
+    docs.extend(load("tests/kind"));
+    for doc in &docs {
+        errors.extend(validate(doc));
+    }
+    assert!(
+        errors.is_empty(),
+        "invalid manifests:\n{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn the_round_trip_check_catches_typos() {
+    let doc = Doc {
+        origin: "inline".into(),
+        value: serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "x"},
+            "spec": {
+                "replica": 2,
+                "selector": {"matchLabels": {"a": "b"}},
+                "template": {"spec": {"containers": [{"name": "c", "imagePullPolicy": "Always", "readinesProbe": {}}]}}
+            }
+        }),
+    };
+    let errors = validate(&doc);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(".spec.replica: unknown field")),
+        "{errors:?}"
+    );
+    let kind = Doc {
+        origin: "inline".into(),
+        value: serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}}),
+    };
+    assert!(validate(&kind)[0].contains("unknown kind v1/Secret"));
+}
+
+fn one<T: DeserializeOwned>(docs: &[Doc], kind: &str) -> T {
+    let found: Vec<&Doc> = docs.iter().filter(|d| d.kind() == kind).collect();
+    assert_eq!(found.len(), 1, "exactly one {kind} under deploy/");
+    found[0].typed()
+}
+
+/// `--flag=value` or `--flag`: the flag.
+fn flag(arg: &str) -> &str {
+    arg.split_once('=').map_or(arg, |(f, _)| f)
+}
+
+#[test]
+fn the_control_plane_deployment() {
+    let docs = deploy_docs();
+    let deployment: Deployment = one(&docs, "Deployment");
+    let meta = &deployment.metadata;
+    assert_eq!(meta.name.as_deref(), Some("trellis-control"));
+    assert_eq!(meta.namespace.as_deref(), Some("trellis-system"));
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let template = spec.template;
+    let labels = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    for (k, v) in spec.selector.match_labels.unwrap() {
+        assert_eq!(
+            labels.get(&k),
+            Some(&v),
+            "the selector selects the template"
+        );
+    }
+    let pod = template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("trellis-control"));
+    let pod_security = pod.security_context.unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert!(pod_security.run_as_user.is_some_and(|u| u != 0));
+    assert_eq!(pod.containers.len(), 1);
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
+    let resources = c.resources.as_ref().unwrap();
+    for part in ["cpu", "memory"] {
+        assert!(resources.requests.as_ref().unwrap().contains_key(part));
+        assert!(resources.limits.as_ref().unwrap().contains_key(part));
+    }
+    for (probe, path) in [(&c.readiness_probe, "/ready"), (&c.liveness_probe, "/live")] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, IntOrString::Int(15014));
+    }
+    let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(ports, [15010, 15017, 15014]);
+
+    // The args are flags trellis-control has, listening where the ports say.
+    let args = c.args.clone().unwrap();
+    for required in ["--kube", "--injector"] {
+        assert!(args.iter().any(|a| a == required), "{required} in {args:?}");
+    }
+    for (f, want) in [
+        ("--grpc-addr", "0.0.0.0:15010"),
+        ("--admin-addr", "0.0.0.0:15014"),
+        ("--injector-addr", "0.0.0.0:15017"),
+        ("--webhook-configuration", "trellis-injector"),
+        (
+            "--injector-control-addr",
+            "trellis-control.trellis-system.svc:15010",
+        ),
+    ] {
+        assert!(
+            args.contains(&format!("{f}={want}")),
+            "{f}={want} in {args:?}"
+        );
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_trellis-control"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for arg in &args {
+        let f = flag(arg);
+        assert!(
+            help.contains(&format!("{f} ")) || help.contains(&format!("{f}\n")),
+            "trellis-control has no flag {f} (from deploy/kustomize/deployment.yaml):\n{help}"
+        );
+    }
+    // The state directory is writable despite the read-only root.
+    let state = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--state-dir="))
+        .unwrap();
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == state)
+        .expect("a volume at --state-dir");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert!(volume.empty_dir.is_some());
+
+    let pdb: PodDisruptionBudget = one(&docs, "PodDisruptionBudget");
+    let pdb = pdb.spec.unwrap();
+    assert_eq!(pdb.min_available, Some(IntOrString::Int(1)));
+    assert_eq!(
+        pdb.selector.unwrap().match_labels,
+        deployment_selector(&docs)
+    );
+}
+
+fn deployment_selector(docs: &[Doc]) -> Option<std::collections::BTreeMap<String, String>> {
+    one::<Deployment>(docs, "Deployment")
+        .spec
+        .expect("a spec")
+        .selector
+        .match_labels
+}
+
+#[test]
+fn the_service_reaches_the_deployment() {
+    let docs = deploy_docs();
+    let service: Service = one(&docs, "Service");
+    assert_eq!(service.metadata.name.as_deref(), Some("trellis-control"));
+    assert_eq!(
+        service.metadata.namespace.as_deref(),
+        Some("trellis-system")
+    );
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.selector, deployment_selector(&docs));
+    let deployment: Deployment = one(&docs, "Deployment");
+    let container = deployment.spec.unwrap().template.spec.unwrap().containers[0].clone();
+    let named = |name: &str| {
+        container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+    };
+    let mut ports = Vec::new();
+    for p in spec.ports.unwrap() {
+        let target = match p.target_port.unwrap() {
+            IntOrString::Int(n) => n,
+            IntOrString::String(name) => named(&name).unwrap_or_else(|| panic!("port {name}")),
+        };
+        ports.push((p.port, target));
+    }
+    assert_eq!(ports, [(15010, 15010), (15017, 15017), (15014, 15014)]);
+}
+
+#[test]
+fn the_webhook_configuration() {
+    use trellis_control::injector::{annotations, webhook};
+    let docs = deploy_docs();
+    let config: MutatingWebhookConfiguration = one(&docs, "MutatingWebhookConfiguration");
+    assert_eq!(
+        config.metadata.name.as_deref(),
+        Some(webhook::WEBHOOK_CONFIGURATION)
+    );
+    let hooks = config.webhooks.unwrap();
+    assert_eq!(hooks.len(), 1);
+    let hook = &hooks[0];
+    assert_eq!(hook.admission_review_versions, ["v1"]);
+    assert_eq!(hook.side_effects, "None");
+    assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
+    let service = hook.client_config.service.as_ref().unwrap();
+    assert_eq!(service.name, "trellis-control");
+    assert_eq!(service.namespace, "trellis-system");
+    assert_eq!(service.path.as_deref(), Some(webhook::PATH));
+    assert_eq!(service.port, Some(15017));
+    assert!(
+        hook.client_config.ca_bundle.is_none(),
+        "the control plane fills caBundle"
+    );
+    let ns = hook.namespace_selector.as_ref().unwrap();
+    assert_eq!(
+        ns.match_labels
+            .as_ref()
+            .unwrap()
+            .get(annotations::INJECT_LABEL),
+        Some(&"enabled".to_owned())
+    );
+    let object = hook.object_selector.as_ref().unwrap();
+    let opt_out = &object.match_expressions.as_ref().unwrap()[0];
+    assert_eq!(opt_out.key, annotations::INJECT);
+    assert_eq!(opt_out.operator, "NotIn");
+    assert_eq!(opt_out.values.as_deref(), Some(&["false".to_owned()][..]));
+    let rules = hook.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].operations.as_deref(),
+        Some(&["CREATE".to_owned()][..])
+    );
+
+    // trellis-system itself is never injected, and the control plane opts out.
+    let namespace: Namespace = one(&docs, "Namespace");
+    assert_ne!(
+        namespace
+            .metadata
+            .labels
+            .unwrap()
+            .get(annotations::INJECT_LABEL)
+            .map(String::as_str),
+        Some("enabled")
+    );
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let docs = deploy_docs();
+    let role: ClusterRole = one(&docs, "ClusterRole");
+    let rules = role.rules.unwrap();
+    let mut granted = Vec::new();
+    for rule in &rules {
+        assert!(rule.non_resource_urls.is_none());
+        let groups = rule.api_groups.clone().unwrap();
+        let resources = rule.resources.clone().unwrap();
+        for list in [&groups, &resources, &rule.verbs] {
+            assert!(!list.iter().any(|x| x == "*"), "no wildcards: {rule:?}");
+        }
+        assert!(
+            !resources
+                .iter()
+                .any(|r| r == "secrets" || r == "configmaps"),
+            "no secrets or configmaps: {rule:?}"
+        );
+        for g in &groups {
+            for r in &resources {
+                for v in &rule.verbs {
+                    granted.push((g.clone(), r.clone(), v.clone(), rule.resource_names.clone()));
+                }
+            }
+        }
+    }
+    let has = |g: &str, r: &str, v: &str| {
+        granted
+            .iter()
+            .any(|(gg, rr, vv, _)| gg == g && rr == r && vv == v)
+    };
+    for r in ["services", "pods", "namespaces", "serviceaccounts"] {
+        for v in ["get", "list", "watch"] {
+            assert!(has("", r, v), "{v} {r}");
+        }
+    }
+    assert!(has("discovery.k8s.io", "endpointslices", "watch"));
+    assert!(has("gateway.networking.k8s.io", "httproutes", "watch"));
+    assert!(has("authentication.k8s.io", "tokenreviews", "create"));
+    for kind in [
+        "trafficpolicies",
+        "authorizationpolicies",
+        "peerauthentications",
+    ] {
+        assert!(has("trellis.io", kind, "watch"));
+        assert!(has("trellis.io", &format!("{kind}/status"), "patch"));
+        assert!(
+            !has("trellis.io", kind, "patch"),
+            "only the status of {kind}"
+        );
+    }
+    // Writes outside status: only the one webhook configuration, by name.
+    for (g, r, v, names) in &granted {
+        let write = !["get", "list", "watch"].contains(&v.as_str());
+        if write && !r.ends_with("/status") && r != "tokenreviews" {
+            assert_eq!(r, "mutatingwebhookconfigurations", "{g}/{r} {v}");
+            assert_eq!(names.as_deref(), Some(&["trellis-injector".to_owned()][..]));
+        }
+    }
+
+    // Leases: a namespaced Role in trellis-system.
+    let leases: Role = one(&docs, "Role");
+    assert_eq!(leases.metadata.namespace.as_deref(), Some("trellis-system"));
+    let rule = &leases.rules.unwrap()[0];
+    assert_eq!(rule.resources.as_deref(), Some(&["leases".to_owned()][..]));
+    assert_eq!(rule.verbs, ["get", "create", "update"]);
+
+    for kind in ["ClusterRoleBinding", "RoleBinding"] {
+        let doc = docs.iter().find(|d| d.kind() == kind).unwrap();
+        let subjects = &doc.value["subjects"];
+        assert_eq!(subjects[0]["kind"], "ServiceAccount");
+        assert_eq!(subjects[0]["name"], "trellis-control");
+        assert_eq!(subjects[0]["namespace"], "trellis-system");
+    }
+}
+
+/// The CRD of `kind`.
+fn crd(docs: &[Doc], kind: &str) -> CustomResourceDefinition {
+    docs.iter()
+        .filter(|d| d.kind() == "CustomResourceDefinition")
+        .map(|d| d.typed::<CustomResourceDefinition>())
+        .find(|c| c.spec.names.kind == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"))
+}
+
+#[test]
+fn the_crds() {
+    let docs = deploy_docs();
+    for (kind, plural, column) in [
+        ("TrafficPolicy", "trafficpolicies", "Target"),
+        ("AuthorizationPolicy", "authorizationpolicies", "Action"),
+        ("PeerAuthentication", "peerauthentications", "Mode"),
+    ] {
+        let crd = crd(&docs, kind);
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some(format!("{plural}.trellis.io").as_str())
+        );
+        assert_eq!(crd.spec.group, "trellis.io");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.plural, plural);
+        assert_eq!(crd.spec.versions.len(), 1);
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(v.served && v.storage);
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<&str> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, [column, "Accepted", "Age"], "{kind}");
+        let schema = v
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap();
+        check_structural(schema, kind);
+    }
+}
+
+/// A structural schema (what apiextensions/v1 requires): every node has a type
+/// (or is a metadata/int-or-string leaf), no `$ref`.
+fn check_structural(schema: &JSONSchemaProps, path: &str) {
+    assert!(schema.ref_path.is_none(), "{path}: $ref is not allowed");
+    assert!(
+        schema.type_.is_some() || schema.x_kubernetes_int_or_string == Some(true),
+        "{path}: no type"
+    );
+    for (k, s) in schema.properties.iter().flatten() {
+        check_structural(s, &format!("{path}.{k}"));
+    }
+    if let Some(items) = &schema.items {
+        let json = serde_json::to_value(items).expect("serializable");
+        let items: JSONSchemaProps = serde_json::from_value(json).expect("a schema");
+        check_structural(&items, &format!("{path}[]"));
+    }
+}
+
+/// Checks that `value` (a spec or status) fits `schema`: every field declared,
+/// enums respected. A field the schema does not declare would be pruned by the
+/// API server, silently, so this is the drift check between Rust and YAML.
+fn fits(value: &Value, schema: &Value, path: &str, out: &mut Vec<String>) {
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        out.push(format!("{path}: {value} is not one of {allowed:?}"));
+    }
+    match value {
+        Value::Object(map) => {
+            if schema["type"] != "object" {
+                out.push(format!(
+                    "{path}: an object where the schema has {}",
+                    schema["type"]
+                ));
+                return;
+            }
+            for (k, v) in map {
+                let p = format!("{path}.{k}");
+                if let Some(s) = schema["properties"].get(k) {
+                    fits(v, s, &p, out);
+                } else if let Some(s) = schema.get("additionalProperties") {
+                    fits(v, s, &p, out);
+                } else {
+                    out.push(format!("{p}: not in the CRD schema"));
+                }
+            }
+        }
+        Value::Array(items) => {
+            if schema["type"] != "array" {
+                out.push(format!(
+                    "{path}: an array where the schema has {}",
+                    schema["type"]
+                ));
+                return;
+            }
+            for (i, v) in items.iter().enumerate() {
+                fits(v, &schema["items"], &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::String(_) if schema["type"] != "string" => {
+            out.push(format!(
+                "{path}: a string where the schema has {}",
+                schema["type"]
+            ));
+        }
+        Value::Bool(_) if schema["type"] != "boolean" => {
+            out.push(format!(
+                "{path}: a boolean where the schema has {}",
+                schema["type"]
+            ));
+        }
+        Value::Number(n) => {
+            let ok = match schema["type"].as_str() {
+                Some("integer") => n.is_i64() || n.is_u64(),
+                Some("number") => true,
+                _ => false,
+            };
+            if !ok {
+                out.push(format!(
+                    "{path}: {n} where the schema has {}",
+                    schema["type"]
+                ));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Full samples: every field of each Rust spec set (the Rust types deny unknown
+/// fields, so a sample that parses names only real fields). A field added to a
+/// spec type should be added here; then this test tells whether the CRD has it.
+fn full_samples() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "TrafficPolicy",
+            serde_json::json!({
+                "targetRef": {"group": "", "kind": "Service", "name": "echo"},
+                "loadBalancer": {"algorithm": "CONSISTENT_HASH", "consistentHash": {"header": "x-user", "cookie": "session"}},
+                "retries": {
+                    "attempts": 2,
+                    "retryOn": ["connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes"],
+                    "statusCodes": [503],
+                    "grpcStatuses": ["unavailable"],
+                    "perTryTimeout": "500ms",
+                    "backoff": {"baseInterval": "25ms", "maxInterval": "250ms"},
+                    "budget": {"ratio": 0.2, "minRetriesPerSecond": 10, "ttl": "10s"},
+                    "retryNonIdempotent": false
+                },
+                "timeouts": {"connect": "1s", "request": "15s", "idle": "1h"},
+                "outlierDetection": {"consecutiveFailures": 5, "baseEjectionTime": "30s", "maxEjectionPercent": 50},
+                "connectionLimits": {"maxConnections": 1024, "maxPendingRequests": 128}
+            }),
+        ),
+        (
+            "AuthorizationPolicy",
+            serde_json::json!({
+                "selector": {"matchLabels": {"app": "echo"}},
+                "action": "DENY",
+                "rules": [{
+                    "from": [{"source": {"principals": ["spiffe://cluster.local/ns/demo/sa/client"], "namespaces": ["demo"]}}],
+                    "to": [{"operation": {"ports": [8080], "methods": ["GET", "POST"], "paths": ["/admin/*"]}}],
+                    "when": [{"key": "request.headers[x-env]", "values": ["prod"]}]
+                }]
+            }),
+        ),
+        (
+            "PeerAuthentication",
+            serde_json::json!({
+                "selector": {"matchLabels": {"app": "legacy"}},
+                "mtls": {"mode": "STRICT"},
+                "portLevelMtls": {"9100": {"mode": "PERMISSIVE"}}
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn crd_schemas_match_the_rust_types() {
+    let docs = deploy_docs();
+    let schema_of = |kind: &str| -> Value {
+        let crd = crd(&docs, kind);
+        let schema = crd.spec.versions[0]
+            .schema
+            .clone()
+            .unwrap()
+            .open_api_v3_schema
+            .unwrap();
+        serde_json::to_value(schema).unwrap()
+    };
+    let mut objects: Vec<(String, Value)> = Vec::new();
+    for (kind, spec) in full_samples() {
+        objects.push((
+            format!("full sample {kind}"),
+            serde_json::json!({
+                "apiVersion": "trellis.io/v1alpha1", "kind": kind,
+                "metadata": {"name": "x", "namespace": "demo", "generation": 3},
+                "spec": spec,
+                "status": {"conditions": [{
+                    "type": "Accepted", "status": "False", "reason": "Invalid", "message": "m",
+                    "observedGeneration": 3, "lastTransitionTime": "2026-01-01T00:00:00Z"
+                }]}
+            }),
+        ));
+    }
+    // The examples and the kind test's policies.
+    let mut others = load("examples");
+    others.extend(load("tests/kind"));
+    for doc in others {
+        // (The file registry's own kinds, e.g. BootstrapToken, have no CRD.)
+        let policy = ["TrafficPolicy", "AuthorizationPolicy", "PeerAuthentication"];
+        if doc.value["apiVersion"] == "trellis.io/v1alpha1" && policy.contains(&doc.kind()) {
+            objects.push((doc.origin.clone(), doc.value));
+        }
+    }
+    let mut errors = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (origin, object) in objects {
+        let kind = object["kind"].as_str().unwrap().to_owned();
+        seen.insert(kind.clone());
+        // It is a valid object for the Rust type (unknown fields are denied there)...
+        let parsed = match kind.as_str() {
+            "TrafficPolicy" => serde_json::from_value::<TrafficPolicy>(object.clone())
+                .map(|p| serde_json::to_value(p).unwrap()),
+            "AuthorizationPolicy" => serde_json::from_value::<AuthorizationPolicy>(object.clone())
+                .map(|p| serde_json::to_value(p).unwrap()),
+            "PeerAuthentication" => serde_json::from_value::<PeerAuthentication>(object.clone())
+                .map(|p| serde_json::to_value(p).unwrap()),
+            other => panic!("{origin}: unknown trellis.io kind {other}"),
+        };
+        let parsed = parsed.unwrap_or_else(|e| panic!("{origin}: not a valid {kind}: {e}"));
+        // ... and what the Rust type writes back fits the CRD's schema.
+        let schema = schema_of(&kind);
+        for part in ["spec", "status"] {
+            if let Some(v) = parsed.get(part) {
+                fits(
+                    v,
+                    &schema["properties"][part],
+                    &format!("{origin} {part}"),
+                    &mut errors,
+                );
+            }
+        }
+    }
+    assert_eq!(seen.len(), 3, "every kind was checked: {seen:?}");
+    assert!(
+        errors.is_empty(),
+        "deploy/crds/*.yaml and control-plane/src/api/*.rs disagree (edit the YAML by hand):\n{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn the_fit_check_catches_drift() {
+    let docs = deploy_docs();
+    let crd = crd(&docs, "TrafficPolicy");
+    let schema = serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .clone()
+            .unwrap()
+            .open_api_v3_schema,
+    )
+    .unwrap();
+    let mut errors = Vec::new();
+    let spec = serde_json::json!({"targetRef": {"kind": "Service", "name": "a"}, "retries": {"attempts": 1, "retryOn": ["sometimes"], "jitter": "1s"}});
+    fits(&spec, &schema["properties"]["spec"], "spec", &mut errors);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("spec.retries.jitter: not in the CRD schema"))
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("\"sometimes\" is not one of"))
+    );
+}
+
+/// `kubectl kustomize` (where kubectl exists) renders the base, CRDs included.
+#[test]
+fn kustomize_renders_the_base() {
+    let Ok(output) = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(repo().join("deploy/kustomize"))
+        .output()
+    else {
+        eprintln!("SKIPPED: no kubectl");
+        return;
+    };
+    assert!(
+        output.status.success(),
+        "kubectl kustomize deploy/kustomize: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rendered = docs_of(&String::from_utf8(output.stdout).unwrap(), "kustomize");
+    let mut kinds: Vec<String> = rendered
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect();
+    kinds.sort();
+    let mut expected: Vec<String> = deploy_docs().iter().map(|d| d.kind().to_owned()).collect();
+    expected.sort();
+    assert_eq!(kinds, expected, "the base renders every file under deploy/");
+}
+
+/// Keeps `full_samples` complete: each spec type is destructured without `..`, so
+/// a field added in Rust stops this from compiling until the sample (and so the
+/// CRD check) covers it; every optional field must be set in the sample.
+#[test]
+fn full_samples_set_every_rust_field() {
+    use trellis_control::api::WorkloadSelector;
+    use trellis_control::api::authorization_policy::{
+        AuthorizationPolicySpec, Condition, Operation, Rule, RuleFrom, RuleTo, Source,
+    };
+    use trellis_control::api::peer_authentication::{Mtls, PeerAuthenticationSpec};
+    use trellis_control::api::traffic_policy::{
+        BackoffSpec, ConnectionLimitsSpec, ConsistentHashSpec, LoadBalancerSpec,
+        OutlierDetectionSpec, RetriesSpec, RetryBudgetSpec, TargetRef, TimeoutsSpec,
+        TrafficPolicySpec,
+    };
+
+    fn selector(s: Option<WorkloadSelector>) {
+        let WorkloadSelector { match_labels } = s.expect("selector");
+        assert!(!match_labels.is_empty());
+    }
+    fn mtls(m: Mtls) {
+        let Mtls { mode } = m;
+        assert!(mode.is_some());
+    }
+
+    for (kind, spec) in full_samples() {
+        match kind {
+            "TrafficPolicy" => {
+                let TrafficPolicySpec {
+                    target_ref,
+                    load_balancer,
+                    retries,
+                    timeouts,
+                    outlier_detection,
+                    connection_limits,
+                } = serde_json::from_value(spec).unwrap();
+                let TargetRef {
+                    group,
+                    kind: _,
+                    name: _,
+                } = target_ref;
+                assert!(group.is_some());
+                let LoadBalancerSpec {
+                    algorithm,
+                    consistent_hash,
+                } = load_balancer.unwrap();
+                assert!(algorithm.is_some());
+                let ConsistentHashSpec { header, cookie } = consistent_hash.unwrap();
+                assert!(header.is_some() && cookie.is_some());
+                let RetriesSpec {
+                    attempts: _,
+                    retry_on,
+                    status_codes,
+                    grpc_statuses,
+                    per_try_timeout,
+                    backoff,
+                    budget,
+                    retry_non_idempotent: _,
+                } = retries.unwrap();
+                assert!(!retry_on.is_empty() && !status_codes.is_empty());
+                assert!(!grpc_statuses.is_empty() && per_try_timeout.is_some());
+                let BackoffSpec {
+                    base_interval,
+                    max_interval,
+                } = backoff.unwrap();
+                assert!(base_interval.is_some() && max_interval.is_some());
+                let RetryBudgetSpec {
+                    ratio,
+                    min_retries_per_second,
+                    ttl,
+                } = budget.unwrap();
+                assert!(ratio.is_some() && min_retries_per_second.is_some() && ttl.is_some());
+                let TimeoutsSpec {
+                    connect,
+                    request,
+                    idle,
+                } = timeouts.unwrap();
+                assert!(connect.is_some() && request.is_some() && idle.is_some());
+                let OutlierDetectionSpec {
+                    consecutive_failures,
+                    base_ejection_time,
+                    max_ejection_percent,
+                } = outlier_detection.unwrap();
+                assert!(consecutive_failures.is_some() && base_ejection_time.is_some());
+                assert!(max_ejection_percent.is_some());
+                let ConnectionLimitsSpec {
+                    max_connections,
+                    max_pending_requests,
+                } = connection_limits.unwrap();
+                assert!(max_connections.is_some() && max_pending_requests.is_some());
+            }
+            "AuthorizationPolicy" => {
+                let AuthorizationPolicySpec {
+                    selector: s,
+                    action,
+                    rules,
+                } = serde_json::from_value(spec).unwrap();
+                selector(s);
+                assert!(action.is_some());
+                let Rule { from, to, when } = rules[0].clone();
+                let RuleFrom { source } = from[0].clone();
+                let Source {
+                    principals,
+                    namespaces,
+                } = source;
+                assert!(!principals.is_empty() && !namespaces.is_empty());
+                let RuleTo { operation } = to[0].clone();
+                let Operation {
+                    ports,
+                    methods,
+                    paths,
+                } = operation;
+                assert!(!ports.is_empty() && !methods.is_empty() && !paths.is_empty());
+                let Condition { key: _, values } = when[0].clone();
+                assert!(!values.is_empty());
+            }
+            "PeerAuthentication" => {
+                let PeerAuthenticationSpec {
+                    selector: s,
+                    mtls: m,
+                    port_level_mtls,
+                } = serde_json::from_value(spec).unwrap();
+                selector(s);
+                mtls(m.unwrap());
+                port_level_mtls.into_values().for_each(mtls);
+            }
+            other => panic!("no sample check for {other}"),
+        }
+    }
+}
+
+/// The CRDs' enums are exactly the Rust enums' variants (the `match`es stop
+/// compiling when a variant is added).
+#[test]
+fn crd_enums_are_the_rust_enums() {
+    use trellis_control::api::authorization_policy::Action;
+    use trellis_control::api::peer_authentication::MtlsMode;
+    use trellis_control::api::traffic_policy::{LbAlgorithm, RetryOn};
+
+    fn names<T: serde::Serialize>(all: &[T]) -> Vec<Value> {
+        let mut v: Vec<Value> = all
+            .iter()
+            .map(|x| serde_json::to_value(x).unwrap())
+            .collect();
+        v.sort_by_key(ToString::to_string);
+        v
+    }
+    let lb = [
+        LbAlgorithm::P2cEwma,
+        LbAlgorithm::RoundRobin,
+        LbAlgorithm::LeastRequest,
+        LbAlgorithm::ConsistentHash,
+    ];
+    lb.iter().for_each(|x| match x {
+        LbAlgorithm::P2cEwma
+        | LbAlgorithm::RoundRobin
+        | LbAlgorithm::LeastRequest
+        | LbAlgorithm::ConsistentHash => {}
+    });
+    let retry_on = [
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::ServerError,
+        RetryOn::GatewayError,
+        RetryOn::RetriableStatusCodes,
+    ];
+    retry_on.iter().for_each(|x| match x {
+        RetryOn::ConnectFailure
+        | RetryOn::Reset
+        | RetryOn::ServerError
+        | RetryOn::GatewayError
+        | RetryOn::RetriableStatusCodes => {}
+    });
+    let actions = [Action::Allow, Action::Deny];
+    actions.iter().for_each(|x| match x {
+        Action::Allow | Action::Deny => {}
+    });
+    let modes = [
+        MtlsMode::Unset,
+        MtlsMode::Strict,
+        MtlsMode::Permissive,
+        MtlsMode::Disable,
+    ];
+    modes.iter().for_each(|x| match x {
+        MtlsMode::Unset | MtlsMode::Strict | MtlsMode::Permissive | MtlsMode::Disable => {}
+    });
+
+    let docs = deploy_docs();
+    let spec_schema = |kind: &str| -> Value {
+        let crd = crd(&docs, kind);
+        let schema = crd.spec.versions[0]
+            .schema
+            .clone()
+            .unwrap()
+            .open_api_v3_schema;
+        serde_json::to_value(schema).unwrap()["properties"]["spec"].clone()
+    };
+    let enum_at = |schema: &Value, pointer: &str| -> Vec<Value> {
+        let mut v = schema
+            .pointer(pointer)
+            .and_then(|s| s["enum"].as_array())
+            .unwrap_or_else(|| panic!("no enum at {pointer}"))
+            .clone();
+        v.sort_by_key(ToString::to_string);
+        v
+    };
+    let tp = spec_schema("TrafficPolicy");
+    assert_eq!(
+        enum_at(&tp, "/properties/loadBalancer/properties/algorithm"),
+        names(&lb)
+    );
+    assert_eq!(
+        enum_at(&tp, "/properties/retries/properties/retryOn/items"),
+        names(&retry_on)
+    );
+    let ap = spec_schema("AuthorizationPolicy");
+    assert_eq!(enum_at(&ap, "/properties/action"), names(&actions));
+    let pa = spec_schema("PeerAuthentication");
+    assert_eq!(
+        enum_at(&pa, "/properties/mtls/properties/mode"),
+        names(&modes)
+    );
+    assert_eq!(
+        enum_at(
+            &pa,
+            "/properties/portLevelMtls/additionalProperties/properties/mode"
+        ),
+        names(&modes)
+    );
+}
