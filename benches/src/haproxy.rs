@@ -30,6 +30,8 @@ pub struct MtlsPair {
     pub server_pem: PathBuf,
     /// CA both sides verify the other against.
     pub root_pem: PathBuf,
+    /// Name the server's certificate must carry (`verifyhost`), if checked.
+    pub verify_host: Option<String>,
 }
 
 /// HAProxy's spelling of an address: `1.2.3.4:80`, `ipv6@::1:80`.
@@ -76,12 +78,16 @@ pub fn client_side_config(p: &MtlsPair) -> String {
          \n\
          backend mtls_out\n\
          \x20   http-reuse always\n\
-         \x20   server s1 {} ssl crt {} ca-file {} verify required alpn http/1.1 ssl-min-ver TLSv1.3\n",
+         \x20   server s1 {} ssl crt {} ca-file {} verify required alpn http/1.1 ssl-min-ver TLSv1.3{}\n",
         common("client side"),
         addr(p.client_bind),
         addr(p.server_addr),
         path(&p.client_pem),
         path(&p.root_pem),
+        p.verify_host
+            .as_deref()
+            .map(|h| format!(" verifyhost {h}"))
+            .unwrap_or_default(),
     )
 }
 
@@ -159,6 +165,19 @@ pub fn check_config(config: &Path) -> Result<Option<(bool, String)>> {
     Ok(Some((out.status.success(), text)))
 }
 
+/// [`check_config`], with a missing haproxy or a rejected file as an error.
+pub fn check_config_ok(config: &Path) -> Result<()> {
+    match check_config(config)? {
+        None => Err(crate::BenchError::Setup("haproxy is not installed".into())),
+        Some((true, _)) => Ok(()),
+        Some((false, text)) => Err(crate::BenchError::Setup(format!(
+            "haproxy -c rejected {}:\n{}",
+            config.display(),
+            text.trim()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +191,7 @@ mod tests {
             client_pem: "/certs/client.pem".into(),
             server_pem: "/certs/server.pem".into(),
             root_pem: "/certs/root.pem".into(),
+            verify_host: None,
         }
     }
 
@@ -184,8 +204,13 @@ mod tests {
         assert!(c.contains("http-reuse always"));
         assert!(c.contains(
             "server s1 10.0.0.2:18443 ssl crt \"/certs/client.pem\" ca-file \"/certs/root.pem\" \
-             verify required alpn http/1.1 ssl-min-ver TLSv1.3"
+             verify required alpn http/1.1 ssl-min-ver TLSv1.3\n"
         ));
+        let p = MtlsPair {
+            verify_host: Some("server-hap".into()),
+            ..pair()
+        };
+        assert!(client_side_config(&p).contains("ssl-min-ver TLSv1.3 verifyhost server-hap\n"));
     }
 
     #[test]
@@ -219,6 +244,29 @@ mod tests {
                 .unwrap()
                 .contains("frontend mtls_in")
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With haproxy installed, the generated configs and throwaway certificates pass
+    /// `haproxy -c`; elsewhere this says so and checks nothing.
+    #[test]
+    fn haproxy_accepts_the_configs() {
+        if haproxy_on_path().is_none() {
+            eprintln!("haproxy not installed: config check skipped");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("trellis-haproxy-c-{}", std::process::id()));
+        let pki = crate::certs::write_pki(&dir, "server-hap", "client-hap").unwrap();
+        let p = MtlsPair {
+            client_pem: pki.client,
+            server_pem: pki.server,
+            root_pem: pki.root,
+            verify_host: Some("server-hap".into()),
+            ..pair()
+        };
+        let (c, s) = write_configs(&p, &dir).unwrap();
+        check_config_ok(&c).unwrap();
+        check_config_ok(&s).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,19 +6,29 @@
 //!
 //! A *scenario* is a name, a target address, a mode and the PIDs of the proxies on the
 //! path ([`suite::Scenario`]); [`suite::run_suite`] runs a list of them with one set of
-//! load settings and writes the reports.
+//! load settings and writes the reports. [`runner::run_bench_suite`] is the whole
+//! benchmark: it builds the system under test — pods in network namespaces with
+//! iptables and sidecars when run as root ([`netns`]), loopback otherwise ([`mesh`]) —
+//! runs every scenario (the load generator inside the client pod), optionally each
+//! one's saturation search, and writes one report.
 
+pub mod certs;
 pub mod haproxy;
 pub mod loadgen;
 pub mod mesh;
+pub mod netns;
+pub mod probe;
 pub mod procstat;
 pub mod report;
+pub mod runner;
 pub mod saturation;
 pub mod server;
 pub mod suite;
 
 pub use loadgen::{LoadConfig, LoadOutcome, Mode, resolve_target, run_load, run_load_with};
+pub use mesh::Binaries;
 pub use report::{Report, RunResult, ScenarioReport};
+pub use runner::{SaturationOptions, SuiteOptions, TopologyChoice, run_bench_suite};
 pub use suite::{Scenario, SuiteSettings, run_suite};
 
 /// Errors of the benchmark library.

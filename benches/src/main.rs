@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use trellis_bench::probe::{Probe, wait_until};
 use trellis_bench::saturation::{SaturationConfig, find_saturation};
-use trellis_bench::{Mode, RunResult, Scenario, SuiteSettings, resolve_target, run_suite, server};
+use trellis_bench::{
+    Binaries, Mode, RunResult, SaturationOptions, Scenario, SuiteOptions, SuiteSettings,
+    TopologyChoice, resolve_target, run_bench_suite, run_suite, server,
+};
 
 #[derive(Parser)]
 #[command(name = "trellis-bench", version, about = "Trellis latency benchmark")]
@@ -25,11 +29,36 @@ enum Command {
     Load(LoadArgs),
     /// Find the highest rate with p99 under a limit and no errors.
     Saturate(SaturateArgs),
-    /// Every scenario in one run: baseline, trellis-http1/http2/tcp, written to --out.
+    /// Every scenario in one run (baseline, trellis-http1/http2, haproxy-mtls,
+    /// baseline-tcp, trellis-tcp), in network namespaces when root, written to --out.
     Suite(SuiteArgs),
     /// Run a benchmark server until interrupted.
     #[command(subcommand)]
     Serve(ServeCommand),
+    /// Wait until a listener is ready (used inside pods).
+    Wait(WaitArgs),
+}
+
+#[derive(Args)]
+struct WaitArgs {
+    /// HTTP GET to `IP:PORT` must answer 200.
+    #[arg(long, conflicts_with_all = ["tcp", "tcp_echo"])]
+    http: Option<SocketAddr>,
+    /// Path for --http.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Host header for --http.
+    #[arg(long, default_value = "bench")]
+    host: String,
+    /// A TCP connection to `IP:PORT` must be accepted.
+    #[arg(long, conflicts_with = "tcp_echo")]
+    tcp: Option<SocketAddr>,
+    /// Four bytes sent to `IP:PORT` must come back.
+    #[arg(long)]
+    tcp_echo: Option<SocketAddr>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value = "20", value_parser = secs)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -85,6 +114,9 @@ struct LoadArgs {
     /// Folder for results.json, results.md and latency.svg.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write this scenario's full report (JSON, with the percentile curve) here.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -139,65 +171,112 @@ struct SuiteArgs {
     duration: Duration,
     #[arg(long, default_value = "5", value_parser = secs)]
     warmup: Duration,
+    /// Per-request timeout, seconds.
+    #[arg(long, default_value = "1", value_parser = secs)]
+    timeout: Duration,
     /// Where results.json, results.md and latency.svg go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
+    /// auto (network namespaces when root, else loopback), netns, loopback.
+    #[arg(long, default_value = "auto")]
+    topology: TopologyChoice,
+    /// Leave out the haproxy-mtls peer scenario.
+    #[arg(long)]
+    no_haproxy: bool,
+    /// Run only these scenarios (repeatable).
+    #[arg(long)]
+    only: Vec<String>,
+    /// After the fixed-rate runs, find each scenario's highest rate with p99 under
+    /// --p99-ms and no errors.
+    #[arg(long)]
+    saturation: bool,
+    /// Time budget of the whole saturation search, seconds (split between scenarios).
+    #[arg(long, default_value = "480", value_parser = secs)]
+    saturation_budget: Duration,
+    /// Measured seconds per saturation step.
+    #[arg(long, default_value = "3", value_parser = secs)]
+    saturation_step: Duration,
+    /// p99 limit of the saturation search, milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    p99_ms: f64,
+    /// Start each Trellis sidecar under this command, e.g.
+    /// "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p" (split on spaces).
+    #[arg(long)]
+    proxy_wrapper: Option<String>,
+    /// Seconds each part of the mesh may take to come up.
+    #[arg(long, default_value = "20", value_parser = secs)]
+    ready_timeout: Duration,
 }
 
-/// Runs every scenario against a mesh started here, on loopback.
-async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
-    let work = std::env::temp_dir().join(format!("trellis-bench-{}", std::process::id()));
-    let mesh = trellis_bench::mesh::start_loopback_mesh(&work, args.size)?;
-    eprintln!(
-        "topology: loopback (no network namespaces; the iptables variant is not wired yet); \
-         proxies pid {} (client side) and {} (server side)",
-        mesh.client_proxy_pid, mesh.server_proxy_pid
-    );
-    let proxies = [mesh.client_proxy_pid, mesh.server_proxy_pid];
-    let scenarios = vec![
-        Scenario::new("baseline", mesh.http_server, Mode::Http1),
-        Scenario::new("trellis-http1", mesh.http_via_mesh, Mode::Http1).with_proxies(proxies),
-        Scenario::new("trellis-http2", mesh.http_via_mesh, Mode::Http2).with_proxies(proxies),
-        Scenario::new("baseline-tcp", mesh.tcp_server, Mode::Tcp),
-        Scenario::new("trellis-tcp", mesh.tcp_via_mesh, Mode::Tcp)
-            .with_proxies([mesh.client_proxy_pid, mesh.server_tcp_proxy_pid]),
-    ];
-    if which("haproxy").is_none() {
-        eprintln!("haproxy-mtls: skipped (haproxy is not installed: apt-get install haproxy)");
-    } else {
-        eprintln!("haproxy-mtls: skipped (installed, but the peer scenario is not wired yet)");
-    }
+/// Runs every scenario against a mesh started here.
+async fn suite(args: SuiteArgs, threads: usize) -> anyhow::Result<()> {
     let settings = SuiteSettings {
         rate: args.rate,
         connections: args.connections,
         size: args.size,
         duration: args.duration,
         warmup: args.warmup,
+        timeout: args.timeout,
         out_dir: Some(args.out.clone()),
         ..SuiteSettings::default()
     };
-    let report = run_suite(&scenarios, &settings).await?;
+    let mut opts = SuiteOptions::new(Binaries::beside_current_exe()?, settings);
+    opts.topology = args.topology;
+    opts.haproxy = !args.no_haproxy;
+    opts.only = args.only;
+    opts.loadgen_threads = threads;
+    opts.ready_timeout = args.ready_timeout;
+    opts.proxy_wrapper = args
+        .proxy_wrapper
+        .as_deref()
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    if args.saturation {
+        opts.saturation = Some(SaturationOptions {
+            total_budget: args.saturation_budget,
+            step: args.saturation_step,
+            p99_limit: Duration::from_secs_f64(args.p99_ms / 1000.0),
+            ..SaturationOptions::default()
+        });
+    }
+    // Ctrl-C drops the run, which stops every process and removes the namespaces.
+    let report = tokio::select! {
+        r = run_bench_suite(&opts) => r?,
+        r = tokio::signal::ctrl_c() => {
+            r?;
+            bail!("interrupted; processes stopped and namespaces removed");
+        }
+    };
     for s in &report.scenarios {
-        println!("{}", s.result.table_line());
+        if let Some(why) = &s.failure {
+            println!("{}: FAILED: {why}", s.result.scenario);
+        }
         for p in &s.proxies {
             println!(
-                "    proxy pid {}: {:.4} CPU s/1k req, {:.3} vCPU, peak RSS {} kB",
-                p.pid, p.cpu_s_per_1k_req, p.vcpu, p.peak_rss_kb
+                "    {} proxy pid {}: {:.4} CPU s/1k req, {:.3} vCPU, peak RSS {} kB",
+                s.result.scenario, p.pid, p.cpu_s_per_1k_req, p.vcpu, p.peak_rss_kb
             );
         }
     }
+    println!("topology: {}", report.topology);
     println!("reports written to {}", args.out.display());
-    drop(mesh);
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|p| p.is_file())
-    })
+async fn wait(args: WaitArgs) -> anyhow::Result<()> {
+    let probe = match (args.http, args.tcp, args.tcp_echo) {
+        (Some(addr), _, _) => Probe::Http {
+            addr,
+            host: args.host,
+            path: args.path,
+        },
+        (_, Some(addr), _) => Probe::Tcp(addr),
+        (_, _, Some(addr)) => Probe::TcpEcho(addr),
+        _ => bail!("one of --http, --tcp, --tcp-echo"),
+    };
+    wait_until(&probe, args.timeout).await?;
+    println!("ready: {probe}");
+    Ok(())
 }
 
 fn secs(s: &str) -> Result<Duration, String> {
@@ -222,7 +301,8 @@ fn main() -> anyhow::Result<()> {
     rt.build()?.block_on(async move {
         match cli.command {
             Command::Load(args) => load(args).await,
-            Command::Suite(args) => suite(args).await,
+            Command::Suite(args) => suite(args, cli.threads).await,
+            Command::Wait(args) => wait(args).await,
             Command::Saturate(args) => saturate(args).await,
             Command::Serve(cmd) => serve(cmd).await,
         }
@@ -259,6 +339,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let Some(s) = report.scenarios.first() else {
         bail!("no result");
     };
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(s)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     println!("{}", s.result.table_line());
     println!("{}", serde_json::to_string_pretty(&s.result)?);
     for p in &s.proxies {

@@ -2,8 +2,8 @@
 //! processes (explicit upstream listeners, no iptables), the benchmark servers as
 //! their own processes, so /proc charges each proxy exactly its own CPU and memory.
 //!
-//! The network-namespace variant (iptables redirect, pods) is the next step; this one
-//! runs anywhere and says so in its report.
+//! The network-namespace variant (iptables redirect, pods) is in [`crate::netns`];
+//! this one runs anywhere without root and says so in its report.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -35,8 +35,28 @@ impl Processes {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Result<u32> {
+        self.spawn_wrapped(name, &[], program, args, env)
+    }
+
+    /// Starts `wrapper... program args...` (an empty wrapper runs `program` itself).
+    fn spawn_wrapped(
+        &mut self,
+        name: &str,
+        wrapper: &[String],
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<u32> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = Command::new(program)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let child = cmd
             .args(args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
@@ -55,6 +75,26 @@ impl Processes {
     }
 }
 
+/// The programs a suite starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binaries {
+    /// `trellis-bench` itself: servers, load generator and probes in pods.
+    pub bench: PathBuf,
+    pub proxy: PathBuf,
+    pub control: PathBuf,
+}
+
+impl Binaries {
+    /// The running executable and `trellis-proxy`/`trellis-control` beside it.
+    pub fn beside_current_exe() -> Result<Self> {
+        Ok(Self {
+            bench: std::env::current_exe()?,
+            proxy: sibling_binary("trellis-proxy")?,
+            control: sibling_binary("trellis-control")?,
+        })
+    }
+}
+
 /// What the suite needs to know of the running mesh.
 pub struct LoopbackMesh {
     pub processes: Processes,
@@ -66,13 +106,16 @@ pub struct LoopbackMesh {
     pub client_proxy_pid: u32,
     pub server_proxy_pid: u32,
     pub server_tcp_proxy_pid: u32,
+    /// The HAProxy pair, when asked for and installed: client-side listener and the
+    /// PIDs of the client- and server-side instances.
+    pub haproxy: Option<(SocketAddr, [u32; 2])>,
 }
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A binary built next to this one (`cargo build --release` builds them all).
+/// A binary built next to this one (`cargo build --release --workspace` builds them all).
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
@@ -84,15 +127,21 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
         }
     }
     Err(BenchError::Setup(format!(
-        "{name} not found next to {}; run `cargo build --release` first",
+        "{name} not found next to {}; run `cargo build --release --workspace` first",
         exe.display()
     )))
 }
 
-fn wait_port(addr: SocketAddr, what: &str, procs: &Processes, name: &str) -> Result<()> {
+fn wait_port(
+    addr: SocketAddr,
+    what: &str,
+    procs: &Processes,
+    name: &str,
+    limit: Duration,
+) -> Result<()> {
     let start = Instant::now();
     while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-        if start.elapsed() > Duration::from_secs(15) {
+        if start.elapsed() > limit {
             return Err(BenchError::Setup(format!(
                 "{what} did not listen on {addr}:\n{}",
                 procs.log(name)
@@ -103,7 +152,7 @@ fn wait_port(addr: SocketAddr, what: &str, procs: &Processes, name: &str) -> Res
     Ok(())
 }
 
-fn wait_ready(admin: SocketAddr, procs: &Processes, name: &str) -> Result<()> {
+fn wait_ready(admin: SocketAddr, procs: &Processes, name: &str, limit: Duration) -> Result<()> {
     use std::io::{Read, Write};
     let start = Instant::now();
     loop {
@@ -118,7 +167,7 @@ fn wait_ready(admin: SocketAddr, procs: &Processes, name: &str) -> Result<()> {
         if ready {
             return Ok(());
         }
-        if start.elapsed() > Duration::from_secs(15) {
+        if start.elapsed() > limit {
             return Err(BenchError::Setup(format!(
                 "proxy {name} not ready:\n{}",
                 procs.log(name)
@@ -128,17 +177,32 @@ fn wait_ready(admin: SocketAddr, procs: &Processes, name: &str) -> Result<()> {
     }
 }
 
+/// How to start the loopback mesh.
+#[derive(Debug, Clone)]
+pub struct LoopbackOptions {
+    pub binaries: Binaries,
+    pub response_size: usize,
+    /// Start the HAProxy pair too (when `haproxy` is installed).
+    pub haproxy: bool,
+    /// Runs each proxy as `wrapper... trellis-proxy ...` (e.g. valgrind).
+    pub proxy_wrapper: Vec<String>,
+    /// How long to wait for each part to come up.
+    pub ready_timeout: Duration,
+}
+
 /// Starts control plane, servers and the two proxies; returns when all are ready.
-pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackMesh> {
-    let control = sibling_binary("trellis-control")?;
-    let proxy = sibling_binary("trellis-proxy")?;
-    let bench = std::env::current_exe()?;
+pub fn start_loopback_mesh(dir: &Path, opts: &LoopbackOptions) -> Result<LoopbackMesh> {
+    let control = &opts.binaries.control;
+    let proxy = &opts.binaries.proxy;
+    let bench = &opts.binaries.bench;
+    let response_size = opts.response_size;
+    let wait = opts.ready_timeout;
     std::fs::create_dir_all(dir)?;
     let mut procs = Processes {
         children: Vec::new(),
         dir: dir.to_owned(),
     };
-    let ports: Vec<u16> = (0..11).map(|_| free_port()).collect::<Result<_>>()?;
+    let ports: Vec<u16> = (0..13).map(|_| free_port()).collect::<Result<_>>()?;
     let &[
         app_http,
         app_tcp,
@@ -151,6 +215,8 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
         admin_client,
         admin_server,
         admin_server_tcp,
+        hap_client,
+        hap_server,
     ] = ports.as_slice()
     else {
         return Err(BenchError::Setup("no free loopback ports".into()));
@@ -166,7 +232,7 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
     let s = |v: &dyn std::fmt::Display| v.to_string();
     procs.spawn(
         "control",
-        &control,
+        control,
         &[
             s(&"--registry-dir"),
             s(&registry.display()),
@@ -181,7 +247,7 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
     )?;
     procs.spawn(
         "http-server",
-        &bench,
+        bench,
         &[
             s(&"--threads"),
             s(&1),
@@ -196,7 +262,7 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
     )?;
     procs.spawn(
         "tcp-server",
-        &bench,
+        bench,
         &[
             s(&"--threads"),
             s(&1),
@@ -212,6 +278,7 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
         "trellis-control",
         &procs,
         "control",
+        wait,
     )?;
     let root = dir.join("state").join("root-cert.pem");
     let common = |sa: &str, admin: u16| {
@@ -236,9 +303,10 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
         s(&"--app-port"),
         s(&app_http),
     ]);
-    let server_proxy_pid = procs.spawn(
+    let server_proxy_pid = procs.spawn_wrapped(
         "server-proxy",
-        &proxy,
+        &opts.proxy_wrapper,
+        proxy,
         &server_args,
         &[("TRELLIS_BOOTSTRAP_TOKEN", "bench-server")],
     )?;
@@ -251,9 +319,10 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
         s(&"--app-port"),
         s(&app_tcp),
     ]);
-    let server_tcp_proxy_pid = procs.spawn(
+    let server_tcp_proxy_pid = procs.spawn_wrapped(
         "server-tcp-proxy",
-        &proxy,
+        &opts.proxy_wrapper,
+        proxy,
         &tcp_args,
         &[("TRELLIS_BOOTSTRAP_TOKEN", "bench-server")],
     )?;
@@ -266,9 +335,10 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
         s(&"--upstream"),
         format!("bench-tcp.default:9000=127.0.0.1:{up_tcp}"),
     ]);
-    let client_proxy_pid = procs.spawn(
+    let client_proxy_pid = procs.spawn_wrapped(
         "client-proxy",
-        &proxy,
+        &opts.proxy_wrapper,
+        proxy,
         &client_args,
         &[("TRELLIS_BOOTSTRAP_TOKEN", "bench-client")],
     )?;
@@ -276,24 +346,37 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
         SocketAddr::from(([127, 0, 0, 1], admin_server)),
         &procs,
         "server-proxy",
+        wait,
     )?;
     wait_ready(
         SocketAddr::from(([127, 0, 0, 1], admin_client)),
         &procs,
         "client-proxy",
+        wait,
     )?;
     wait_port(
         SocketAddr::from(([127, 0, 0, 1], app_http)),
         "http server",
         &procs,
         "http-server",
+        wait,
     )?;
     wait_port(
         SocketAddr::from(([127, 0, 0, 1], app_tcp)),
         "tcp server",
         &procs,
         "tcp-server",
+        wait,
     )?;
+    let app = SocketAddr::from(([127, 0, 0, 1], app_http));
+    let haproxy = if opts.haproxy && crate::haproxy::haproxy_on_path().is_some() {
+        let client = SocketAddr::from(([127, 0, 0, 1], hap_client));
+        let server = SocketAddr::from(([127, 0, 0, 1], hap_server));
+        let pids = start_haproxy_pair(&mut procs, client, server, app, wait)?;
+        Some((client, pids))
+    } else {
+        None
+    };
     Ok(LoopbackMesh {
         processes: procs,
         http_server: SocketAddr::from(([127, 0, 0, 1], app_http)),
@@ -303,5 +386,63 @@ pub fn start_loopback_mesh(dir: &Path, response_size: usize) -> Result<LoopbackM
         client_proxy_pid,
         server_proxy_pid,
         server_tcp_proxy_pid,
+        haproxy,
     })
+}
+
+/// Certificates, configs checked with `haproxy -c`, then the server side and the
+/// client side on loopback; returns their PIDs (client side first).
+fn start_haproxy_pair(
+    procs: &mut Processes,
+    client_bind: SocketAddr,
+    server: SocketAddr,
+    app: SocketAddr,
+    wait: Duration,
+) -> Result<[u32; 2]> {
+    let exe = crate::haproxy::haproxy_on_path()
+        .ok_or_else(|| BenchError::Setup("haproxy is not installed".into()))?;
+    let dir = procs.dir.join("haproxy");
+    let pki = crate::certs::write_pki(&dir, "server-hap", "client-hap")?;
+    let pair = crate::haproxy::MtlsPair {
+        client_bind,
+        server_addr: server,
+        server_bind: server,
+        app,
+        client_pem: pki.client,
+        server_pem: pki.server,
+        root_pem: pki.root,
+        verify_host: Some("server-hap".into()),
+    };
+    let (client_cfg, server_cfg) = crate::haproxy::write_configs(&pair, &dir)?;
+    for cfg in [&client_cfg, &server_cfg] {
+        crate::haproxy::check_config_ok(cfg)?;
+    }
+    let s = |p: &Path| p.display().to_string();
+    let server_pid = procs.spawn(
+        "haproxy-server",
+        &exe,
+        &["-f".into(), s(&server_cfg), "-db".into()],
+        &[],
+    )?;
+    let client_pid = procs.spawn(
+        "haproxy-client",
+        &exe,
+        &["-f".into(), s(&client_cfg), "-db".into()],
+        &[],
+    )?;
+    wait_port(
+        server,
+        "haproxy (server side)",
+        procs,
+        "haproxy-server",
+        wait,
+    )?;
+    wait_port(
+        client_bind,
+        "haproxy (client side)",
+        procs,
+        "haproxy-client",
+        wait,
+    )?;
+    Ok([client_pid, server_pid])
 }

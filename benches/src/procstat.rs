@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{BenchError, Result};
 
@@ -28,7 +28,7 @@ pub struct ProcSample {
 }
 
 /// CPU cost of a process between two samples.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CpuCost {
     pub pid: u32,
     /// CPU seconds consumed between the samples.

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use crate::report::RunResult;
@@ -51,7 +51,7 @@ impl Default for SaturationConfig {
 }
 
 /// One step of the search.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SaturationStep {
     pub rate: f64,
     pub passed: bool,
@@ -63,7 +63,7 @@ pub struct SaturationStep {
 }
 
 /// Outcome of the search.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SaturationResult {
     /// Highest passing rate, if any step passed.
     pub best_rate: Option<f64>,

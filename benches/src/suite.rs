@@ -24,6 +24,8 @@ pub struct Scenario {
     pub proxy_pids: Vec<u32>,
     /// `Host`/`:authority` for this scenario, overriding [`SuiteSettings::host`].
     pub host: Option<String>,
+    /// Scenario to compare against, overriding [`SuiteSettings::baseline`].
+    pub baseline: Option<String>,
 }
 
 impl Scenario {
@@ -34,7 +36,14 @@ impl Scenario {
             mode,
             proxy_pids: Vec::new(),
             host: None,
+            baseline: None,
         }
+    }
+
+    /// Compares this scenario against `baseline` rather than the suite's baseline.
+    pub fn with_baseline(mut self, baseline: impl Into<String>) -> Self {
+        self.baseline = Some(baseline.into());
+        self
     }
 
     pub fn with_proxies(mut self, pids: impl IntoIterator<Item = u32>) -> Self {
@@ -166,6 +175,8 @@ pub async fn run_scenario(scenario: &Scenario, settings: &SuiteSettings) -> Resu
         generator_lag_p99_us: 0,
         generator_lag_max_us: 0,
         failure: None,
+        baseline: scenario.baseline.clone(),
+        saturation: None,
     };
     let outcome = match outcome {
         Ok(o) => o,
@@ -225,9 +236,11 @@ pub async fn run_suite(scenarios: &[Scenario], settings: &SuiteSettings) -> Resu
     let mut report = Report {
         date: utc_now(),
         cores: core_count(),
+        topology: String::new(),
         load: settings.summary(),
         baseline: settings.baseline.clone(),
         scenarios: reports,
+        notes: Vec::new(),
     };
     report.compute_added();
     if let Some(dir) = &settings.out_dir {

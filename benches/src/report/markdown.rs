@@ -27,6 +27,9 @@ pub fn render_markdown(report: &Report) -> String {
     let _ = writeln!(out, "# Trellis latency benchmark\n");
     let _ = writeln!(out, "- date: {}", report.date);
     let _ = writeln!(out, "- machine: {} cores available", report.cores);
+    if !report.topology.is_empty() {
+        let _ = writeln!(out, "- topology: {}", report.topology);
+    }
     let _ = writeln!(
         out,
         "- load: open loop, {} rps over {} connections, {} s measured after {} s warm-up, \
@@ -61,6 +64,10 @@ pub fn render_markdown(report: &Report) -> String {
     for s in &report.scenarios {
         let r = &s.result;
         let (added50, added99) = match &s.added {
+            Some(a) if Some(&a.baseline) != report.baseline.as_ref() => (
+                format!("{} vs {}", signed_ms(a.p50_us), a.baseline),
+                signed_ms(a.p99_us),
+            ),
             Some(a) => (signed_ms(a.p50_us), signed_ms(a.p99_us)),
             None => ("—".to_string(), "—".to_string()),
         };
@@ -103,6 +110,59 @@ pub fn render_markdown(report: &Report) -> String {
             ms(s.generator_lag_p99_us),
             ms(s.generator_lag_max_us)
         );
+    }
+    if report.scenarios.iter().any(|s| s.saturation.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n## Saturation\n\nThe highest offered rate held with p99 under the limit and no \
+             errors (doubling, then bisection to 5 %; short steps, so a guide, not a \
+             certificate).\n"
+        );
+        let _ = writeln!(
+            out,
+            "| scenario | highest passing rate (rps) | p99 there (ms) | p50 there (ms) | \
+             steps | lowest failing rate (rps) | search |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for s in &report.scenarios {
+            let name = &s.result.scenario;
+            let Some(sat) = &s.saturation else {
+                let _ = writeln!(out, "| {name} | not searched | | | | | |");
+                continue;
+            };
+            let best = match sat.best_rate {
+                Some(r) => format!("{r:.0}"),
+                None if sat.steps.is_empty() => "no step fit in the budget".to_string(),
+                None => "none passed".to_string(),
+            };
+            let (p99, p50) = sat.best.as_ref().map_or_else(
+                || ("—".to_string(), "—".to_string()),
+                |b| (ms(b.p99_us), ms(b.p50_us)),
+            );
+            let lowest_fail = sat
+                .steps
+                .iter()
+                .filter(|st| !st.passed)
+                .map(|st| st.rate)
+                .reduce(f64::min)
+                .map_or_else(|| "—".to_string(), |r| format!("{r:.0}"));
+            let how = if sat.cut_short {
+                "cut short by its time budget"
+            } else {
+                "converged"
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {best} | {p99} | {p50} | {} | {lowest_fail} | {how} |",
+                sat.steps.len()
+            );
+        }
+    }
+    if !report.notes.is_empty() {
+        let _ = writeln!(out, "\n## Notes\n");
+        for n in &report.notes {
+            let _ = writeln!(out, "- {n}");
+        }
     }
     let failures: Vec<_> = report
         .scenarios

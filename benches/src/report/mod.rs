@@ -8,17 +8,18 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use crate::loadgen::{LoadConfig, LoadOutcome, Mode};
 use crate::procstat::CpuCost;
+use crate::saturation::SaturationResult;
 
 pub use markdown::render_markdown;
 pub use svg::render_svg;
 
 /// Figures of one run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunResult {
     pub scenario: String,
     pub mode: Mode,
@@ -121,7 +122,7 @@ impl RunResult {
 }
 
 /// Latency added over a baseline scenario at each percentile (µs; may be negative).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddedLatency {
     pub baseline: String,
     pub p50_us: i64,
@@ -147,7 +148,7 @@ pub fn added_latency(result: &RunResult, baseline: &RunResult) -> AddedLatency {
 }
 
 /// A point of the latency-by-percentile curve.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CurvePoint {
     /// 0 ..= 99.99
     pub percentile: f64,
@@ -183,7 +184,7 @@ pub fn percentile_curve(histogram: &Histogram<u64>) -> Vec<CurvePoint> {
 }
 
 /// Everything about one scenario of a suite.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioReport {
     pub result: RunResult,
     pub target: String,
@@ -193,7 +194,11 @@ pub struct ScenarioReport {
     pub proxy_cpu_s_per_1k_req_total: f64,
     /// Sum over the proxies of cores busy at the offered rate.
     pub proxy_vcpu_total: f64,
-    /// Against the suite's baseline scenario (absent for the baseline itself).
+    /// The scenario this one is compared against, when not the suite's baseline
+    /// (e.g. `baseline-tcp` for `trellis-tcp`).
+    #[serde(default)]
+    pub baseline: Option<String>,
+    /// Against the baseline scenario (absent for the baseline itself).
     pub added: Option<AddedLatency>,
     pub curve: Vec<CurvePoint>,
     /// How late the load generator released requests, p99 and max (µs): when these are
@@ -202,10 +207,13 @@ pub struct ScenarioReport {
     pub generator_lag_max_us: u64,
     /// Why the scenario did not run or its proxies could not be sampled.
     pub failure: Option<String>,
+    /// The highest rate it held with p99 under the limit and no errors, when searched.
+    #[serde(default)]
+    pub saturation: Option<SaturationResult>,
 }
 
 /// Load settings as written into the reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadSummary {
     pub rate: f64,
     pub connections: usize,
@@ -219,26 +227,43 @@ pub struct LoadSummary {
 }
 
 /// A whole suite.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// UTC, `YYYY-MM-DD HH:MM:SS`.
     pub date: String,
     pub cores: usize,
+    /// Where it ran: network namespaces with iptables, or loopback.
+    #[serde(default)]
+    pub topology: String,
     pub load: LoadSummary,
     pub baseline: Option<String>,
     pub scenarios: Vec<ScenarioReport>,
+    /// Scenarios skipped and why, and other remarks for the reader.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl Report {
-    /// Fills in `added` for every scenario from the one named `baseline`.
+    /// Fills in `added` for every scenario from its own baseline
+    /// ([`ScenarioReport::baseline`]) or else the suite's.
     pub fn compute_added(&mut self) {
-        let base = self.baseline.as_ref().and_then(|name| {
+        let find = |name: &str| {
             self.scenarios
                 .iter()
-                .find(|s| &s.result.scenario == name && s.failure.is_none())
+                .find(|s| s.result.scenario == name && s.failure.is_none())
                 .map(|s| s.result.clone())
-        });
-        for s in &mut self.scenarios {
+        };
+        let bases: Vec<Option<RunResult>> = self
+            .scenarios
+            .iter()
+            .map(|s| {
+                s.baseline
+                    .as_deref()
+                    .or(self.baseline.as_deref())
+                    .and_then(find)
+            })
+            .collect();
+        for (s, base) in self.scenarios.iter_mut().zip(bases) {
             s.added = match &base {
                 Some(b) if b.scenario != s.result.scenario && s.result.requests > 0 => {
                     Some(added_latency(&s.result, b))

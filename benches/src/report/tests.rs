@@ -119,11 +119,14 @@ fn report() -> Report {
         generator_lag_p99_us: 0,
         generator_lag_max_us: 0,
         failure: None,
+        baseline: None,
+        saturation: None,
         result: r,
     };
     Report {
         date: utc_now(),
         cores: core_count(),
+        topology: "loopback".into(),
         load: LoadSummary {
             rate: 1000.0,
             connections: 16,
@@ -140,6 +143,7 @@ fn report() -> Report {
             scenario(result("baseline", [100, 200], 0)),
             scenario(result("a<b", [400, 500], 1)),
         ],
+        notes: vec!["haproxy-mtls: skipped".into()],
     }
 }
 
@@ -157,4 +161,58 @@ fn report_renders() {
     assert_eq!(svg.matches("<polyline").count(), 2);
     assert!(svg.contains("a&lt;b"));
     assert!(svg.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn per_scenario_baseline_and_json_round_trip() {
+    let mut r = report();
+    let mk = |name: &str, v: u64| ScenarioReport {
+        result: result(name, [v], 0),
+        ..r.scenarios[0].clone()
+    };
+    let mut tcp_base = mk("baseline-tcp", 1000);
+    tcp_base.baseline = Some("baseline-tcp".into());
+    let mut tcp = mk("tcp", 1500);
+    tcp.baseline = Some("baseline-tcp".into());
+    r.scenarios.push(tcp_base);
+    r.scenarios.push(tcp);
+    r.compute_added();
+    assert!(r.scenarios[2].added.is_none());
+    let added = r.scenarios[3].added.as_ref().unwrap();
+    assert_eq!(
+        (added.baseline.as_str(), added.p50_us),
+        ("baseline-tcp", 500)
+    );
+    assert_eq!(r.scenarios[1].added.as_ref().unwrap().baseline, "baseline");
+    let md = render_markdown(&r);
+    assert!(md.contains("+0.500 vs baseline-tcp"), "{md}");
+    assert!(md.contains("- topology: loopback"), "{md}");
+    assert!(md.contains("haproxy-mtls: skipped"), "{md}");
+
+    let json = serde_json::to_string(&r).unwrap();
+    let back: Report = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.scenarios.len(), 4);
+    assert_eq!(back.scenarios[3].result, r.scenarios[3].result);
+    // Latencies survive exactly; percentiles to the last bit or so.
+    let lat = |s: &ScenarioReport| s.curve.iter().map(|p| p.latency_us).collect::<Vec<_>>();
+    assert_eq!(lat(&back.scenarios[3]), lat(&r.scenarios[3]));
+    for (a, b) in back.scenarios[3].curve.iter().zip(&r.scenarios[3].curve) {
+        assert!((a.percentile - b.percentile).abs() < 1e-9);
+    }
+    assert_eq!(back.topology, "loopback");
+}
+
+#[test]
+fn saturation_table() {
+    let mut r = report();
+    r.scenarios[1].saturation = Some(crate::saturation::SaturationResult {
+        best_rate: Some(4000.0),
+        best: Some(result("a<b", [3000], 0)),
+        steps: Vec::new(),
+        cut_short: true,
+    });
+    let md = render_markdown(&r);
+    assert!(md.contains("## Saturation"), "{md}");
+    assert!(md.contains("| a<b | 4000 | 3.0"), "{md}");
+    assert!(md.contains("| baseline | not searched |"), "{md}");
 }
