@@ -127,7 +127,8 @@ async fn connect(
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
-        .adaptive_window(true)
+        .initial_stream_window_size(super::inbound::MESH_STREAM_WINDOW)
+        .initial_connection_window_size(super::inbound::MESH_CONNECTION_WINDOW)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| PoolError::H2 { addr, source })?;
