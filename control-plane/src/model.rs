@@ -149,3 +149,45 @@ impl MeshSnapshot {
 
 #[cfg(test)]
 mod tests;
+
+/// Workloads by name and by address, per namespace: how both registries find the
+/// workload (and so the identity) behind an EndpointSlice endpoint.
+pub struct WorkloadIndex<'a> {
+    by_name: std::collections::HashMap<(&'a str, &'a str), &'a Workload>,
+    by_address: std::collections::HashMap<(&'a str, IpAddr), Vec<&'a Workload>>,
+}
+
+impl<'a> WorkloadIndex<'a> {
+    pub fn new(workloads: &'a [Workload]) -> Self {
+        let mut index = WorkloadIndex {
+            by_name: Default::default(),
+            by_address: Default::default(),
+        };
+        for w in workloads {
+            index.by_name.insert((&w.namespace, &w.name), w);
+            index
+                .by_address
+                .entry((&w.namespace, w.address))
+                .or_default()
+                .push(w);
+        }
+        index
+    }
+
+    /// The workload a targetRef (namespace, name) names, or else the one workload in
+    /// `namespace` with `address`.
+    pub fn find(
+        &self,
+        namespace: &str,
+        target: Option<(&str, &str)>,
+        address: IpAddr,
+    ) -> Option<&'a Workload> {
+        // The endpoint controller's targetRef is authoritative; the address is the
+        // fallback for slices written by hand or by other controllers.
+        let by_ref = target.and_then(|(ns, name)| self.by_name.get(&(ns, name)).copied());
+        by_ref.or_else(|| match self.by_address.get(&(namespace, address)) {
+            Some(list) if list.len() == 1 => Some(list[0]),
+            _ => None,
+        })
+    }
+}

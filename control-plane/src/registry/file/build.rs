@@ -100,7 +100,7 @@ pub(super) fn build(
         snapshot.services.insert(s.key.clone(), s);
     }
 
-    let lookup = Lookup::new(&snapshot.workloads);
+    let lookup = crate::model::WorkloadIndex::new(&snapshot.workloads);
     let mut endpoints: BTreeMap<(ServiceKey, u16), Vec<Endpoint>> = BTreeMap::new();
     for (at, slice) in slices {
         if let Err(reason) = slice_endpoints(slice, &snapshot.services, &lookup, &mut endpoints) {
@@ -296,35 +296,11 @@ pub(super) fn app_protocol(app_protocol: Option<&str>, port_name: &str) -> AppPr
     }
 }
 
-/// Workloads by name and by address, per namespace.
-struct Lookup<'a> {
-    by_name: HashMap<(&'a str, &'a str), &'a Workload>,
-    by_address: HashMap<(&'a str, IpAddr), Vec<&'a Workload>>,
-}
-
-impl<'a> Lookup<'a> {
-    fn new(workloads: &'a [Workload]) -> Self {
-        let mut lookup = Lookup {
-            by_name: HashMap::new(),
-            by_address: HashMap::new(),
-        };
-        for w in workloads {
-            lookup.by_name.insert((&w.namespace, &w.name), w);
-            lookup
-                .by_address
-                .entry((&w.namespace, w.address))
-                .or_default()
-                .push(w);
-        }
-        lookup
-    }
-}
-
 /// Adds a slice's endpoints; returns the reasons it was (partly) rejected.
 fn slice_endpoints(
     slice: &EndpointSliceObject,
     services: &BTreeMap<ServiceKey, Service>,
-    workloads: &Lookup<'_>,
+    workloads: &crate::model::WorkloadIndex<'_>,
     out: &mut BTreeMap<(ServiceKey, u16), Vec<Endpoint>>,
 ) -> Result<(), Vec<String>> {
     let namespace = slice.metadata.namespace();
@@ -361,13 +337,10 @@ fn slice_endpoints(
     }
     for e in &slice.endpoints {
         let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        let by_ref = e.target_ref.as_ref().and_then(|r| {
+        let target = e.target_ref.as_ref().and_then(|r| {
             let kind_ok = matches!(r.kind.as_deref(), Some("WorkloadEntry" | "Pod"));
             let ns = r.namespace.as_deref().unwrap_or(namespace);
-            let name = r.name.as_deref()?;
-            kind_ok
-                .then(|| workloads.by_name.get(&(ns, name)).copied())
-                .flatten()
+            kind_ok.then_some((ns, r.name.as_deref()?))
         });
         for address in e.addresses.iter().map(|a| a.0) {
             if address.is_ipv4() != want_v4 {
@@ -377,11 +350,7 @@ fn slice_endpoints(
                 ));
                 continue;
             }
-            let by_address = || match workloads.by_address.get(&(namespace, address)) {
-                Some(list) if list.len() == 1 => Some(list[0]),
-                _ => None,
-            };
-            let Some(w) = by_ref.or_else(by_address) else {
+            let Some(w) = workloads.find(namespace, target, address) else {
                 errors.push(format!(
                     "no WorkloadEntry for endpoint address {address}: give a targetRef, or \
                      declare exactly one WorkloadEntry with that address in namespace {namespace}"

@@ -8,7 +8,7 @@
 //!   its identity from the Pod its `targetRef` names, else from the one Pod with that
 //!   IP. An address with no Pod has no identity and is left out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService, ServiceAccount};
@@ -81,7 +81,7 @@ pub fn snapshot_from(state: &ClusterState, trust_domain: &str) -> MeshSnapshot {
         .workloads
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
-    let pods = PodIndex::new(&snapshot.workloads);
+    let pods = crate::model::WorkloadIndex::new(&snapshot.workloads);
     for slice in state.endpoint_slices.iter() {
         slice_endpoints(slice, &snapshot.services, &pods, &mut snapshot.endpoints);
     }
@@ -207,49 +207,10 @@ fn workload(p: &Pod, trust_domain: &str) -> Option<Workload> {
     })
 }
 
-/// Workloads by name and by address, per namespace.
-struct PodIndex<'a> {
-    by_name: HashMap<(&'a str, &'a str), &'a Workload>,
-    by_address: HashMap<(&'a str, IpAddr), Vec<&'a Workload>>,
-}
-
-impl<'a> PodIndex<'a> {
-    fn new(workloads: &'a [Workload]) -> Self {
-        let mut index = PodIndex {
-            by_name: HashMap::new(),
-            by_address: HashMap::new(),
-        };
-        for w in workloads {
-            index.by_name.insert((&w.namespace, &w.name), w);
-            index
-                .by_address
-                .entry((&w.namespace, w.address))
-                .or_default()
-                .push(w);
-        }
-        index
-    }
-
-    fn find(
-        &self,
-        namespace: &str,
-        target: Option<(&str, &str)>,
-        address: IpAddr,
-    ) -> Option<&'a Workload> {
-        // The endpoint controller's targetRef is authoritative; the address is the
-        // fallback for slices written by hand or by other controllers.
-        let by_ref = target.and_then(|(ns, name)| self.by_name.get(&(ns, name)).copied());
-        by_ref.or_else(|| match self.by_address.get(&(namespace, address)) {
-            Some(list) if list.len() == 1 => Some(list[0]),
-            _ => None,
-        })
-    }
-}
-
 fn slice_endpoints(
     slice: &EndpointSlice,
     services: &BTreeMap<ServiceKey, Service>,
-    pods: &PodIndex<'_>,
+    pods: &crate::model::WorkloadIndex<'_>,
     out: &mut BTreeMap<(ServiceKey, u16), Vec<Endpoint>>,
 ) {
     let Some(namespace) = slice.metadata.namespace.as_deref() else {
