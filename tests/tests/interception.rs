@@ -44,10 +44,12 @@ fn main() {
 }
 
 /// A small cluster: control plane in the node namespace, meshed pods `client` and
-/// `echo`, and `plain`, a pod without a sidecar.
+/// `echo` (plus any extra meshed callers), and `plain`, a pod without a sidecar.
 struct Cluster {
     bed: TestBed,
     client: Pod,
+    /// Meshed callers besides `client`, each with the service account of its name.
+    others: Vec<Pod>,
     echo: Pod,
     plain: Pod,
     _procs: Vec<ChildHandle>,
@@ -56,8 +58,8 @@ struct Cluster {
 const ECHO_VIP: &str = "10.96.0.10";
 const LINE_VIP: &str = "10.96.0.11";
 
-fn registry(client: &Pod, echo: &Pod) -> String {
-    format!(
+fn registry(callers: &[Pod], echo: &Pod) -> String {
+    let mut yaml = format!(
         r#"apiVersion: v1
 kind: Service
 metadata: {{name: echo, namespace: default}}
@@ -80,23 +82,31 @@ metadata: {{name: echo, namespace: default, labels: {{app: echo}}}}
 spec: {{address: {echo_ip}, serviceAccount: echo}}
 ---
 apiVersion: trellis.io/v1alpha1
-kind: WorkloadEntry
-metadata: {{name: client, namespace: default, labels: {{app: client}}}}
-spec: {{address: {client_ip}, serviceAccount: client}}
----
-apiVersion: trellis.io/v1alpha1
 kind: BootstrapToken
 metadata: {{name: echo, namespace: default}}
 spec: {{serviceAccount: echo, token: echo-token}}
+"#,
+        echo_ip = echo.ip,
+    );
+    // Each caller pod runs as the service account named like the pod.
+    for caller in callers {
+        yaml.push_str(&format!(
+            r#"---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {{name: {sa}, namespace: default, labels: {{app: {sa}}}}}
+spec: {{address: {ip}, serviceAccount: {sa}}}
 ---
 apiVersion: trellis.io/v1alpha1
 kind: BootstrapToken
-metadata: {{name: client, namespace: default}}
-spec: {{serviceAccount: client, token: client-token}}
+metadata: {{name: {sa}, namespace: default}}
+spec: {{serviceAccount: {sa}, token: {sa}-token}}
 "#,
-        echo_ip = echo.ip,
-        client_ip = client.ip,
-    )
+            sa = caller.name,
+            ip = caller.ip,
+        ));
+    }
+    yaml
 }
 
 /// Files the proxy (UID 1337) must read: world-readable, in traversable folders.
@@ -115,22 +125,29 @@ fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn cluster(name: &str, client_init: InitConfig) -> Result<Cluster> {
+fn cluster(name: &str, client_init: InitConfig, others: &[&str]) -> Result<Cluster> {
     let proxy = target_binary("trellis-proxy")?;
     let control = target_binary("trellis-control")?;
     let mut bed = TestBed::new(name)?;
     let client = bed.add_pod("client")?;
     let echo = bed.add_pod("echo")?;
     let plain = bed.add_pod("plain")?;
+    let others = others
+        .iter()
+        .map(|name| bed.add_pod(name))
+        .collect::<Result<Vec<Pod>>>()?;
+    let callers: Vec<Pod> = std::iter::once(client.clone())
+        .chain(others.iter().cloned())
+        .collect();
     bed.add_service("echo", "default", ECHO_VIP.parse()?)?;
     bed.add_service("lines", "default", LINE_VIP.parse()?)?;
 
     let files = shared_dir(bed.dir(), "files")?;
     let registry_dir = files.join("registry");
     std::fs::create_dir_all(&registry_dir)?;
-    std::fs::write(registry_dir.join("mesh.yaml"), registry(&client, &echo))?;
-    for (sa, token) in [("echo", "echo-token"), ("client", "client-token")] {
-        std::fs::write(files.join(format!("{sa}.token")), token)?;
+    std::fs::write(registry_dir.join("mesh.yaml"), registry(&callers, &echo))?;
+    for sa in std::iter::once("echo").chain(callers.iter().map(|p| p.name.as_str())) {
+        std::fs::write(files.join(format!("{sa}.token")), format!("{sa}-token"))?;
     }
     let state = files.join("state");
 
@@ -167,10 +184,11 @@ fn cluster(name: &str, client_init: InitConfig) -> Result<Cluster> {
         p.wait_listening(READY)?;
     }
 
-    for (pod, sa, init) in [
-        (&echo, "echo", InitConfig::default()),
-        (&client, "client", client_init),
-    ] {
+    let sidecars = std::iter::once((&echo, InitConfig::default()))
+        .chain(std::iter::once((&client, client_init)))
+        .chain(others.iter().map(|p| (p, InitConfig::default())));
+    for (pod, init) in sidecars {
+        let sa = pod.name.as_str();
         bed.apply_init(pod, &init)?;
         let token = files.join(format!("{sa}.token"));
         let handle = bed.spawn_env(
@@ -199,11 +217,15 @@ fn cluster(name: &str, client_init: InitConfig) -> Result<Cluster> {
     let cluster = Cluster {
         bed,
         client,
+        others,
         echo,
         plain,
         _procs: procs,
     };
-    for pod in [&cluster.client, &cluster.echo] {
+    let meshed = [&cluster.client, &cluster.echo]
+        .into_iter()
+        .chain(cluster.others.iter());
+    for pod in meshed {
         cluster.eventually(&format!("the proxy in {} is ready", pod.name), || {
             Ok(cluster.admin(pod, "/ready")?.contains("ready"))
         })?;
@@ -244,7 +266,7 @@ impl Cluster {
 }
 
 fn default_cluster(name: &str) -> Result<Cluster> {
-    cluster(name, InitConfig::default())
+    cluster(name, InitConfig::default(), &[])
 }
 
 fn app_calls_a_service_by_name_over_mtls() -> Result<()> {
@@ -325,7 +347,7 @@ fn excluded_ports_bypass_the_proxy() -> Result<()> {
         exclude_outbound_ports: vec![9100],
         ..InitConfig::default()
     };
-    let mut c = cluster("exclude", init)?;
+    let mut c = cluster("exclude", init, &[])?;
     // Two line servers outside the mesh, in the pod without a sidecar.
     let plain = c.plain.clone();
     for port in ["9100", "9101"] {
@@ -362,66 +384,98 @@ fn excluded_ports_bypass_the_proxy() -> Result<()> {
     })
 }
 
-const ALLOW_CLIENT_GET: &str = r#"apiVersion: trellis.io/v1alpha1
+/// `client` may GET public paths, `ops` may GET anything; nobody else gets in.
+const ALLOW_POLICY: &str = r#"apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
-metadata: {name: allow-client-get, namespace: default}
+metadata: {name: allow-readers, namespace: default}
 spec:
   selector: {matchLabels: {app: echo}}
   action: ALLOW
   rules:
   - from: [{source: {principals: ["spiffe://cluster.local/ns/default/sa/client"]}}]
     to: [{operation: {methods: [GET], paths: ["/public/*"]}}]
+  - from: [{source: {principals: ["*/sa/ops"]}}]
+    to: [{operation: {methods: [GET, HEAD]}}]
 "#;
 
-const DENY_CLIENT: &str = r#"apiVersion: trellis.io/v1alpha1
+/// `client` is shut out; `ops` may not touch private paths; the rest is open.
+const DENY_POLICY: &str = r#"apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
-metadata: {name: deny-client, namespace: default}
+metadata: {name: deny-some, namespace: default}
 spec:
   selector: {matchLabels: {app: echo}}
   action: DENY
   rules:
   - from: [{source: {principals: ["spiffe://cluster.local/ns/default/sa/client"]}}]
+  - from: [{source: {principals: ["spiffe://cluster.local/ns/default/*"]}}]
+    to: [{operation: {paths: ["/private"]}}]
 "#;
 
-/// The caller's identity, proven across pods, decides: {allowed path, denied path,
-/// denied method} × {ALLOW policy, DENY policy, none}.
+/// Three caller identities, proven across pods, × {allowed path, denied path,
+/// denied method} × {ALLOW policy, DENY policy, none}: exactly the expected matrix.
 fn authorization_matrix_across_pods() -> Result<()> {
-    let c = default_cluster("authz")?;
+    let c = cluster("authz", InitConfig::default(), &["ops", "stranger"])?;
     let registry = c.bed.dir().join("files").join("registry");
+    let callers: Vec<&Pod> = std::iter::once(&c.client).chain(c.others.iter()).collect();
     let requests = [
         ("GET", "/public/x"),
         ("GET", "/private"),
         ("DELETE", "/public/x"),
     ];
-    let cases: [(&str, [u16; 3]); 3] = [
-        (ALLOW_CLIENT_GET, [200, 403, 403]),
-        (DENY_CLIENT, [403, 403, 403]),
-        ("", [200, 200, 200]),
+    // Rows: client, ops, stranger; columns: the requests above.
+    let cases: [(&str, &str, [[u16; 3]; 3]); 3] = [
+        (
+            "ALLOW",
+            ALLOW_POLICY,
+            [[200, 403, 403], [200, 200, 403], [403, 403, 403]],
+        ),
+        (
+            "DENY",
+            DENY_POLICY,
+            [[403, 403, 403], [200, 403, 200], [200, 403, 200]],
+        ),
+        (
+            "none",
+            "",
+            [[200, 200, 200], [200, 200, 200], [200, 200, 200]],
+        ),
     ];
-    for (policy, expected) in cases {
+    for (name, policy, expected) in cases {
         std::fs::write(registry.join("policy.yaml"), policy)?;
-        // The policy reaches the sidecar within a second or so; then every request
-        // must get its expected answer.
+        // The policy reaches the sidecar within a second or so; then every caller's
+        // every request must get its expected answer.
         let mut last = Vec::new();
-        let applied = c.eventually("policy applied", || {
-            last = requests
+        let applied = c.eventually(&format!("{name} policy applied"), || {
+            last = callers
                 .iter()
-                .map(|(method, path)| status_from(&c, method, path))
-                .collect::<Result<Vec<u16>>>()?;
-            Ok(last == expected)
+                .map(|caller| {
+                    let row = requests
+                        .iter()
+                        .map(|(method, path)| status_from(&c, caller, method, path))
+                        .collect::<Result<Vec<u16>>>()?;
+                    Ok(row)
+                })
+                .collect::<Result<Vec<Vec<u16>>>>()?;
+            Ok(last
+                .iter()
+                .zip(expected.iter())
+                .all(|(got, want)| got == want))
         });
         if applied.is_err() {
-            bail!("expected {expected:?}, got {last:?}\n{}", c.bed.logs());
+            bail!(
+                "{name} policy: expected {expected:?} (client, ops, stranger), got {last:?}\n{}",
+                c.bed.logs()
+            );
         }
     }
     Ok(())
 }
 
-fn status_from(c: &Cluster, method: &str, path: &str) -> Result<u16> {
+fn status_from(c: &Cluster, caller: &Pod, method: &str, path: &str) -> Result<u16> {
     let url = format!("http://echo.default.svc.cluster.local{path}");
     let out = c
         .bed
-        .exec(&c.client, APP, &["http-get", &url, "--method", method])?;
+        .exec(caller, APP, &["http-get", &url, "--method", method])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     Ok(stdout
         .lines()
