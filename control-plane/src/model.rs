@@ -89,6 +89,9 @@ pub struct Workload {
     pub ports: BTreeMap<String, u16>,
     /// Where its sidecar takes mesh traffic when no iptables redirect exists.
     pub sidecar_port: Option<u16>,
+    /// Whether it runs a sidecar at all; without one, meshed callers reach its app
+    /// in plaintext.
+    pub sidecar: bool,
     pub weight: u32,
     pub zone: String,
 }
@@ -103,6 +106,8 @@ pub struct Endpoint {
     pub zone: String,
     pub ready: bool,
     pub mesh_address: Option<SocketAddr>,
+    /// Whether its workload runs a sidecar (see [`Workload::sidecar`]).
+    pub sidecar: bool,
 }
 
 /// A bootstrap token (file registry): proof of identity for the CA.

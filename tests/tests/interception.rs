@@ -40,6 +40,10 @@ fn main() {
             "authorization_matrix_across_pods",
             authorization_matrix_across_pods,
         ),
+        (
+            "meshed_callers_reach_pods_without_mtls_in_plaintext",
+            meshed_callers_reach_pods_without_mtls_in_plaintext,
+        ),
     ]);
 }
 
@@ -57,6 +61,7 @@ struct Cluster {
 
 const ECHO_VIP: &str = "10.96.0.10";
 const LINE_VIP: &str = "10.96.0.11";
+const LEGACY_VIP: &str = "10.96.0.12";
 
 fn registry(callers: &[Pod], echo: &Pod) -> String {
     let mut yaml = format!(
@@ -482,4 +487,101 @@ fn status_from(c: &Cluster, caller: &Pod, method: &str, path: &str) -> Result<u1
         .find_map(|l| l.strip_prefix("HTTP "))
         .and_then(|code| code.trim().parse().ok())
         .unwrap_or(0))
+}
+
+/// A Service whose pod runs no sidecar: meshed callers reach it in plaintext (HTTP
+/// and TCP), as Istio's auto-mTLS and Linkerd do; and a meshed pod whose
+/// PeerAuthentication is DISABLE is reached in plaintext too.
+fn meshed_callers_reach_pods_without_mtls_in_plaintext() -> Result<()> {
+    let mut c = default_cluster("plaintext")?;
+    let plain = c.plain.clone();
+    for args in [
+        ["http-echo", "--listen", "0.0.0.0:8080", "--name", "legacy"],
+        ["tcp-echo", "--listen", "0.0.0.0:9000", "", ""],
+    ] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let p = c.bed.spawn(&plain, None, APP, &args)?;
+        p.wait_listening(READY)?;
+        c._procs.push(p);
+    }
+    c.bed
+        .add_service("legacy", "default", LEGACY_VIP.parse()?)?;
+    let registry = c.bed.dir().join("files").join("registry");
+    std::fs::write(
+        registry.join("legacy.yaml"),
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: legacy, namespace: default}}
+spec:
+  clusterIP: {LEGACY_VIP}
+  selector: {{app: legacy}}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, appProtocol: http}}
+  - {{name: tcp, port: 9000, targetPort: 9000, appProtocol: tcp}}
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {{name: legacy, namespace: default, labels: {{app: legacy}}}}
+spec: {{address: {ip}, serviceAccount: legacy, sidecar: false}}
+"#,
+            ip = plain.ip
+        ),
+    )?;
+    c.eventually("HTTP to the pod without a sidecar", || {
+        let out = c.bed.exec_ok(
+            &c.client,
+            APP,
+            &["http-get", "http://legacy.default.svc.cluster.local/hi"],
+        )?;
+        Ok(out.contains("HTTP 200") && out.contains("legacy GET /hi"))
+    })?;
+    let line = c.bed.exec_ok(
+        &c.client,
+        APP,
+        &["tcp-send", "legacy.default:9000", "plain bytes"],
+    )?;
+    if line.trim() != "plain bytes" {
+        bail!(
+            "TCP to the pod without a sidecar: {line:?}\n{}",
+            c.bed.logs()
+        );
+    }
+    c.eventually("the client's proxy counted a plaintext connection", || {
+        c.metric(
+            &c.client,
+            r#"trellis_outbound_connections_total{service="legacy.default",peer_identity="plaintext"}"#,
+        )
+    })?;
+
+    // echo's sidecar switched to DISABLE takes plaintext only; the client follows.
+    std::fs::write(
+        registry.join("peer.yaml"),
+        r#"apiVersion: trellis.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: echo, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: DISABLE}
+"#,
+    )?;
+    c.eventually("TCP to echo under DISABLE goes in plaintext", || {
+        let out = c
+            .bed
+            .exec_ok(&c.client, APP, &["tcp-send", "lines.default:9000", "x"])?;
+        Ok(out.trim() == "x"
+            && c.metric(
+                &c.client,
+                r#"trellis_outbound_connections_total{service="lines.default",peer_identity="plaintext"}"#,
+            )?)
+    })?;
+    let out = c.bed.exec_ok(
+        &c.client,
+        APP,
+        &["http-get", "http://echo.default.svc.cluster.local/after"],
+    )?;
+    if !out.contains("HTTP 200") || !out.contains("echo GET /after") {
+        bail!("HTTP to echo under DISABLE: {out}\n{}", c.bed.logs());
+    }
+    Ok(())
 }

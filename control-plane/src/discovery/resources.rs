@@ -10,7 +10,7 @@ use trellis_identity::SpiffeId;
 use trellis_proto::discovery::v1 as pb;
 use trellis_proto::discovery::v1::type_url;
 
-use crate::model::{AppProtocol, MeshSnapshot, TargetPort};
+use crate::model::{AppProtocol, MeshSnapshot, MtlsMode, TargetPort};
 
 /// All resources of one kind, by name.
 pub type ResourceSet = BTreeMap<String, pb::Resource>;
@@ -84,6 +84,18 @@ pub fn view_for(
         );
     }
 
+    // Whom to reach in plaintext: endpoints without a sidecar, and those whose
+    // sidecar's PeerAuthentication for the port is DISABLE (it would take no mTLS).
+    // PERMISSIVE takes both, so meshed callers still use mTLS there.
+    let mut peer_modes = std::collections::HashMap::new();
+    let mut plaintext = |e: &crate::model::Endpoint| {
+        !e.sidecar
+            || peer_modes
+                .entry(e.identity.clone())
+                .or_insert_with(|| snapshot.peer_authentication_for(&e.identity))
+                .mode_for(e.port)
+                == MtlsMode::Disable
+    };
     for ((key, port), endpoints) in &snapshot.endpoints {
         let name = format!("{key}:{port}");
         let resource = pb::Endpoints {
@@ -92,14 +104,25 @@ pub fn view_for(
             port: u32::from(*port),
             endpoints: endpoints
                 .iter()
-                .map(|e| pb::Endpoint {
-                    address: e.address.to_string(),
-                    port: u32::from(e.port),
-                    identity: e.identity.to_string(),
-                    weight: e.weight,
-                    zone: e.zone.clone(),
-                    ready: e.ready,
-                    mesh_address: e.mesh_address.map(|a| a.to_string()).unwrap_or_default(),
+                .map(|e| {
+                    let plaintext = plaintext(e);
+                    pb::Endpoint {
+                        address: e.address.to_string(),
+                        port: u32::from(e.port),
+                        identity: if plaintext {
+                            String::new()
+                        } else {
+                            e.identity.to_string()
+                        },
+                        weight: e.weight,
+                        zone: e.zone.clone(),
+                        ready: e.ready,
+                        mesh_address: match e.mesh_address {
+                            Some(a) if !plaintext => a.to_string(),
+                            _ => String::new(),
+                        },
+                        plaintext,
+                    }
                 })
                 .collect(),
         };

@@ -220,6 +220,11 @@ pub struct EffectivePeerAuthentication {
 }
 
 impl EffectivePeerAuthentication {
+    /// The mode on one of the workload's ports.
+    pub fn mode_for(&self, port: u16) -> MtlsMode {
+        self.port_modes.get(&port).copied().unwrap_or(self.mode)
+    }
+
     /// Of two, per port the stricter: for a proxy that may be either workload.
     fn strictest(self, other: EffectivePeerAuthentication) -> EffectivePeerAuthentication {
         let stricter = |a: MtlsMode, b: MtlsMode| {

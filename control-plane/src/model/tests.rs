@@ -179,6 +179,7 @@ fn workload(name: &str, sa: &str, pairs: &[(&str, &str)]) -> Workload {
         labels: labels(pairs),
         ports: BTreeMap::new(),
         sidecar_port: None,
+        sidecar: true,
         weight: 1,
         zone: String::new(),
     }

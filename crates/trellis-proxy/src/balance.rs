@@ -223,7 +223,7 @@ mod tests {
         let addr = SocketAddr::from(([10, 0, 0, 1], port));
         Endpoint {
             address: addr,
-            identity: "spiffe://cluster.local/ns/a/sa/b".parse().unwrap(),
+            identity: Some("spiffe://cluster.local/ns/a/sa/b".parse().unwrap()),
             dial: addr,
             ready,
             weight: 1,

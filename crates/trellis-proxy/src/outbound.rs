@@ -1,6 +1,7 @@
 //! Outbound: take the app's connection, find the service it meant, pick an endpoint,
 //! and carry the bytes over mTLS to that endpoint's sidecar, which must prove the
-//! identity discovery promised.
+//! identity discovery promised (or, for an endpoint without a sidecar, straight to
+//! its app in plaintext).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
-use trellis_identity::MeshTls;
+use trellis_identity::{MeshTls, SpiffeId};
 
 use crate::config::{OutboundPolicy, ProxyConfig, Upstream};
 use crate::detect;
@@ -21,6 +22,9 @@ use crate::metrics::{Metrics, ReasonLabels, ServiceLabels};
 use crate::orig_dst::original_dst;
 use bytes::Bytes;
 use trellis_proto::discovery::v1::Protocol;
+
+/// The `peer_identity` label of connections to endpoints without a sidecar.
+pub const PLAINTEXT_PEER: &str = "plaintext";
 
 /// How many endpoints one connection tries before giving up.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -190,62 +194,91 @@ impl Outbound {
             }
         };
         let mut downstream = detect::PrefixedIo::new(prefix, downstream);
-        let tls = self
-            .tls
-            .borrow()
-            .clone()
-            .ok_or(OutboundError::NoCertificate)?;
+        let tls = self.tls.borrow().clone();
         let mut failed = Vec::new();
         let mut last_error = OutboundError::NoEndpoints(service.service.clone());
         for _ in 0..CONNECT_ATTEMPTS {
             let Some((endpoint, _active)) = service.endpoints.pick(&failed) else {
                 break;
             };
-            let connected = async {
-                let client = tls
-                    .client_config(&endpoint.identity)
-                    .map_err(OutboundError::Tls)?;
-                let tcp = self.connect(endpoint.dial).await?;
-                let name = ServerName::IpAddress(endpoint.dial.ip().into());
-                tokio::time::timeout(
-                    self.config.handshake_timeout,
-                    TlsConnector::from(client).connect(name, tcp),
-                )
-                .await
-                .map_err(|_| OutboundError::HandshakeTimeout)?
-                .map_err(OutboundError::Handshake)
-            }
-            .await;
-            match connected {
-                Ok(mut upstream) => {
-                    let labels = ServiceLabels {
-                        service: service.service.clone(),
-                        peer_identity: endpoint.identity.to_string(),
-                    };
-                    self.metrics
-                        .outbound_connections
-                        .get_or_create(&labels)
-                        .inc();
-                    self.metrics.active_connections.inc();
-                    let copied =
-                        tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-                    self.metrics.active_connections.dec();
-                    if let Ok((up, down)) = copied {
-                        self.metrics
-                            .outbound_bytes
-                            .get_or_create(&labels)
-                            .inc_by(up + down);
+            let peer_identity = endpoint
+                .identity
+                .as_ref()
+                .map_or_else(|| PLAINTEXT_PEER.to_owned(), ToString::to_string);
+            let labels = ServiceLabels {
+                service: service.service.clone(),
+                peer_identity,
+            };
+            let connected = match &endpoint.identity {
+                Some(identity) => match self
+                    .connect_mtls(tls.as_deref(), identity, endpoint.dial)
+                    .await
+                {
+                    Ok(mut upstream) => {
+                        self.splice(&mut downstream, &mut upstream, &labels).await;
+                        Ok(())
                     }
-                    return Ok(());
-                }
+                    Err(e) => Err(e),
+                },
+                // No sidecar there: the bytes go to the app as they are.
+                None => match self.connect(endpoint.dial).await {
+                    Ok(mut upstream) => {
+                        self.splice(&mut downstream, &mut upstream, &labels).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match connected {
+                Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::debug!(endpoint = %endpoint.dial, identity = %endpoint.identity, error = %e, "endpoint failed");
+                    tracing::debug!(endpoint = %endpoint.dial, identity = %labels.peer_identity, error = %e, "endpoint failed");
                     failed.push(endpoint.dial);
                     last_error = e;
                 }
             }
         }
         Err(last_error)
+    }
+
+    async fn connect_mtls(
+        &self,
+        tls: Option<&MeshTls>,
+        identity: &SpiffeId,
+        dial: SocketAddr,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, OutboundError> {
+        let tls = tls.ok_or(OutboundError::NoCertificate)?;
+        let client = tls.client_config(identity).map_err(OutboundError::Tls)?;
+        let tcp = self.connect(dial).await?;
+        let name = ServerName::IpAddress(dial.ip().into());
+        tokio::time::timeout(
+            self.config.handshake_timeout,
+            TlsConnector::from(client).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| OutboundError::HandshakeTimeout)?
+        .map_err(OutboundError::Handshake)
+    }
+
+    /// Carries bytes both ways until either side closes, counting the connection.
+    async fn splice<D, U>(&self, downstream: &mut D, upstream: &mut U, labels: &ServiceLabels)
+    where
+        D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        self.metrics
+            .outbound_connections
+            .get_or_create(labels)
+            .inc();
+        self.metrics.active_connections.inc();
+        let copied = tokio::io::copy_bidirectional(downstream, upstream).await;
+        self.metrics.active_connections.dec();
+        if let Ok((up, down)) = copied {
+            self.metrics
+                .outbound_bytes
+                .get_or_create(labels)
+                .inc_by(up + down);
+        }
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, OutboundError> {

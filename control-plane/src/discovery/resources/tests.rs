@@ -339,3 +339,63 @@ fn traffic_policy_on_the_wire() {
         }
     );
 }
+
+#[test]
+fn endpoints_without_mtls_are_marked_plaintext() {
+    const PLAIN: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: metrics, port: 9100, targetPort: 9100}]
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {name: web-1, namespace: demo, labels: {app: web, tier: meshed}}
+spec: {address: 10.0.0.1, serviceAccount: web}
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {name: web-2, namespace: demo, labels: {app: web}}
+spec: {address: 10.0.0.2, serviceAccount: legacy, sidecar: false}
+---
+apiVersion: trellis.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {matchLabels: {tier: meshed}}
+  mtls: {mode: PERMISSIVE}
+  portLevelMtls: {9100: {mode: DISABLE}}
+";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), PLAIN).unwrap();
+    let snapshot = crate::registry::load_dir(dir.path(), TD).unwrap();
+    let view = view_for(&snapshot, TD, &[], &id("demo", "client"));
+    let endpoints = |name: &str| match decoded(&view, type_url::ENDPOINTS, name) {
+        pb::resource::Kind::Endpoints(e) => e
+            .endpoints
+            .into_iter()
+            .map(|e| (e.address, e.identity, e.plaintext))
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let web = id("demo", "web").to_string();
+    // PERMISSIVE still takes mTLS, so meshed callers use it; the workload without a
+    // sidecar is reached in plaintext.
+    assert_eq!(
+        endpoints("web.demo:80"),
+        vec![
+            ("10.0.0.1".to_owned(), web, false),
+            ("10.0.0.2".to_owned(), String::new(), true),
+        ]
+    );
+    // DISABLE on the port: its sidecar would take no mTLS there.
+    assert_eq!(
+        endpoints("web.demo:9100"),
+        vec![
+            ("10.0.0.1".to_owned(), String::new(), true),
+            ("10.0.0.2".to_owned(), String::new(), true),
+        ]
+    );
+}

@@ -176,6 +176,10 @@ fn workload(o: &WorkloadEntryObject, trust_domain: &str) -> Result<Workload, Str
         (Some(z), _) | (None, Some(z)) => z.clone(),
         (None, None) => String::new(),
     };
+    let sidecar = spec.sidecar.unwrap_or(true);
+    if !sidecar && spec.sidecar_port.is_some() {
+        return Err("sidecarPort is set but sidecar is false".into());
+    }
     let mut labels = meta.labels.clone();
     labels.extend(spec.labels.clone());
     Ok(Workload {
@@ -190,6 +194,7 @@ fn workload(o: &WorkloadEntryObject, trust_domain: &str) -> Result<Workload, Str
             .map(|(k, v)| (k.clone(), v.get()))
             .collect(),
         sidecar_port: spec.sidecar_port.map(|p| p.get()),
+        sidecar,
         weight,
         zone,
     })
@@ -413,5 +418,6 @@ fn endpoint(w: &Workload, address: IpAddr, port: u16, ready: bool, zone: Option<
         zone: zone.unwrap_or(&w.zone).to_owned(),
         ready,
         mesh_address: w.sidecar_port.map(|p| SocketAddr::new(address, p)),
+        sidecar: w.sidecar,
     }
 }

@@ -250,6 +250,7 @@ fn loads_a_valid_folder() {
         zone: zone.into(),
         ready,
         mesh_address: None,
+        sidecar: true,
     };
     let mesh = |mut e: Endpoint, port: u16| {
         e.mesh_address = Some(SocketAddr::new(e.address, port));

@@ -213,6 +213,9 @@ pub(super) struct WorkloadEntrySpec {
     pub ports: BTreeMap<String, NonZeroU16>,
     #[serde(default)]
     pub sidecar_port: Option<NonZeroU16>,
+    /// `false`: the workload runs no sidecar; meshed callers reach it in plaintext.
+    #[serde(default)]
+    pub sidecar: Option<bool>,
     #[serde(default)]
     pub weight: Option<u32>,
     #[serde(default)]

@@ -153,8 +153,11 @@ fn validate(type_url: &str, resource: &pb::Resource) -> Result<(), InvalidResour
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub address: SocketAddr,
-    pub identity: SpiffeId,
-    /// Where to dial for mTLS; the endpoint's own address when the peer redirects.
+    /// The identity its sidecar must prove; `None`: the endpoint takes plaintext
+    /// only (no sidecar, or mTLS DISABLE), so it is reached without TLS.
+    pub identity: Option<SpiffeId>,
+    /// Where to dial: for mTLS, the endpoint's own address when the peer redirects
+    /// or its sidecar's; for plaintext, the app's.
     pub dial: SocketAddr,
     pub ready: bool,
     pub weight: u32,
@@ -171,12 +174,24 @@ fn endpoint(name: &str, ep: &pb::Endpoint) -> Result<Endpoint, InvalidResource> 
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| invalid(name, format!("endpoint port {} is out of range", ep.port)))?;
-    let identity: SpiffeId = ep
-        .identity
-        .parse()
-        .map_err(|e| invalid(name, format!("identity {:?}: {e}", ep.identity)))?;
+    let identity = if ep.plaintext {
+        if !ep.identity.is_empty() {
+            return Err(invalid(
+                name,
+                format!("plaintext endpoint {} names an identity", ep.address),
+            ));
+        }
+        None
+    } else {
+        let id: SpiffeId = ep
+            .identity
+            .parse()
+            .map_err(|e| invalid(name, format!("identity {:?}: {e}", ep.identity)))?;
+        Some(id)
+    };
     let address = SocketAddr::new(ip, port);
-    let dial = if ep.mesh_address.is_empty() {
+    // A plaintext endpoint has no sidecar to take mesh traffic: dial the app.
+    let dial = if ep.mesh_address.is_empty() || identity.is_none() {
         address
     } else {
         ep.mesh_address.parse().map_err(|_| {
@@ -209,9 +224,11 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
             let list = endpoints.entry((service, port)).or_default();
             for ep in &e.endpoints {
                 let ep = endpoint(&resource.name, ep)?;
-                state
-                    .endpoint_identities
-                    .insert(ep.address, ep.identity.clone());
+                if let Some(identity) = &ep.identity {
+                    state
+                        .endpoint_identities
+                        .insert(ep.address, identity.clone());
+                }
                 list.push(ep);
             }
         }
@@ -400,5 +417,51 @@ mod tests {
         let mut r = response(vec![bad], vec![]);
         r.type_url = type_url::ENDPOINTS.to_owned();
         assert!(MeshState::default().apply(&r).is_err());
+    }
+
+    #[test]
+    fn plaintext_endpoints_carry_no_identity_and_dial_the_app() {
+        let endpoints = |ep: pb::Endpoint| {
+            let mut r = response(
+                vec![pb::Resource {
+                    name: "a.default:80".to_owned(),
+                    version: "1".to_owned(),
+                    kind: Some(Kind::Endpoints(pb::Endpoints {
+                        service: "a".to_owned(),
+                        namespace: "default".to_owned(),
+                        port: 80,
+                        endpoints: vec![ep],
+                    })),
+                }],
+                vec![],
+            );
+            r.type_url = type_url::ENDPOINTS.to_owned();
+            r
+        };
+        let plain = pb::Endpoint {
+            address: "10.244.0.2".to_owned(),
+            port: 8080,
+            ready: true,
+            plaintext: true,
+            mesh_address: "127.0.0.1:15106".to_owned(),
+            ..Default::default()
+        };
+        let ep = endpoint("a.default:80", &plain).unwrap();
+        assert_eq!(ep.identity, None);
+        assert_eq!(ep.dial, "10.244.0.2:8080".parse().unwrap());
+        let state = MeshState::default().apply(&endpoints(plain.clone())).unwrap();
+        assert!(state.endpoint_identities.is_empty());
+        // Plaintext and an identity contradict each other; no identity without
+        // plaintext is just as invalid: nothing falls back to plaintext silently.
+        let both = pb::Endpoint {
+            identity: "spiffe://cluster.local/ns/a/sa/b".to_owned(),
+            ..plain.clone()
+        };
+        assert!(MeshState::default().apply(&endpoints(both)).is_err());
+        let neither = pb::Endpoint {
+            plaintext: false,
+            ..plain
+        };
+        assert!(MeshState::default().apply(&endpoints(neither)).is_err());
     }
 }

@@ -4,6 +4,7 @@
 pub mod errors;
 pub mod inbound;
 pub mod outbound;
+pub mod plain;
 pub mod policy;
 pub mod pool;
 pub mod route;

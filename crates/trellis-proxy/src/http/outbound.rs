@@ -31,6 +31,8 @@ pub struct HttpOutbound {
     pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
     pub state: watch::Receiver<Arc<MeshState>>,
     pub pool: MeshPool,
+    /// For endpoints without a sidecar.
+    pub plain: super::plain::PlainClients,
     pub connect_timeout: Duration,
     pub metrics: crate::metrics::Metrics,
 }
@@ -430,12 +432,19 @@ impl Attempt<'_> {
             .policy
             .connect_timeout
             .unwrap_or(self.outbound.connect_timeout);
+        let Some(identity) = &endpoint.identity else {
+            // No sidecar there: straight to the app, in plaintext.
+            let send = self.outbound.plain.send(request, endpoint.dial);
+            return self
+                .finish(send, endpoint.dial, &active, started, false)
+                .await;
+        };
         let sender = self
             .outbound
             .pool
             .sender(
                 endpoint.dial,
-                &endpoint.identity,
+                identity,
                 self.tls,
                 connect_timeout,
                 &self.backend.service,
@@ -458,6 +467,24 @@ impl Attempt<'_> {
             }
         };
         let send = sender.send_request(request);
+        self.finish(send, endpoint.dial, &active, started, true)
+            .await
+    }
+
+    /// Waits for the response within the per-try timeout and feeds the outcome to
+    /// the endpoint's statistics.
+    async fn finish<F, E>(
+        &self,
+        send: F,
+        dial: std::net::SocketAddr,
+        active: &crate::balance::ActiveGuard,
+        started: Instant,
+        pooled: bool,
+    ) -> Result<Response<Incoming>, TryError>
+    where
+        F: std::future::Future<Output = Result<Response<Incoming>, E>>,
+        E: std::fmt::Display + IsConnectError,
+    {
         let result = match self.per_try {
             Some(limit) => match tokio::time::timeout(limit, send).await {
                 Ok(r) => r,
@@ -479,14 +506,38 @@ impl Attempt<'_> {
                 Ok(response)
             }
             Err(e) => {
-                tracing::debug!(endpoint = %endpoint.dial, error = %e, "request failed");
+                tracing::debug!(endpoint = %dial, error = %e, "request failed");
                 active
                     .stats()
                     .observe(started.elapsed(), false, &self.policy.outlier);
-                self.outbound.pool.evict(endpoint.dial);
-                Err(TryError::Reset)
+                if pooled {
+                    self.outbound.pool.evict(dial);
+                }
+                if e.is_connect_error() {
+                    Err(TryError::Connect(ProxyError::ConnectFailed))
+                } else {
+                    Err(TryError::Reset)
+                }
             }
         }
+    }
+}
+
+/// Whether a send failed before anything was sent (safe to try elsewhere).
+trait IsConnectError {
+    fn is_connect_error(&self) -> bool;
+}
+
+impl IsConnectError for hyper::Error {
+    /// The mesh connection was already up: anything failing now may have been sent.
+    fn is_connect_error(&self) -> bool {
+        false
+    }
+}
+
+impl IsConnectError for super::plain::PlainError {
+    fn is_connect_error(&self) -> bool {
+        !matches!(self, super::plain::PlainError::Request { .. })
     }
 }
 
