@@ -19,27 +19,17 @@ pub fn apply(cfg: &InitConfig) -> Result<(), InitError> {
 /// Writes the rules for `cfg` through `runner` (for example inside a network namespace),
 /// and returns the iptables binary that was used.
 ///
-/// Idempotent: Trellis's own chains are created if missing and flushed if present, then
-/// filled; the jumps from PREROUTING and OUTPUT are inserted at the top only when `-C`
-/// does not find them (extra copies are removed). Running it twice leaves one set.
-/// Not atomic: while the chains are refilled, new connections may pass unredirected.
+/// Idempotent: Trellis's own chains are (re)written in one `iptables-restore
+/// --noflush` transaction, which creates or flushes each declared chain and fills it
+/// atomically, so a re-apply never leaves a moment without redirection and a failed
+/// one changes nothing. Then the jumps from PREROUTING and OUTPUT are inserted at the
+/// top only when `-C` does not find them (extra copies are removed). Running it twice
+/// leaves one set.
 pub fn apply_in(cfg: &InitConfig, runner: &dyn CommandRunner) -> Result<Iptables, InitError> {
     cfg.validate()?;
     let ipt = Ipt::new(runner, cfg.backend.resolve(runner)?);
-    let existing = ipt.chains()?;
-    for chain in OWN_CHAINS {
-        if existing.iter().any(|c| c == chain) {
-            ipt.run(&["-F", chain], &format!("flush chain {chain}"))?;
-        } else {
-            ipt.run(&["-N", chain], &format!("create chain {chain}"))?;
-        }
-    }
     let rules = plan(cfg);
-    for rule in rules.iter().filter(|r| r.kind == RuleKind::Own) {
-        let mut args = vec!["-A", rule.chain.as_str()];
-        args.extend(rule.args.iter().map(String::as_str));
-        ipt.run(&args, &rule.to_string())?;
-    }
+    ipt.restore(&restore_input(&rules))?;
     for rule in rules.iter().filter(|r| r.kind == RuleKind::Hook) {
         let mut check = vec!["-C", rule.chain.as_str()];
         check.extend(rule.args.iter().map(String::as_str));
@@ -144,6 +134,35 @@ pub fn save_nat_in(ipt: &Iptables, runner: &dyn CommandRunner) -> Result<String,
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The `iptables-restore` input that declares (so creates or flushes) Trellis's own
+/// chains and fills them; the built-in chains are not declared, so `--noflush` leaves
+/// them alone.
+fn restore_input(rules: &[crate::plan::Rule]) -> String {
+    let mut input = format!("*{NAT}\n");
+    for chain in OWN_CHAINS {
+        input.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    for rule in rules.iter().filter(|r| r.kind == RuleKind::Own) {
+        input.push_str(&rule.to_string());
+        input.push('\n');
+    }
+    input.push_str("COMMIT\n");
+    input
+}
+
+/// The input line iptables-restore names in "line N failed", else the whole input.
+fn failed_line(input: &str, stderr: &str) -> String {
+    let number = stderr
+        .split("line ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<usize>().ok());
+    match number.and_then(|n| input.lines().nth(n.checked_sub(1)?)) {
+        Some(line) => line.to_string(),
+        None => input.trim_end().replace('\n', "; "),
+    }
+}
+
 /// One iptables binary bound to a runner, always `-w -t nat`.
 struct Ipt<'a> {
     runner: &'a dyn CommandRunner,
@@ -185,6 +204,33 @@ impl<'a> Ipt<'a> {
             status: out.status,
         };
         tracing::warn!(error = %err, "iptables command failed");
+        Err(err)
+    }
+
+    /// Applies `input` with `iptables-restore --noflush`: all of it or nothing.
+    fn restore(&self, input: &str) -> Result<(), InitError> {
+        let program = self.ipt.restore_binary();
+        let args = ["-w", "--noflush"].map(String::from).to_vec();
+        let command = self.runner.command_line(&program, &args);
+        tracing::debug!(%command, "iptables-restore");
+        let out = self
+            .runner
+            .run_with_input(&program, &args, input.as_bytes())
+            .map_err(|source| InitError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let err = InitError::Command {
+            command,
+            rule: failed_line(input, &stderr),
+            stderr,
+            status: out.status,
+        };
+        tracing::warn!(error = %err, "iptables-restore failed");
         Err(err)
     }
 

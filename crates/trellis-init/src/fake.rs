@@ -161,4 +161,67 @@ impl CommandRunner for FakeIptables {
             _ => out(2, String::new(), "unsupported"),
         }
     }
+
+    /// `iptables-restore -w --noflush`: the `nat` table only; a declared chain is
+    /// created or flushed; nothing changes unless the whole input is good.
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[String],
+        input: &[u8],
+    ) -> std::io::Result<Output> {
+        self.log.borrow_mut().push(self.command_line(program, args));
+        let works = program
+            .strip_suffix("-restore")
+            .is_some_and(|base| self.working.contains(&base));
+        if !works {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not found",
+            ));
+        }
+        if args != ["-w", "--noflush"] {
+            return out(2, String::new(), "unsupported");
+        }
+        let mut next = self.chains.borrow().clone();
+        let text = String::from_utf8_lossy(input);
+        let mut committed = false;
+        for line in text.lines() {
+            let find = |chains: &Vec<(String, Vec<String>)>, name: &str| {
+                chains.iter().position(|(c, _)| c == name)
+            };
+            if line == "*nat" {
+                continue;
+            } else if line == "COMMIT" {
+                committed = true;
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let Some(chain) = decl.split_whitespace().next() else {
+                    return out(1, String::new(), "bad chain line");
+                };
+                match find(&next, chain) {
+                    Some(i) => next[i].1.clear(),
+                    None => next.push((chain.to_string(), vec![])),
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let Some((chain, spec)) = rule.split_once(' ') else {
+                    return out(1, String::new(), "bad rule line");
+                };
+                let target = spec.split(' ').skip_while(|w| *w != "-j").nth(1);
+                if target.is_some_and(|t| t.starts_with("TRELLIS_") && find(&next, t).is_none()) {
+                    return out(2, String::new(), "Couldn't load target");
+                }
+                let Some(i) = find(&next, chain) else {
+                    return out(1, String::new(), "No chain");
+                };
+                next[i].1.push(spec.to_string());
+            } else {
+                return out(2, String::new(), "unsupported line");
+            }
+        }
+        if !committed {
+            return out(1, String::new(), "no COMMIT");
+        }
+        *self.chains.borrow_mut() = next;
+        out(0, String::new(), "")
+    }
 }

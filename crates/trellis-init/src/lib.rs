@@ -18,7 +18,7 @@
 //! namespace.
 //!
 //! Gaps: IPv4 only — IPv6 traffic is not redirected (no ip6tables rules are written);
-//! UDP is never redirected; rewriting is not atomic (see [`apply_in`]).
+//! UDP is never redirected; Trellis's chains are rewritten atomically (see [`apply_in`]).
 
 mod apply;
 mod args;

@@ -95,6 +95,11 @@ impl Iptables {
     pub fn save_binary(&self) -> String {
         format!("{}-save", self.binary)
     }
+
+    /// The matching `*-restore` binary (`iptables-nft-restore`, ...).
+    pub fn restore_binary(&self) -> String {
+        format!("{}-restore", self.binary)
+    }
 }
 
 /// Runs a program with arguments and waits for it. `apply_in`/`cleanup_in` go through
@@ -103,6 +108,15 @@ impl Iptables {
 pub trait CommandRunner {
     /// Runs `program args...` to completion, capturing stdout and stderr.
     fn run(&self, program: &str, args: &[String]) -> std::io::Result<Output>;
+
+    /// Like [`CommandRunner::run`], with `input` on the program's standard input
+    /// (for `iptables-restore`).
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[String],
+        input: &[u8],
+    ) -> std::io::Result<Output>;
 
     /// The full command line as it would be run (for logs and errors).
     fn command_line(&self, program: &str, args: &[String]) -> String {
@@ -148,6 +162,35 @@ impl CommandRunner for SystemRunner {
             None => Command::new(program),
         };
         cmd.args(args).stdin(std::process::Stdio::null()).output()
+    }
+
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[String],
+        input: &[u8],
+    ) -> std::io::Result<Output> {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // The input is a few KB at most: written whole before reading the output.
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input)?;
+        }
+        child.wait_with_output()
     }
 
     fn command_line(&self, program: &str, args: &[String]) -> String {

@@ -183,20 +183,27 @@ fn auto_falls_back_and_reports_missing_iptables() {
     ));
 }
 
-/// A runner whose `-A` always fails: the error carries the full command line and rule.
-struct FailingAppend(FakeIptables);
+/// A runner whose iptables-restore fails on line 6, as the real one reports it: the
+/// error carries the full command line and that rule.
+struct FailingRestore(FakeIptables);
 
-impl CommandRunner for FailingAppend {
+impl CommandRunner for FailingRestore {
     fn run(&self, program: &str, args: &[String]) -> std::io::Result<std::process::Output> {
-        if args.iter().any(|a| a == "-A") {
-            use std::os::unix::process::ExitStatusExt;
-            return Ok(std::process::Output {
-                status: std::process::ExitStatus::from_raw(2 << 8),
-                stdout: vec![],
-                stderr: b"iptables v1.8.9: unknown option \"--uid-owner\"\n".to_vec(),
-            });
-        }
         self.0.run(program, args)
+    }
+
+    fn run_with_input(
+        &self,
+        _program: &str,
+        _args: &[String],
+        _input: &[u8],
+    ) -> std::io::Result<std::process::Output> {
+        use std::os::unix::process::ExitStatusExt;
+        Ok(std::process::Output {
+            status: std::process::ExitStatus::from_raw(2 << 8),
+            stdout: vec![],
+            stderr: b"iptables-restore v1.8.9 (nf_tables): unknown option \"--uid-owner\"\nError occurred at line: 6\nTry `iptables-restore -h' for more information.\niptables-restore: line 6 failed\n".to_vec(),
+        })
     }
 
     fn command_line(&self, program: &str, args: &[String]) -> String {
@@ -206,8 +213,11 @@ impl CommandRunner for FailingAppend {
 
 #[test]
 fn command_errors_carry_command_rule_and_stderr() {
-    let runner = FailingAppend(FakeIptables::new(&["iptables-nft"]));
+    let runner = FailingRestore(FakeIptables::new(&["iptables-nft"]));
+    let before = runner.0.dump();
     let err = apply_in(&InitConfig::default(), &runner).unwrap_err();
+    // Nothing was half-written.
+    assert_eq!(runner.0.dump(), before);
     match &err {
         InitError::Command {
             command,
@@ -215,9 +225,9 @@ fn command_errors_carry_command_rule_and_stderr() {
             stderr,
             status,
         } => {
-            assert!(
-                command.starts_with("ip netns exec test iptables-nft -w -t nat -A TRELLIS_INBOUND"),
-                "{command}"
+            assert_eq!(
+                command,
+                "ip netns exec test iptables-nft-restore -w --noflush"
             );
             assert_eq!(rule, "-A TRELLIS_INBOUND -p tcp --dport 15000 -j RETURN");
             assert!(stderr.contains("unknown option"));

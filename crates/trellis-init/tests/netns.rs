@@ -105,6 +105,24 @@ fn apply_twice_is_identical_and_cleanup_removes_everything() {
         let saved = save_nat_in(&ipt, &runner).expect("save");
         assert!(saved.contains("TRELLIS_INBOUND"));
 
+        // Re-applying another config replaces the rules in one transaction: the
+        // result is what a fresh apply of it writes, with no trace of the old one.
+        let other = InitConfig {
+            exclude_outbound_ports: vec![6379],
+            ..config(backend)
+        };
+        apply_in(&other, &runner).expect("re-apply");
+        let replaced = normalized_nat(&ns.name, &ipt.save_binary());
+        assert!(!replaced.contains("--dport 5432"), "{bin}: {replaced}");
+        let fresh_ns = Netns::create();
+        let fresh_runner = SystemRunner::in_netns(&fresh_ns.name);
+        apply_in(&other, &fresh_runner).expect("fresh apply");
+        let fresh = normalized_nat(&fresh_ns.name, &ipt.save_binary());
+        assert_eq!(
+            replaced, fresh,
+            "{bin}: re-apply differs from a fresh apply"
+        );
+
         cleanup_in(backend, &runner).expect("cleanup");
         let after = normalized_nat(&ns.name, &ipt.save_binary());
         assert!(!after.contains("TRELLIS"), "{bin}: left over:\n{after}");
