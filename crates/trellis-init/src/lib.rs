@@ -17,8 +17,9 @@
 //! run through a [`CommandRunner`], e.g. [`SystemRunner::in_netns`] for a named network
 //! namespace.
 //!
-//! Gaps: IPv4 only — IPv6 traffic is not redirected (no ip6tables rules are written);
-//! UDP is never redirected; Trellis's chains are rewritten atomically (see [`apply_in`]).
+//! Trellis's chains are rewritten atomically (see [`apply_in`]). Gaps: IPv4 only —
+//! IPv6 traffic is not redirected (no ip6tables rules are written); UDP is never
+//! redirected.
 
 mod apply;
 mod args;
