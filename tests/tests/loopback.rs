@@ -12,17 +12,11 @@ use tokio::net::{TcpListener, TcpStream};
 use trellis_control::{ControlConfig, RunningControlPlane};
 use trellis_identity::SpiffeId;
 use trellis_proxy::{ProxyConfig, RunningProxy, Upstream};
+use trellis_tests::loopback::{eventually, free_port, http_get};
 
 const TOKEN_ECHO: &str = "echo-token-0123456789";
 const TOKEN_CLIENT: &str = "client-token-0123456789";
 const TOKEN_IMPOSTOR: &str = "impostor-token-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 struct Ports {
     echo_app: u16,
@@ -142,45 +136,6 @@ async fn round_trip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
         }
     }
     got
-}
-
-/// A plain HTTP/1.0 GET, enough for admin endpoints.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "{what}: not true within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 struct Mesh {

@@ -15,15 +15,9 @@ use trellis_control::{ControlConfig, RunningControlPlane};
 use trellis_identity::SpiffeId;
 use trellis_proto::discovery::v1::type_url;
 use trellis_proxy::{ProxyConfig, RunningProxy, Upstream};
+use trellis_tests::loopback::{free_port, http_get};
 
 const CALLERS: [&str; 3] = ["a", "b", "c"];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 struct Mesh {
     _dir: tempfile::TempDir,
@@ -231,8 +225,8 @@ async fn set_policies(mesh: &Mesh, proxy: &RunningProxy, yaml: &str, names: &[&s
             return;
         }
         if start.elapsed() > Duration::from_secs(5) {
-            let (_, registry) = admin_get(mesh.control.admin_addr, "/registry").await;
-            let (_, dump) = admin_get(proxy.admin_addr, "/metrics").await;
+            let (_, registry) = http_get(mesh.control.admin_addr, "/registry").await;
+            let (_, dump) = http_get(proxy.admin_addr, "/metrics").await;
             panic!(
                 "policies {names:?} not applied, holding {held:?}\nregistry: {registry}\nproxy: {dump}"
             );
@@ -298,7 +292,7 @@ async fn the_decision_matrix_holds_end_to_end() {
             }
         }
     }
-    let (_, metrics) = admin_get(mesh.echo.admin_addr, "/metrics").await;
+    let (_, metrics) = http_get(mesh.echo.admin_addr, "/metrics").await;
     assert!(
         metrics.contains("trellis_authz_denied_total{policy=\"default/deny-c\""),
         "{metrics}"
@@ -393,7 +387,7 @@ async fn an_invalid_policy_is_rejected_and_the_previous_stays() {
     let admin = mesh.control.admin_addr;
     let start = Instant::now();
     loop {
-        let (_, body) = admin_get(admin, "/registry").await;
+        let (_, body) = http_get(admin, "/registry").await;
         if body.contains("spiffe://a*b") {
             assert!(body.contains("policy.yaml"), "{body}");
             break;
@@ -409,24 +403,4 @@ async fn an_invalid_policy_is_rejected_and_the_previous_stays() {
         403,
         "the previous policy must stay in force"
     );
-}
-
-async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
