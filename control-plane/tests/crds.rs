@@ -681,6 +681,15 @@ fn the_schemas_reject_what_they_can() {
             ap(json!({"rules": [{"to": [{"operation": {"ports": [0]}}]}]})),
             "ports[0]: Invalid value: 0",
         ),
+        // Numbers serde could not read, which would stall the kube registry's watch.
+        (
+            tp(json!({"retries": {"attempts": 4_294_967_296_u64}})),
+            ".spec.retries.attempts: Invalid value: 4294967296",
+        ),
+        (
+            tp(json!({"connectionLimits": {"maxPendingRequests": 4_294_967_296_u64}})),
+            ".spec.connectionLimits.maxPendingRequests: Invalid value",
+        ),
         // CEL rules between fields.
         (
             tp(json!({"loadBalancer": {"algorithm": "CONSISTENT_HASH"}})),

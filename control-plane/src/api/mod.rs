@@ -171,6 +171,10 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+// Integers carry their Rust type's upper bound (`range(max = u32::MAX)`): a value
+// the API server admits but serde cannot read would stall the kube registry's
+// watch of the whole kind, not just this object.
+
 /// A Go-style duration (see [`duration`]) as a schema pattern: a sequence of
 /// decimal numbers, each with an optional fraction and a unit, or `0`. Overflow is
 /// the one thing [`duration::parse`] rejects that this does not.

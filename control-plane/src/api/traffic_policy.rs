@@ -134,6 +134,7 @@ pub struct ConsistentHashSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetriesSpec {
     /// Attempts after the first; 0 disables retries.
+    #[schemars(range(max = u32::MAX))]
     pub attempts: u32,
     /// When to retry. Default: `connect-failure`, `reset`, `gateway-error`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -209,6 +210,7 @@ pub struct RetryBudgetSpec {
     #[schemars(range(min = 0, max = 1), extend("exclusiveMinimum" = true))]
     pub ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = u32::MAX))]
     pub min_retries_per_second: Option<u32>,
     /// 1s to 60s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -243,7 +245,7 @@ pub struct TimeoutsSpec {
 pub struct OutlierDetectionSpec {
     /// Default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub consecutive_failures: Option<u32>,
     /// Default 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,10 +262,10 @@ pub struct OutlierDetectionSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionLimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub max_connections: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub max_pending_requests: Option<u32>,
 }
 
