@@ -87,6 +87,54 @@ fn deploy_crds_are_generated_from_the_rust_types() {
     );
 }
 
+/// `trellis-control crds` prints the same YAML, and `--out` writes the same files,
+/// without the flags the server needs.
+#[test]
+fn the_crds_subcommand() {
+    let bin = env!("CARGO_BIN_EXE_trellis-control");
+    let files = api::crd_files().unwrap();
+    let output = std::process::Command::new(bin)
+        .arg("crds")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let texts: Vec<&str> = files.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(printed, texts.join("---\n"));
+    let docs: Vec<CustomResourceDefinition> = serde_yaml_ng::Deserializer::from_str(&printed)
+        .map(|doc| CustomResourceDefinition::deserialize(doc).unwrap())
+        .collect();
+    assert_eq!(docs, api::crds());
+
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(bin)
+        .args(["crds", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for (name, text) in &files {
+        assert_eq!(
+            &std::fs::read_to_string(dir.path().join(name)).unwrap(),
+            text
+        );
+    }
+    let output = std::process::Command::new(bin)
+        .args(["crds", "--out", "/nonexistent/dir"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("writing /nonexistent/dir/"));
+}
+
 /// The first line where `a` and `b` differ, for the failure message.
 fn first_difference(a: &str, b: &str) -> String {
     let mut a_lines = a.lines();
