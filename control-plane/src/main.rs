@@ -3,15 +3,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use trellis_control::injector::{FailurePolicy, InjectorSettings};
 use trellis_control::server::{KubeOptions, WebhookOptions, start_kube};
 use trellis_control::{ControlConfig, start};
 
 /// The Trellis control plane: registry, CA and discovery.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Folder of YAML (Services, EndpointSlices, WorkloadEntries, BootstrapTokens).
     #[arg(long, env = "TRELLIS_REGISTRY_DIR", required_unless_present = "kube")]
     registry_dir: Option<PathBuf>,
@@ -63,6 +65,37 @@ struct Args {
     server_names: Vec<String>,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the Trellis CustomResourceDefinitions, generated from the Rust types,
+    /// as one YAML stream (or write one file per CRD with --out).
+    Crds {
+        /// Write `<plural>.trellis.io.yaml` files into this folder (e.g. deploy/crds).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `trellis-control crds`.
+fn print_crds(out: Option<PathBuf>) -> anyhow::Result<()> {
+    let files = trellis_control::api::crd_files().context("rendering the CRDs")?;
+    match out {
+        Some(dir) => {
+            for (name, text) in files {
+                let path = dir.join(name);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+        }
+        None => {
+            let docs: Vec<String> = files.into_iter().map(|(_, text)| text).collect();
+            print!("{}", docs.join("---\n"));
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -71,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Some(Command::Crds { out }) = args.command {
+        return print_crds(out);
+    }
     let config = ControlConfig {
         registry_dir: args.registry_dir.clone().unwrap_or_default(),
         state_dir: args.state_dir,

@@ -23,7 +23,8 @@
 //! when one of its `from`, one of its `to` and every `when` condition match; an
 //! empty list matches anything, so `rules: [{}]` matches every request and `rules: []` none.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use trellis_identity::SpiffeId;
 
@@ -33,22 +34,35 @@ use super::{
 };
 use crate::model::{self, StringMatch, ValueMatch};
 
-/// The object. See the module docs of [`super`] for why it is written by hand.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthorizationPolicy {
-    #[serde(default)]
-    pub api_version: String,
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    pub spec: AuthorizationPolicySpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Which callers may reach the selected workloads. (The derive makes the object
+/// type, [`AuthorizationPolicy`].)
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, CustomResource, JsonSchema,
+)]
+// Each `printcolumn(...)` repeats `type_ = "string"`, which is no duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[kube(
+    group = "trellis.io",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    shortname = "authz",
+    category = "trellis",
+    doc = "ALLOW or DENY rules on source identity, namespace, port, HTTP method and path for the selected workloads.",
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Accepted")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// Unset or empty: every workload of the namespace; in the root namespace
@@ -62,14 +76,16 @@ pub struct AuthorizationPolicySpec {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
+    /// A request must match one of the workload's ALLOW policies.
     Allow,
+    /// A request that matches is refused; DENY wins over ALLOW.
     Deny,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     /// Any of these sources; empty: any caller.
@@ -83,14 +99,14 @@ pub struct Rule {
     pub when: Vec<Condition>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleFrom {
     pub source: Source,
 }
 
 /// Both lists must match when given.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// SPIFFE IDs (`spiffe://cluster.local/ns/demo/sa/client`), exact or with one
@@ -100,53 +116,57 @@ pub struct Source {
     pub principals: Vec<String>,
     /// Namespaces of the caller's identity.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(min = 1, max = 63), pattern(super::DNS_LABEL_PATTERN)))]
     pub namespaces: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleTo {
     pub operation: Operation,
 }
 
 /// Every list must match when given.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     /// Workload (target) ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1)))]
     pub ports: Vec<u16>,
     /// Upper-case HTTP methods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "methods_schema")]
     pub methods: Vec<String>,
     /// Starting with `/`: exact, or a prefix when ending with `*` (`/api/*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(r"^/[^*]*\*?$")))]
     pub paths: Vec<String>,
 }
 
 /// `key: request.headers[<name>]`; the header must have one of `values`, each
 /// exact or with one leading or trailing `*` (`*` alone: present).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
+    #[schemars(pattern(KEY_PATTERN))]
     pub key: String,
+    #[schemars(length(min = 1))]
     pub values: Vec<String>,
 }
 
-impl AuthorizationPolicy {
-    pub fn new(name: &str, spec: AuthorizationPolicySpec) -> Self {
-        AuthorizationPolicy {
-            api_version: super::TRELLIS_API_VERSION.to_owned(),
-            kind: "AuthorizationPolicy".to_owned(),
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..ObjectMeta::default()
-            },
-            spec,
-            status: None,
-        }
-    }
+/// `request.headers[<name>]`, the one condition key supported.
+const KEY_PATTERN: &str = r"^request\.headers\[[A-Za-z0-9!#$%&'*+.^_|~`-]+\]$";
 
+/// `methods`: a list of [`HTTP_METHODS`].
+fn methods_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "string", "enum": HTTP_METHODS},
+    })
+}
+
+impl AuthorizationPolicy {
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         self.to_model().map(|_| ())
     }

@@ -2,19 +2,26 @@
 //! `v1alpha1`) and the subset of Gateway API `HTTPRoute`
 //! (`gateway.networking.k8s.io/v1`) the mesh reads.
 //!
-//! Each kind has a `<Kind>Spec` (camelCase, unknown fields rejected) and an object
-//! type `<Kind> { metadata, spec, status }` shaped like the one
-//! `#[derive(kube::CustomResource)]` on the spec would generate, with the same
-//! `new(name, spec)`; the derive can replace the hand-written object type without
-//! touching callers. Serde checks only shapes; each object's `validate` checks
-//! values, and `to_model` also resolves references into the mesh model. Both report
-//! [`FieldError`]s naming the field (`spec.rules[0].matches[1].path.value`), so a
-//! registry can turn them into file errors (file) or status conditions (kube).
+//! Each Trellis kind is a `<Kind>Spec` (camelCase, unknown fields rejected) with
+//! `#[derive(kube::CustomResource, JsonSchema)]`, which generates the object type
+//! `<Kind> { metadata, spec, status }`, its `new(name, spec)` and its
+//! CustomResourceDefinition. [`crds`] collects the definitions; `deploy/crds/` holds
+//! them as YAML, generated (`trellis-control crds --out deploy/crds`) and checked
+//! against these types by `control-plane/tests/deploy.rs`.
+//!
+//! Checking happens in three places. The schema rejects at admission what it can
+//! express: enums, required fields, ranges, patterns (durations, names, paths) and
+//! a few CEL rules between fields. Serde checks shapes (the file registry's
+//! admission). Each object's `validate` checks every value, and `to_model` also
+//! resolves references into the mesh model; both report [`FieldError`]s naming the
+//! field (`spec.rules[0].matches[1].path.value`), so a registry can turn them into
+//! file errors (file) or an `Accepted=False` status condition (kube).
 //!
 //! Durations are strings in Go / Gateway API style (`500ms`, `1m30s`): see
 //! [`duration`].
 
 pub mod authorization_policy;
+mod crd;
 pub mod duration;
 pub mod http_route;
 pub mod peer_authentication;
@@ -26,6 +33,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 
 pub use authorization_policy::{AuthorizationPolicy, AuthorizationPolicySpec};
+pub use crd::{CRD_FILE_HEADER, crd_files, crds};
 pub use http_route::{HttpRoute, HttpRouteSpec};
 pub use peer_authentication::{PeerAuthentication, PeerAuthenticationSpec};
 pub use traffic_policy::{TrafficPolicy, TrafficPolicySpec};
@@ -88,23 +96,96 @@ impl Errors {
     }
 }
 
-/// `status` of the Trellis policy kinds.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+/// `status` of the Trellis policy kinds, written by the control plane's leader.
+#[derive(
+    Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
-    /// `Accepted`: True when the object is valid and its references resolve.
+    /// `Accepted`: True when the object is valid and its references resolve; False
+    /// with a reason and message naming the invalid fields otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the conditions were computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A Trellis object as a file declares it. The derived object types ignore
+/// unknown top-level fields, as the API server prunes them before anyone reads the
+/// object; a file has no server in front, so there a misspelt `spec` or `status`
+/// is an error, and a missing `metadata` is one too (reported by `validate`).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Declared<S> {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: S,
+    #[serde(default)]
+    pub status: Option<PolicyStatus>,
+}
+
+impl From<Declared<TrafficPolicySpec>> for TrafficPolicy {
+    fn from(d: Declared<TrafficPolicySpec>) -> Self {
+        TrafficPolicy {
+            metadata: d.metadata,
+            spec: d.spec,
+            status: d.status,
+        }
+    }
+}
+
+impl From<Declared<AuthorizationPolicySpec>> for AuthorizationPolicy {
+    fn from(d: Declared<AuthorizationPolicySpec>) -> Self {
+        AuthorizationPolicy {
+            metadata: d.metadata,
+            spec: d.spec,
+            status: d.status,
+        }
+    }
+}
+
+impl From<Declared<PeerAuthenticationSpec>> for PeerAuthentication {
+    fn from(d: Declared<PeerAuthenticationSpec>) -> Self {
+        PeerAuthentication {
+            metadata: d.metadata,
+            spec: d.spec,
+            status: d.status,
+        }
+    }
 }
 
 /// Istio's workload selector: `matchLabels` only.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     /// Selects workloads whose labels include all of these; empty selects all.
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
 }
+
+// Integers carry their Rust type's upper bound (`range(max = u32::MAX)`): a value
+// the API server admits but serde cannot read would stall the kube registry's
+// watch of the whole kind, not just this object.
+
+/// A Go-style duration (see [`duration`]) as a schema pattern: a sequence of
+/// decimal numbers, each with an optional fraction and a unit, or `0`. Overflow is
+/// the one thing [`duration::parse`] rejects that this does not.
+pub const DURATION_PATTERN: &str = r"^(0|(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+)$";
+
+/// A Kubernetes namespace or Service name (RFC 1123 label), as [`is_dns_label`]
+/// checks it.
+pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// An HTTP header name (RFC 9110 token), as [`is_header_name`] checks it.
+pub const HEADER_NAME_PATTERN: &str = r"^[A-Za-z0-9!#$%&'*+.^_|~`-]+$";
 
 /// The `Accepted` condition for an object of `generation` that `result` judged.
 pub fn accepted_condition<T>(

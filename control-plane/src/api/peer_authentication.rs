@@ -19,28 +19,46 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Errors, FieldError, PolicyStatus, WorkloadSelector, check_selector, name_of};
 use crate::model;
 
-/// The object. See the module docs of [`super`] for why it is written by hand.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PeerAuthentication {
-    #[serde(default)]
-    pub api_version: String,
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    pub spec: PeerAuthenticationSpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Which mTLS the selected workloads accept inbound. (The derive makes the object
+/// type, [`PeerAuthentication`].)
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, CustomResource, KubeSchema,
+)]
+// Each `printcolumn(...)` repeats `type_ = "string"`, which is no duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[kube(
+    group = "trellis.io",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    shortname = "pa",
+    category = "trellis",
+    doc = "The mTLS mode (STRICT, PERMISSIVE, DISABLE) the selected workloads accept inbound.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mtls.mode"),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Accepted")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new(
+    "!has(self.portLevelMtls) || size(self.portLevelMtls) == 0 || \
+     (has(self.selector) && has(self.selector.matchLabels) && size(self.selector.matchLabels) > 0)"
+).message("portLevelMtls needs a selector: ports are a workload's, so a namespace-wide policy has none"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     /// Unset or empty: the whole namespace (the mesh in `trellis-system`).
@@ -51,17 +69,20 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<Mtls>,
     /// Per workload (target) port, overriding `mtls`; needs a selector.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "port_level_mtls_schema")]
+    #[x_kube(validation = Rule::new("self.all(port, int(port) >= 1 && int(port) <= 65535)")
+        .message("keys must be ports (1-65535)"))]
     pub port_level_mtls: BTreeMap<u16, Mtls>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mtls {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<MtlsMode>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     /// Inherit from the less specific policy.
@@ -74,20 +95,20 @@ pub enum MtlsMode {
     Disable,
 }
 
-impl PeerAuthentication {
-    pub fn new(name: &str, spec: PeerAuthenticationSpec) -> Self {
-        PeerAuthentication {
-            api_version: super::TRELLIS_API_VERSION.to_owned(),
-            kind: "PeerAuthentication".to_owned(),
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..ObjectMeta::default()
-            },
-            spec,
-            status: None,
-        }
-    }
+/// At most this many `portLevelMtls` entries (bounds the CEL rule's cost).
+pub const MAX_PORT_LEVEL_MTLS: usize = 64;
 
+/// `portLevelMtls`: a map from port (a string key, as JSON has) to [`Mtls`]. The
+/// derived schema would use `patternProperties`, which a CRD may not.
+fn port_level_mtls_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": MAX_PORT_LEVEL_MTLS,
+        "additionalProperties": generator.subschema_for::<Mtls>(),
+    })
+}
+
+impl PeerAuthentication {
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         self.to_model().map(|_| ())
     }
@@ -98,6 +119,12 @@ impl PeerAuthentication {
         let spec = &self.spec;
         let selector = spec.selector.clone().unwrap_or_default();
         check_selector("spec.selector", &selector, &mut errors);
+        if spec.port_level_mtls.len() > MAX_PORT_LEVEL_MTLS {
+            errors.push(
+                "spec.portLevelMtls",
+                format!("at most {MAX_PORT_LEVEL_MTLS} ports"),
+            );
+        }
         if selector.match_labels.is_empty() && !spec.port_level_mtls.is_empty() {
             errors.push(
                 "spec.portLevelMtls",

@@ -638,7 +638,9 @@ fn objects_serialize_back_to_their_shape() {
     let again: TrafficPolicy = serde_json::from_value(json).unwrap();
     assert_eq!(again, policy);
     let new = AuthorizationPolicy::new("x", AuthorizationPolicySpec::default());
-    assert_eq!(new.kind, "AuthorizationPolicy");
+    let json = serde_json::to_value(&new).unwrap();
+    assert_eq!(json["apiVersion"], TRELLIS_API_VERSION);
+    assert_eq!(json["kind"], "AuthorizationPolicy");
     assert_eq!(new.validate(), Ok(()));
 }
 
@@ -667,4 +669,72 @@ fn accepted_condition_reports_errors() {
 fn missing_name_is_an_error() {
     let policy: PeerAuthentication = yaml("metadata: {namespace: demo}\nspec: {}\n");
     assert_eq!(errors(policy.validate()), ["metadata.name: is required"]);
+}
+
+/// The schema's duration pattern admits exactly what `duration::parse` does
+/// (overflow aside), so the API server and the control plane agree.
+#[test]
+fn duration_pattern_matches_the_parser() {
+    let pattern = regex::Regex::new(DURATION_PATTERN).unwrap();
+    for text in [
+        "0",
+        "0s",
+        "500ms",
+        "1s",
+        "1.5s",
+        ".5s",
+        "1.s",
+        "1m30s",
+        "1h30m",
+        "2h45m10.5s",
+        "250us",
+        "250µs",
+        "250μs",
+        "10ns",
+        "",
+        "5",
+        "00",
+        "10 s",
+        "1h 30m",
+        "5sec",
+        "-1s",
+        "+1s",
+        "s",
+        ".s",
+        "1.5.5s",
+        "1ss",
+        "1S",
+        "1d",
+        "1s0",
+        " 1s",
+        "1s ",
+    ] {
+        assert_eq!(
+            pattern.is_match(text),
+            duration::parse(text).is_ok(),
+            "{text:?}: pattern and parser disagree"
+        );
+    }
+}
+
+#[test]
+fn name_and_header_patterns_match_the_checks() {
+    let dns = regex::Regex::new(DNS_LABEL_PATTERN).unwrap();
+    let header = regex::Regex::new(HEADER_NAME_PATTERN).unwrap();
+    for text in [
+        "a", "echo", "echo-v2", "9", "-a", "a-", "A", "a.b", "a_b", "", "x-user", "X-User!", "a b",
+        "a:b", "a=b", "`~|^", "ä",
+    ] {
+        // Length is the schema's maxLength, not the pattern's.
+        assert_eq!(
+            dns.is_match(text),
+            is_dns_label(text),
+            "{text:?} as a DNS label"
+        );
+        assert_eq!(
+            header.is_match(text),
+            is_header_name(text),
+            "{text:?} as a header name"
+        );
+    }
 }

@@ -18,28 +18,45 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Errors, FieldError, PolicyStatus, Services, name_of, namespace_of};
 use crate::model::{self, ServiceKey};
 
-/// The object. See the module docs of [`super`] for why it is written by hand.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TrafficPolicy {
-    #[serde(default)]
-    pub api_version: String,
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    pub spec: TrafficPolicySpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<PolicyStatus>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// How clients of one Service balance, retry, time out, eject failing endpoints
+/// and limit connections. (The derive makes the object type, [`TrafficPolicy`].)
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, CustomResource, JsonSchema)]
+// Each `printcolumn(...)` repeats `type_ = "string"`, which is no duplicate.
+#[allow(clippy::duplicated_attributes)]
+#[kube(
+    group = "trellis.io",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    shortname = "tp",
+    category = "trellis",
+    doc = "Load balancing, retries, timeouts, outlier detection and connection limits for one Service.",
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
+    printcolumn(
+        name = "Algorithm",
+        type_ = "string",
+        json_path = ".spec.loadBalancer.algorithm"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Accepted")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     /// The Service (in the policy's namespace) whose clients follow this policy.
@@ -60,16 +77,22 @@ pub struct TrafficPolicySpec {
 }
 
 /// A Service in the policy's namespace: `group` `""` or `core`, `kind` `Service`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern("^(core)?$"))]
     pub group: Option<String>,
+    #[schemars(extend("enum" = ["Service"]))]
     pub kind: String,
+    #[schemars(length(min = 1, max = 63), pattern(super::DNS_LABEL_PATTERN))]
     pub name: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new(
+    "has(self.consistentHash) == (has(self.algorithm) && self.algorithm == 'CONSISTENT_HASH')"
+).message("consistentHash is required with algorithm CONSISTENT_HASH, and only then"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,7 +102,7 @@ pub struct LoadBalancerSpec {
     pub consistent_hash: Option<ConsistentHashSpec>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum LbAlgorithm {
     /// Power of two choices over an EWMA of latency.
@@ -90,31 +113,44 @@ pub enum LbAlgorithm {
 }
 
 /// The hash key: exactly one of a request header or a cookie.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.header) != has(self.cookie)")
+    .message("set exactly one of header and cookie"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsistentHashSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::HEADER_NAME_PATTERN))]
     pub header: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::HEADER_NAME_PATTERN))]
     pub cookie: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new(
+    "(has(self.retryOn) && 'retriable-status-codes' in self.retryOn) == \
+     (has(self.statusCodes) && size(self.statusCodes) > 0)"
+).message("statusCodes is required with retryOn retriable-status-codes, and only then"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetriesSpec {
     /// Attempts after the first; 0 disables retries.
+    #[schemars(range(max = u32::MAX))]
     pub attempts: u32,
     /// When to retry. Default: `connect-failure`, `reset`, `gateway-error`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
     pub retry_on: Vec<RetryOn>,
     /// Statuses for `retriable-status-codes` (100-599); given together with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 100, max = 599)))]
     pub status_codes: Vec<u16>,
     /// gRPC status names to retry, upper case: `UNAVAILABLE`, `RESOURCE_EXHAUSTED`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "grpc_statuses_schema")]
     pub grpc_statuses: Vec<String>,
     /// A duration such as `500ms`; default: none (the request timeout holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub per_try_timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffSpec>,
@@ -125,7 +161,7 @@ pub struct RetriesSpec {
     pub retry_non_idempotent: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum RetryOn {
     /// The connection to the endpoint could not be made.
     #[serde(rename = "connect-failure")]
@@ -145,73 +181,96 @@ pub enum RetryOn {
 }
 
 /// Exponential backoff between attempts, with jitter. Defaults: 25ms and 250ms.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("!has(self.baseInterval) || duration(self.baseInterval) > duration('0s')")
+        .message("baseInterval must be more than 0"),
+    validation = Rule::new(
+        "duration(has(self.maxInterval) ? self.maxInterval : '250ms') >= \
+         duration(has(self.baseInterval) ? self.baseInterval : '25ms')"
+    ).message("maxInterval must not be less than baseInterval (defaults: 25ms and 250ms)")
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackoffSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub base_interval: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub max_interval: Option<String>,
 }
 
 /// Retries may add at most `ratio` of the live request rate, plus
 /// `minRetriesPerSecond`, counted over `ttl`. Defaults: 0.2, 10, 10s.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudgetSpec {
     /// In (0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1), extend("exclusiveMinimum" = true))]
     pub ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = u32::MAX))]
     pub min_retries_per_second: Option<u32>,
     /// 1s to 60s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('60s')")
+        .message("must be 1s to 60s"))]
     pub ttl: Option<String>,
 }
 
 /// Durations; unset or `0s`: none.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TimeoutsSpec {
     /// Establishing a connection to an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub connect: Option<String>,
     /// A whole request, retries included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub request: Option<String>,
     /// An idle pooled connection is closed after this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub idle: Option<String>,
 }
 
 /// Ejects an endpoint after consecutive failures, for `baseEjectionTime` times the
 /// number of ejections so far.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetectionSpec {
     /// Default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub consecutive_failures: Option<u32>,
     /// Default 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(super::DURATION_PATTERN))]
     pub base_ejection_time: Option<String>,
     /// 0-100; default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
     pub max_ejection_percent: Option<u32>,
 }
 
 /// Per client proxy and Service; unset: no limit.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectionLimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub max_connections: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub max_pending_requests: Option<u32>,
 }
 
 /// gRPC status names (`google.rpc.Code`), as `grpcStatuses` takes them.
-const GRPC_STATUSES: [&str; 17] = [
+pub const GRPC_STATUSES: [&str; 17] = [
     "OK",
     "CANCELLED",
     "UNKNOWN",
@@ -231,20 +290,15 @@ const GRPC_STATUSES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
-impl TrafficPolicy {
-    pub fn new(name: &str, spec: TrafficPolicySpec) -> Self {
-        TrafficPolicy {
-            api_version: super::TRELLIS_API_VERSION.to_owned(),
-            kind: "TrafficPolicy".to_owned(),
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..ObjectMeta::default()
-            },
-            spec,
-            status: None,
-        }
-    }
+/// `grpcStatuses`: a list of [`GRPC_STATUSES`].
+fn grpc_statuses_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "string", "enum": GRPC_STATUSES},
+    })
+}
 
+impl TrafficPolicy {
     /// The Service this policy is for (it need not exist).
     pub fn target(&self) -> ServiceKey {
         ServiceKey {
@@ -406,6 +460,9 @@ fn retries(spec: &RetriesSpec, errors: &mut Errors) -> Option<model::RetryPolicy
             model::RetryOn::Reset,
             model::RetryOn::GatewayError,
         ];
+    }
+    if spec.retry_on.len() > 5 {
+        errors.push(format!("{p}.retryOn"), "at most 5 (each condition once)");
     }
     retry_on.sort();
     retry_on.dedup();

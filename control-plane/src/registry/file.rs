@@ -400,15 +400,22 @@ fn parse_document(
         ("trellis.io/v1alpha1", "BootstrapToken") => {
             serde_yaml_ng::from_str(doc.text).map(Object::BootstrapToken)
         }
+        // Through `Declared`, which rejects unknown top-level fields.
         ("trellis.io/v1alpha1", "TrafficPolicy") => {
-            serde_yaml_ng::from_str(doc.text).map(|o| Object::TrafficPolicy(Box::new(o)))
+            serde_yaml_ng::from_str(doc.text).map(|o: api::Declared<api::TrafficPolicySpec>| {
+                Object::TrafficPolicy(Box::new(o.into()))
+            })
         }
-        ("trellis.io/v1alpha1", "AuthorizationPolicy") => {
-            serde_yaml_ng::from_str(doc.text).map(|o| Object::AuthorizationPolicy(Box::new(o)))
-        }
-        ("trellis.io/v1alpha1", "PeerAuthentication") => {
-            serde_yaml_ng::from_str(doc.text).map(|o| Object::PeerAuthentication(Box::new(o)))
-        }
+        ("trellis.io/v1alpha1", "AuthorizationPolicy") => serde_yaml_ng::from_str(doc.text).map(
+            |o: api::Declared<api::AuthorizationPolicySpec>| {
+                Object::AuthorizationPolicy(Box::new(o.into()))
+            },
+        ),
+        ("trellis.io/v1alpha1", "PeerAuthentication") => serde_yaml_ng::from_str(doc.text).map(
+            |o: api::Declared<api::PeerAuthenticationSpec>| {
+                Object::PeerAuthentication(Box::new(o.into()))
+            },
+        ),
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
             serde_yaml_ng::from_str(doc.text).map(|o| Object::HttpRoute(Box::new(o)))
         }

@@ -221,6 +221,34 @@ spec:
     );
 }
 
+/// The object types ignore unknown top-level fields (the API server prunes them);
+/// a file has no API server, so there they are errors.
+#[test]
+fn top_level_typos_are_errors() {
+    let bad = "\
+apiVersion: trellis.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: p, namespace: demo}
+spec: {mtls: {mode: STRICT}}
+stauts: {}
+";
+    let found = errors(&[("mesh.yaml", MESH), ("pa.yaml", bad)]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("pa.yaml:5: unknown field `stauts`"),
+        "{found:?}"
+    );
+    let no_metadata = "apiVersion: trellis.io/v1alpha1\nkind: TrafficPolicy\nspec: {targetRef: {kind: Service, name: echo}}\n";
+    assert_eq!(
+        errors(&[("mesh.yaml", MESH), ("tp.yaml", no_metadata)]),
+        [
+            "tp.yaml:1: metadata.name: is required",
+            // No namespace either: `default`, which has no echo.
+            "tp.yaml:1: spec.targetRef: Service echo.default does not exist",
+        ]
+    );
+}
+
 #[test]
 fn references_must_resolve() {
     let route = "\
