@@ -68,7 +68,7 @@ pub struct Verdict<S> {
 }
 
 impl<S> Verdict<S> {
-    fn new(source: S) -> Self {
+    pub fn new(source: S) -> Self {
         Verdict {
             source,
             rejected: None,

@@ -42,6 +42,9 @@ fn listed_state() -> ClusterState {
         namespaces: KindStore::listed(items("namespaces-list.json")),
         service_accounts: KindStore::listed(items("serviceaccounts-list.json")),
         http_routes: KindStore::listed([]),
+        traffic_policies: KindStore::listed([]),
+        authorization_policies: KindStore::listed([]),
+        peer_authentications: KindStore::listed([]),
     }
 }
 
