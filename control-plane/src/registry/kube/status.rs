@@ -223,6 +223,8 @@ pub fn next_conditions(
 pub struct WriterProgress {
     /// Reports looked at, as leader or not.
     pub reports_seen: u64,
+    /// Objects in the last report looked at.
+    pub targets: usize,
     /// Whether this replica led when it looked at the last one.
     pub leader: bool,
     pub patched: u64,
@@ -253,6 +255,7 @@ pub async fn write_statuses(
         };
         progress.send_modify(|p| {
             p.reports_seen += 1;
+            p.targets = report.targets.len();
             p.leader = leads;
             p.patched += patched;
             p.failed = failed;
