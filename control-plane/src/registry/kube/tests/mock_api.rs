@@ -28,7 +28,7 @@ fn key(ns: &str, name: &str) -> ServiceKey {
     }
 }
 
-async fn wait_for(
+pub(super) async fn wait_for(
     rx: &mut watch::Receiver<Arc<MeshSnapshot>>,
     what: &str,
     done: impl FnMut(&Arc<MeshSnapshot>) -> bool,

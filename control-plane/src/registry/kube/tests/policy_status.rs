@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::super::fake_api::{FakeApi, Seen, WatchFeed, fixture_json};
 use super::super::*;
-use super::mock_api::{AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, TRAFFIC_POLICIES};
+use super::mock_api::{AUTHORIZATION_POLICIES, PEER_AUTHENTICATIONS, TRAFFIC_POLICIES, wait_for};
 use crate::model::{MeshSnapshot, ServiceKey};
 
 const TRELLIS: &str = "/apis/trellis.io/v1alpha1";
@@ -75,6 +75,16 @@ fn accept_patch(api: &mut FakeApi, kind: &str, plural: &str, ns: &str, name: &st
     api.reply(Method::PATCH, &status_path(plural, ns, name), 200, object);
 }
 
+/// Answers one status PATCH of each listed object whose status differs: all but
+/// echo-readers.
+fn accept_listed_patches(api: &mut FakeApi) {
+    for name in ["echo", "canary", "slow", "cart"] {
+        accept_patch(api, "TrafficPolicy", "trafficpolicies", "default", name);
+    }
+    let (kind, plural) = ("PeerAuthentication", "peerauthentications");
+    accept_patch(api, kind, plural, "trellis-system", "default");
+}
+
 /// The status PATCHes the fake saw: (path and query, body), in order.
 fn patches(seen: &Seen) -> Vec<(String, Value)> {
     // Only PATCHes carry JSON bodies here.
@@ -94,18 +104,6 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     })
     .await;
     assert!(waited.is_ok(), "timed out waiting for {what}");
-}
-
-async fn snapshot_where(
-    rx: &mut watch::Receiver<Arc<MeshSnapshot>>,
-    what: &str,
-    done: impl FnMut(&Arc<MeshSnapshot>) -> bool,
-) -> Arc<MeshSnapshot> {
-    let found = match tokio::time::timeout(Duration::from_secs(5), rx.wait_for(done)).await {
-        Ok(Ok(s)) => Some(s.clone()),
-        _ => None,
-    };
-    found.unwrap_or_else(|| panic!("timed out waiting for {what}; last: {:#?}", rx.borrow()))
 }
 
 struct Running {
@@ -153,29 +151,14 @@ fn condition<'a>(body: &'a Value, type_: &str) -> &'a Value {
 async fn policies_are_served_and_their_statuses_written_once() {
     let mut api = FakeApi::new();
     let feeds = cluster(&mut api);
-    for name in ["echo", "canary", "slow", "cart"] {
-        accept_patch(
-            &mut api,
-            "TrafficPolicy",
-            "trafficpolicies",
-            "default",
-            name,
-        );
-    }
-    accept_patch(
-        &mut api,
-        "PeerAuthentication",
-        "peerauthentications",
-        "trellis-system",
-        "default",
-    );
+    accept_listed_patches(&mut api);
     accept_patch(&mut api, "TrafficPolicy", "trafficpolicies", "shop", "cart");
     let (client, seen) = api.start();
     let (_leader_tx, leader) = watch::channel(true);
     let mut running = start(client, leader);
 
     // The snapshot carries the policies as the file registry would.
-    let s = snapshot_where(&mut running.snapshots, "the initial snapshot", |s| {
+    let s = wait_for(&mut running.snapshots, "the initial snapshot", |s| {
         !s.services.is_empty()
     })
     .await;
@@ -321,7 +304,7 @@ async fn policies_are_served_and_their_statuses_written_once() {
     feeds
         .authorization
         .send(&json!({"type": "DELETED", "object": readers}));
-    snapshot_where(&mut running.snapshots, "echo-readers deleted", |s| {
+    wait_for(&mut running.snapshots, "echo-readers deleted", |s| {
         s.authorization_policies.is_empty()
     })
     .await;
@@ -335,22 +318,7 @@ async fn policies_are_served_and_their_statuses_written_once() {
 async fn statuses_are_written_only_while_leading() {
     let mut api = FakeApi::new();
     let _feeds = cluster(&mut api);
-    for name in ["echo", "canary", "slow", "cart"] {
-        accept_patch(
-            &mut api,
-            "TrafficPolicy",
-            "trafficpolicies",
-            "default",
-            name,
-        );
-    }
-    accept_patch(
-        &mut api,
-        "PeerAuthentication",
-        "peerauthentications",
-        "trellis-system",
-        "default",
-    );
+    accept_listed_patches(&mut api);
     let (client, seen) = api.start();
     let (leader_tx, leader) = watch::channel(false);
     let mut running = start(client, leader);
