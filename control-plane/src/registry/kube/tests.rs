@@ -303,3 +303,33 @@ fn a_policy_with_a_strange_status_or_shape_is_judged_not_dropped_silently() {
         report.targets[0].judged[0]
     );
 }
+
+#[test]
+fn http_routes_are_served_through_the_same_path() {
+    let route: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": "echo-api", "namespace": "default", "generation": 1,
+            "resourceVersion": "990", "creationTimestamp": "2025-05-01T09:50:00Z"
+        },
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+            "rules": [{
+                "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                "backendRefs": [{"name": "echo", "port": 80}]
+            }]
+        },
+        // Gateway API's status shape, not Trellis': never read.
+        "status": {"parents": []}
+    }))
+    .unwrap();
+    let mut state = listed_state();
+    state.http_routes = KindStore::listed([route]);
+    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let rules = &snapshot.routes[&key("default", "echo")];
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].origin.name, "echo-api");
+    // Route statuses (per parent) are not written yet.
+    assert!(report.targets.is_empty());
+}
