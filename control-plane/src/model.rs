@@ -3,6 +3,7 @@
 //! Registries (file, kube) fill it; the discovery server turns it into per-proxy
 //! resources. Nothing here knows of YAML, Kubernetes or protobuf.
 
+mod opaque_port_rules;
 mod policy;
 mod route;
 
@@ -11,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use trellis_identity::SpiffeId;
 
+pub use opaque_port_rules::L7RulesOnOpaquePort;
 pub use policy::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Backoff, ConnectionLimits,
     EffectivePeerAuthentication, HashKey, LoadBalancer, MtlsMode, OutlierDetection,

@@ -138,17 +138,31 @@ pub async fn start_kube(
     let (status_tx, mut status_rx) = watch::channel(RegistryStatus::default());
     let (namespaces_tx, namespaces_rx) =
         watch::channel(Arc::new(kube_registry::NamespaceLabels::default()));
+    let (statuses_tx, statuses_rx) =
+        watch::channel(Arc::new(kube_registry::StatusReport::default()));
     let client = kube_options.client;
-    let mut tasks = vec![tokio::spawn(kube_registry::watch_cluster(
-        client.clone(),
-        config.trust_domain.clone(),
-        kube_registry::DEFAULT_DEBOUNCE,
-        kube_registry::Outputs {
-            snapshots: snapshot_tx,
-            status: status_tx,
-            namespaces: namespaces_tx,
-        },
-    ))];
+    // Until Lease-based leader election lands, every replica writes statuses: run
+    // one replica. (The sender is dropped; the writer keeps the last value.)
+    let leader = watch::channel(true).1;
+    let mut tasks = vec![
+        tokio::spawn(kube_registry::watch_cluster(
+            client.clone(),
+            config.trust_domain.clone(),
+            kube_registry::DEFAULT_DEBOUNCE,
+            kube_registry::Outputs {
+                snapshots: snapshot_tx,
+                status: status_tx,
+                namespaces: namespaces_tx,
+                statuses: statuses_tx,
+            },
+        )),
+        tokio::spawn(kube_registry::write_statuses(
+            client.clone(),
+            statuses_rx,
+            leader,
+            watch::channel(kube_registry::WriterProgress::default()).0,
+        )),
+    ];
     loop {
         let listed = status_rx.wait_for(|s| s.generation > 0);
         let waited = tokio::time::timeout(Duration::from_secs(10), listed)

@@ -232,3 +232,154 @@ fn authorization_policy_selection() {
     assert!(policy(ROOT_NAMESPACE, &[("tier", "web")]).selects("demo", &echo));
     assert!(!policy(ROOT_NAMESPACE, &[("tier", "db")]).selects("demo", &echo));
 }
+
+fn service_port(name: &str, port: u16, target: u16, protocol: AppProtocol) -> ServicePort {
+    ServicePort {
+        name: name.into(),
+        port,
+        target_port: TargetPort::Number(target),
+        protocol,
+    }
+}
+
+/// demo/db (tcp 5432 → 5432, undeclared 9187 → 9187) and demo/web (http 80 →
+/// 8080), one workload behind each.
+fn mesh_with_a_tcp_port() -> MeshSnapshot {
+    let mut snapshot = MeshSnapshot::default();
+    let mut db = workload("db-0", "db", &[("app", "db")]);
+    db.address = "10.0.0.5".parse().unwrap();
+    let web = workload("web-0", "web", &[("app", "web")]);
+    for (name, w, ports) in [
+        (
+            "db",
+            &db,
+            vec![
+                service_port("tcp-pg", 5432, 5432, AppProtocol::Tcp),
+                service_port("metrics", 9187, 9187, AppProtocol::Unspecified),
+            ],
+        ),
+        (
+            "web",
+            &web,
+            vec![service_port("http", 80, 8080, AppProtocol::Http)],
+        ),
+    ] {
+        let key = ServiceKey {
+            namespace: "demo".into(),
+            name: name.into(),
+        };
+        for p in &ports {
+            let TargetPort::Number(target) = p.target_port else {
+                unreachable!()
+            };
+            snapshot.endpoints.insert(
+                (key.clone(), p.port),
+                vec![Endpoint {
+                    address: w.address,
+                    port: target,
+                    identity: w.identity.clone(),
+                    weight: 1,
+                    zone: String::new(),
+                    ready: true,
+                    mesh_address: None,
+                }],
+            );
+        }
+        snapshot.services.insert(
+            key.clone(),
+            Service {
+                key,
+                vips: Vec::new(),
+                ports,
+                selector: labels(&[("app", name)]),
+            },
+        );
+    }
+    snapshot.workloads = vec![db, web];
+    snapshot
+}
+
+fn authz(action: AuthorizationAction, rules: Vec<AuthorizationRule>) -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        namespace: "demo".into(),
+        name: "p".into(),
+        selector: BTreeMap::new(),
+        action,
+        rules,
+    }
+}
+
+#[test]
+fn http_rules_on_an_opaque_port_are_found() {
+    let snapshot = mesh_with_a_tcp_port();
+    let get = AuthorizationRule {
+        methods: vec!["GET".into()],
+        ..AuthorizationRule::default()
+    };
+    let found = snapshot.l7_rules_on_opaque_ports(&authz(AuthorizationAction::Allow, vec![get]));
+    // Only the tcp port: the undeclared one is detected, the http one is HTTP.
+    assert_eq!(
+        found,
+        [L7RulesOnOpaquePort {
+            action: AuthorizationAction::Allow,
+            service: ServiceKey {
+                namespace: "demo".into(),
+                name: "db".into(),
+            },
+            service_port: 5432,
+            protocol: AppProtocol::Tcp,
+            target_port: 5432,
+            workloads: vec!["demo/db-0".into()],
+        }]
+    );
+    assert_eq!(
+        found[0].to_string(),
+        "rules with methods, paths or headers apply to port 5432 of demo/db-0 (Service db.demo \
+         port 5432, tcp): the proxy cannot see HTTP on an opaque port, so they never match \
+         there: those callers are refused"
+    );
+}
+
+#[test]
+fn rules_that_cannot_reach_an_opaque_port_are_not_reported() {
+    let snapshot = mesh_with_a_tcp_port();
+    let none = |rules| {
+        snapshot
+            .l7_rules_on_opaque_ports(&authz(AuthorizationAction::Deny, rules))
+            .is_empty()
+    };
+    // L4-only rules are enforced as written.
+    assert!(none(vec![AuthorizationRule {
+        principals: vec!["*".into()],
+        ports: vec![5432],
+        ..AuthorizationRule::default()
+    }]));
+    // HTTP rules limited to other ports.
+    assert!(none(vec![AuthorizationRule {
+        paths: vec!["/admin*".into()],
+        ports: vec![8080, 9187],
+        ..AuthorizationRule::default()
+    }]));
+    // HTTP rules naming the tcp port, in a policy selecting only the web workload.
+    let mut web_only = authz(
+        AuthorizationAction::Deny,
+        vec![AuthorizationRule {
+            headers: vec![header("x-admin")],
+            ports: vec![5432],
+            ..AuthorizationRule::default()
+        }],
+    );
+    web_only.selector = labels(&[("app", "web")]);
+    assert!(snapshot.l7_rules_on_opaque_ports(&web_only).is_empty());
+    // The same policy selecting the db workload is reported, as a DENY.
+    web_only.selector = labels(&[("app", "db")]);
+    let found = snapshot.l7_rules_on_opaque_ports(&web_only);
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0]
+            .to_string()
+            .ends_with("so they match every connection from their sources there"),
+        "{}",
+        found[0]
+    );
+}

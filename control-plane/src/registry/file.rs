@@ -77,6 +77,10 @@ pub struct RegistryStatus {
     /// each accepted object. (In file mode an object is accepted with its folder.)
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub accepted: BTreeMap<&'static str, Vec<String>>,
+    /// What is served but may not work as written (an AuthorizationPolicy's HTTP
+    /// rules on an opaque port), per object.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<RegistryErrorView>,
 }
 
 /// `namespace/name` of the routes and policies in `snapshot`, by kind.
@@ -116,9 +120,17 @@ pub fn accepted_objects(snapshot: &MeshSnapshot) -> BTreeMap<&'static str, Vec<S
 
 /// Reads `dir` once. The caller decides whether errors are fatal.
 pub fn load_dir(dir: &Path, trust_domain: &str) -> Result<MeshSnapshot, Vec<RegistryError>> {
+    load_dir_with_warnings(dir, trust_domain).map(|(snapshot, _)| snapshot)
+}
+
+/// [`load_dir`], with what is served but may not work as written.
+pub fn load_dir_with_warnings(
+    dir: &Path,
+    trust_domain: &str,
+) -> Result<(MeshSnapshot, Vec<RegistryError>), Vec<RegistryError>> {
     let (files, mut errors) = read_files(dir);
     match load_files(&files, trust_domain) {
-        Ok(snapshot) if errors.is_empty() => Ok(snapshot),
+        Ok(loaded) if errors.is_empty() => Ok(loaded),
         Ok(_) => Err(errors),
         Err(more) => {
             errors.extend(more);
@@ -160,7 +172,7 @@ pub async fn watch_dir(
                 return (fingerprint, None);
             }
             let result = match load_files(&files, &td) {
-                Ok(snapshot) if read_errors.is_empty() => Ok(snapshot),
+                Ok(loaded) if read_errors.is_empty() => Ok(loaded),
                 Ok(_) => Err(read_errors),
                 Err(errors) => Err(read_errors.into_iter().chain(errors).collect()),
             };
@@ -184,7 +196,7 @@ pub async fn watch_dir(
         };
         (loaded, pending) = (Some(fingerprint), None);
         match result {
-            Ok(snapshot) => publish(snapshot, &snapshots, &status),
+            Ok((snapshot, warnings)) => publish(snapshot, &warnings, &snapshots, &status),
             Err(errors) => {
                 for e in &errors {
                     tracing::warn!(
@@ -202,6 +214,7 @@ pub async fn watch_dir(
 
 fn publish(
     snapshot: MeshSnapshot,
+    warnings: &[RegistryError],
     snapshots: &tokio::sync::watch::Sender<Arc<MeshSnapshot>>,
     status: &tokio::sync::watch::Sender<RegistryStatus>,
 ) {
@@ -228,6 +241,13 @@ fn publish(
         s.services = services;
         s.workloads = workloads;
         s.accepted = accepted;
+        let warnings: Vec<RegistryErrorView> = warnings.iter().map(Into::into).collect();
+        if s.warnings != warnings {
+            for w in &warnings {
+                tracing::warn!(file = %w.file, line = w.line, reason = %w.reason, "registry object served with a warning");
+            }
+            s.warnings = warnings;
+        }
     });
 }
 
@@ -291,11 +311,12 @@ fn fingerprint(files: &[SourceFile], errors: &[RegistryError]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The snapshot and its warnings, or every error.
 fn load_files(
     files: &[SourceFile],
     trust_domain: &str,
-) -> Result<MeshSnapshot, Vec<RegistryError>> {
-    let mut errors = Vec::new();
+) -> Result<(MeshSnapshot, Vec<RegistryError>), Vec<RegistryError>> {
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
     let mut objects = Vec::new();
     for file in files {
         for doc in split_documents(&file.text) {
@@ -304,9 +325,9 @@ fn load_files(
             }
         }
     }
-    let snapshot = build::build(objects, trust_domain, &mut errors);
+    let snapshot = build::build(objects, trust_domain, &mut errors, &mut warnings);
     if errors.is_empty() {
-        Ok(snapshot)
+        Ok((snapshot, warnings))
     } else {
         Err(errors)
     }

@@ -6,5 +6,6 @@
 
 pub mod file;
 pub mod kube;
+pub mod policies;
 
 pub use file::{RegistryError, RegistryErrorView, RegistryStatus, initial, load_dir, watch_dir};

@@ -35,6 +35,7 @@ pub(super) fn build(
     objects: Vec<Parsed>,
     trust_domain: &str,
     errors: &mut Vec<RegistryError>,
+    warnings: &mut Vec<RegistryError>,
 ) -> MeshSnapshot {
     let objects = drop_duplicates(objects, errors);
     let mut snapshot = MeshSnapshot::default();
@@ -116,7 +117,7 @@ pub(super) fn build(
         list.dedup_by_key(|e| (e.address, e.port));
         snapshot.endpoints.insert(key, list);
     }
-    super::policy::add(&objects, &mut snapshot, errors);
+    super::policy::add(&objects, &mut snapshot, errors, warnings);
     snapshot
 }
 

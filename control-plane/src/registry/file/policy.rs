@@ -1,107 +1,52 @@
-//! Routes and policies into the snapshot, once its Services are known.
+//! Routes and policies into the snapshot, once its Services are known, through the
+//! path both registries share ([`crate::registry::policies`]).
 //!
-//! Each object is validated and resolved by its `crate::api` type; its field errors
-//! become file errors at the line where its document starts. References must
-//! resolve: a route's parent or backend Service, or a TrafficPolicy's target, that
-//! does not exist is an error of the folder (Kubernetes would instead mark the
-//! object not accepted), so a typo never silently drops traffic rules.
-
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+//! An object's field errors become file errors at the line where its document
+//! starts. References must resolve: a route's parent or backend Service, or a
+//! TrafficPolicy's target, that does not exist is an error of the folder
+//! (Kubernetes would instead mark the object not accepted), so a typo never silently
+//! drops traffic rules. What is served but may not work as written (HTTP rules on an
+//! opaque port) is a warning.
 
 use super::{Object, Parsed, RegistryError};
-use crate::api::FieldError;
-use crate::model::{self, MeshSnapshot, ROOT_NAMESPACE, ServiceKey};
+use crate::model::MeshSnapshot;
+use crate::registry::policies::{self, Declared, PolicyObject};
 
 pub(super) fn add(
     objects: &[Parsed],
     snapshot: &mut MeshSnapshot,
     errors: &mut Vec<RegistryError>,
+    warnings: &mut Vec<RegistryError>,
 ) {
-    let services = &snapshot.services;
-    let mut routes: BTreeMap<ServiceKey, Vec<model::HttpRouteRule>> = BTreeMap::new();
-    let mut traffic: BTreeMap<ServiceKey, (model::TrafficPolicy, &Path, usize)> = BTreeMap::new();
-    let mut authz = Vec::new();
-    let mut peer = Vec::new();
-    // Namespace-wide (and mesh-wide) PeerAuthentications: one per namespace.
-    let mut peer_wide: HashMap<String, (&str, &Path, usize)> = HashMap::new();
-    for p in objects {
-        let fail = |errors: &mut Vec<RegistryError>, field_errors: Vec<FieldError>| {
-            errors.extend(
-                field_errors
-                    .into_iter()
-                    .map(|e| RegistryError::new(&p.file, Some(p.line), e.to_string())),
-            );
-        };
-        match &p.object {
-            Object::HttpRoute(route) => match route.to_model(Some(services)) {
-                Ok(resolved) => {
-                    for note in resolved.ignored_parents {
-                        tracing::info!(file = %p.file.display(), line = p.line, "{note}");
-                    }
-                    for (parent, rule) in resolved.rules {
-                        routes.entry(parent).or_default().push(rule);
-                    }
-                }
-                Err(e) => fail(errors, e),
-            },
-            Object::TrafficPolicy(policy) => match policy.to_model(Some(services)) {
-                Ok(model) => {
-                    let target = policy.target();
-                    if let Some((other, file, line)) = traffic.get(&target) {
-                        let reason = format!(
-                            "spec.targetRef: Service {target} already has TrafficPolicy {} ({}:{line})",
-                            other.source,
-                            file.display(),
-                        );
-                        errors.push(RegistryError::new(&p.file, Some(p.line), reason));
-                    } else {
-                        traffic.insert(target, (model, &p.file, p.line));
-                    }
-                }
-                Err(e) => fail(errors, e),
-            },
-            Object::AuthorizationPolicy(policy) => match policy.to_model() {
-                Ok(model) => authz.push(model),
-                Err(e) => fail(errors, e),
-            },
-            Object::PeerAuthentication(policy) => match policy.to_model() {
-                Ok(model) => {
-                    if model.selector.is_empty() {
-                        let scope = if model.namespace == ROOT_NAMESPACE {
-                            "the mesh".to_owned()
-                        } else {
-                            format!("namespace {}", model.namespace)
-                        };
-                        if let Some((other, file, line)) = peer_wide.get(&model.namespace) {
-                            let reason = format!(
-                                "spec.selector: {scope} already has PeerAuthentication {other} \
-                                 without a selector ({}:{line})",
-                                file.display()
-                            );
-                            errors.push(RegistryError::new(&p.file, Some(p.line), reason));
-                            continue;
-                        }
-                        let name = policy.metadata.name.as_deref().unwrap_or_default();
-                        peer_wide.insert(model.namespace.clone(), (name, &p.file, p.line));
-                    }
-                    peer.push(model);
-                }
-                Err(e) => fail(errors, e),
-            },
-            Object::Service(_)
-            | Object::EndpointSlice(_)
-            | Object::WorkloadEntry(_)
-            | Object::BootstrapToken(_) => {}
+    let declared = objects
+        .iter()
+        .filter_map(|p| {
+            let object = match &p.object {
+                Object::HttpRoute(o) => PolicyObject::HttpRoute(o),
+                Object::TrafficPolicy(o) => PolicyObject::TrafficPolicy(o),
+                Object::AuthorizationPolicy(o) => PolicyObject::AuthorizationPolicy(o),
+                Object::PeerAuthentication(o) => PolicyObject::PeerAuthentication(o),
+                Object::Service(_)
+                | Object::EndpointSlice(_)
+                | Object::WorkloadEntry(_)
+                | Object::BootstrapToken(_) => return None,
+            };
+            Some(Declared {
+                source: p,
+                location: Some(format!("{}:{}", p.file.display(), p.line)),
+                object,
+            })
+        })
+        .collect();
+    for verdict in policies::add(declared, snapshot) {
+        let p = verdict.source;
+        let at = |reason: String| RegistryError::new(&p.file, Some(p.line), reason);
+        for note in &verdict.notes {
+            tracing::info!(file = %p.file.display(), line = p.line, %note, "part of a route does not apply");
         }
+        if let Some((_, field_errors)) = verdict.rejected {
+            errors.extend(field_errors.iter().map(|e| at(e.to_string())));
+        }
+        warnings.extend(verdict.l7_on_opaque_ports.iter().map(|w| at(w.to_string())));
     }
-    for rules in routes.values_mut() {
-        model::sort_by_precedence(rules);
-    }
-    authz.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    peer.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    snapshot.routes = routes;
-    snapshot.traffic_policies = traffic.into_iter().map(|(k, (p, _, _))| (k, p)).collect();
-    snapshot.authorization_policies = authz;
-    snapshot.peer_authentications = peer;
 }

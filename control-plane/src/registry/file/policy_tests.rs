@@ -397,3 +397,97 @@ async fn a_bad_policy_keeps_the_last_good_snapshot() {
     assert!(!status.accepted.contains_key("PeerAuthentication"));
     task.abort();
 }
+
+/// A Postgres Service declared `tcp`, and a policy with an HTTP rule for it.
+const DB_WITH_AN_HTTP_RULE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec:
+  selector: {app: db}
+  ports: [{name: pg, port: 5432, appProtocol: tcp}]
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {name: db-0, namespace: demo, labels: {app: db}}
+spec: {address: 10.0.0.7, serviceAccount: db}
+---
+apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-readers, namespace: demo}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+";
+
+const DB_WARNING: &str = "rules with methods, paths or headers apply to port 5432 of demo/db-0 \
+     (Service db.demo port 5432, tcp): the proxy cannot see HTTP on an opaque port, so they \
+     never match there: those callers are refused";
+
+#[test]
+fn http_rules_on_an_opaque_port_are_served_with_a_warning() {
+    let dir = write_dir(&[("mesh.yaml", MESH), ("db.yaml", DB_WITH_AN_HTTP_RULE)]);
+    let (snapshot, warnings) = load_dir_with_warnings(dir.path(), TD).unwrap();
+    // Enforced (the proxy fails closed), so served.
+    assert_eq!(snapshot.authorization_policies.len(), 1);
+    let got: Vec<_> = warnings
+        .iter()
+        .map(|w| {
+            (
+                w.file.file_name().unwrap().to_owned(),
+                w.line,
+                w.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("db.yaml".into(), Some(13), DB_WARNING)]);
+
+    // The same rule limited to another port: nothing to say.
+    let other_port =
+        DB_WITH_AN_HTTP_RULE.replace("methods: [GET]", "methods: [GET], ports: [8080]");
+    let dir = write_dir(&[("mesh.yaml", MESH), ("db.yaml", &other_port)]);
+    let (_, warnings) = load_dir_with_warnings(dir.path(), TD).unwrap();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+#[tokio::test]
+async fn the_registry_view_shows_the_warning_for_its_file() {
+    const DEADLINE: Duration = Duration::from_secs(2);
+    let dir = write_dir(&[("mesh.yaml", MESH)]);
+    let path = dir.path().to_owned();
+    let first = Arc::new(initial(&path, TD).unwrap());
+    let (snap_tx, _snap_rx) = watch::channel(first);
+    let (status_tx, mut status_rx) = watch::channel(RegistryStatus::default());
+    let poll = Duration::from_millis(20);
+    let task = tokio::spawn(watch_dir(path.clone(), TD.into(), poll, snap_tx, status_tx));
+
+    std::fs::write(path.join("db.yaml"), DB_WITH_AN_HTTP_RULE).unwrap();
+    let status = tokio::time::timeout(DEADLINE, status_rx.wait_for(|s| !s.warnings.is_empty()))
+        .await
+        .expect("timed out waiting for the warning")
+        .unwrap()
+        .clone();
+    assert!(status.last_error.is_empty(), "{status:#?}");
+    assert_eq!(status.accepted["AuthorizationPolicy"], ["demo/db-readers"]);
+    // As /registry serves it.
+    let view = serde_json::to_value(&status).unwrap();
+    let warning = &view["warnings"][0];
+    assert!(
+        warning["file"].as_str().unwrap().ends_with("/db.yaml"),
+        "{view:#}"
+    );
+    assert_eq!(warning["line"], 13);
+    assert_eq!(warning["reason"], DB_WARNING);
+
+    // Declared HTTP: the warning goes away.
+    std::fs::write(
+        path.join("db.yaml"),
+        DB_WITH_AN_HTTP_RULE.replace("appProtocol: tcp", "appProtocol: http"),
+    )
+    .unwrap();
+    tokio::time::timeout(DEADLINE, status_rx.wait_for(|s| s.warnings.is_empty()))
+        .await
+        .expect("timed out waiting for the warning to clear")
+        .unwrap();
+    task.abort();
+}

@@ -2,14 +2,20 @@
 //! [`MeshSnapshot`] the file registry makes. Nothing downstream knows which one fed it.
 //!
 //! One watcher per kind (Services, EndpointSlices, Pods, Namespaces,
-//! ServiceAccounts, and Gateway API `HTTPRoute` when its CRD is installed), merged
-//! into one task that owns a [`ClusterState`]. kube-runtime's watcher does the hard
+//! ServiceAccounts, and, when their CRDs are installed, Gateway API `HTTPRoute` and
+//! the Trellis `TrafficPolicy`, `AuthorizationPolicy` and `PeerAuthentication`),
+//! merged into one task that owns a [`ClusterState`]. kube-runtime's watcher does the hard
 //! parts: paged lists, bookmarks, resuming from the last resourceVersion, and a fresh
 //! list after `410 Gone`. [`KindStore`] buffers each list, so a re-list is swapped in
 //! whole. No snapshot is published until every kind has completed its first list, and
 //! events arriving together are folded into one snapshot.
+//!
+//! Each snapshot also judges every route and policy object; the verdicts go out as a
+//! [`StatusReport`], which [`write_statuses`] turns into `status.conditions` when
+//! this replica leads.
 
 mod snapshot;
+mod status;
 mod store;
 
 use std::collections::BTreeMap;
@@ -25,7 +31,11 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-pub use snapshot::{ClusterState, snapshot_from};
+pub use snapshot::{ClusterState, evaluate, snapshot_from};
+pub use status::{
+    ACCEPTED, FIELD_MANAGER, JudgedCondition, L7_RULES_ON_OPAQUE_PORT, PolicyKind, StatusReport,
+    StatusTarget, WriterProgress, next_conditions, write_statuses,
+};
 pub use store::{KindStore, ObjectKey};
 
 use super::{RegistryErrorView, RegistryStatus};
@@ -47,6 +57,9 @@ pub enum Kind {
     Namespace,
     ServiceAccount,
     HttpRoute,
+    TrafficPolicy,
+    AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
@@ -58,12 +71,30 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::ServiceAccount => "serviceaccounts",
             Kind::HttpRoute => "httproutes.gateway.networking.k8s.io",
+            Kind::TrafficPolicy => "trafficpolicies.trellis.io",
+            Kind::AuthorizationPolicy => "authorizationpolicies.trellis.io",
+            Kind::PeerAuthentication => "peerauthentications.trellis.io",
         }
     }
 
     /// A kind whose CRD may be missing: then it counts as listed and empty.
     fn optional(self) -> bool {
-        matches!(self, Kind::HttpRoute)
+        self.resource().is_some()
+    }
+
+    /// The API resource of a kind read untyped (a CRD).
+    pub fn resource(self) -> Option<ApiResource> {
+        match self {
+            Kind::HttpRoute => Some(http_route_resource()),
+            Kind::TrafficPolicy => Some(PolicyKind::TrafficPolicy.resource()),
+            Kind::AuthorizationPolicy => Some(PolicyKind::AuthorizationPolicy.resource()),
+            Kind::PeerAuthentication => Some(PolicyKind::PeerAuthentication.resource()),
+            Kind::Service
+            | Kind::EndpointSlice
+            | Kind::Pod
+            | Kind::Namespace
+            | Kind::ServiceAccount => None,
+        }
     }
 }
 
@@ -76,7 +107,8 @@ pub enum Change {
     Pod(Box<Event<Pod>>),
     Namespace(Box<Event<Namespace>>),
     ServiceAccount(Box<Event<ServiceAccount>>),
-    HttpRoute(Box<Event<DynamicObject>>),
+    /// A kind read untyped: a CRD ([`Kind::resource`]).
+    Custom(Kind, Box<Event<DynamicObject>>),
     Failed(Kind, watcher::Error),
 }
 
@@ -85,9 +117,11 @@ pub struct Outputs {
     pub snapshots: watch::Sender<Arc<MeshSnapshot>>,
     pub status: watch::Sender<RegistryStatus>,
     pub namespaces: watch::Sender<Arc<NamespaceLabels>>,
+    /// The statuses the route and policy objects should have.
+    pub statuses: watch::Sender<Arc<StatusReport>>,
 }
 
-/// The Gateway API `HTTPRoute`, read untyped until the route model lands.
+/// The Gateway API `HTTPRoute`, read untyped (its Rust type is Trellis' subset).
 pub fn http_route_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "gateway.networking.k8s.io",
@@ -119,7 +153,18 @@ pub fn changes(client: Client) -> impl Stream<Item = Change> + Send + 'static {
             Err(e) => Change::Failed(Kind::Pod, e),
         })
         .boxed();
-    futures::stream::select_all([
+    let custom = [
+        Kind::HttpRoute,
+        Kind::TrafficPolicy,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+    ]
+    .into_iter()
+    .filter_map(|kind| {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource()?);
+        Some(watch(api, kind, move |e| Change::Custom(kind, e)))
+    });
+    let builtin = [
         watch(Api::all(client.clone()), Kind::Service, Change::Service),
         watch(
             Api::all(client.clone()),
@@ -133,12 +178,8 @@ pub fn changes(client: Client) -> impl Stream<Item = Change> + Send + 'static {
             Kind::ServiceAccount,
             Change::ServiceAccount,
         ),
-        watch(
-            Api::<DynamicObject>::all_with(client, &http_route_resource()),
-            Kind::HttpRoute,
-            Change::HttpRoute,
-        ),
-    ])
+    ];
+    futures::stream::select_all(builtin.into_iter().chain(custom))
 }
 
 /// Drops what the registry never reads from a Pod (it is most of the object).
@@ -211,14 +252,14 @@ impl Registry {
             Change::ServiceAccount(e) => {
                 (Kind::ServiceAccount, self.state.service_accounts.apply(*e))
             }
-            Change::HttpRoute(e) => {
-                if self.absent.remove(&Kind::HttpRoute).is_some() {
-                    tracing::info!(
-                        kind = Kind::HttpRoute.name(),
-                        "optional CRD is now installed"
-                    );
+            Change::Custom(kind, e) => {
+                if self.absent.remove(&kind).is_some() {
+                    tracing::info!(kind = kind.name(), "optional CRD is now installed");
                 }
-                (Kind::HttpRoute, self.state.http_routes.apply(*e))
+                let Some(store) = self.state.custom_mut(kind) else {
+                    return false;
+                };
+                (kind, store.apply(*e))
             }
             Change::Failed(kind, error) => return self.failed(kind, error),
         };
@@ -237,7 +278,10 @@ impl Registry {
                     "optional CRD is not installed; carrying on without it"
                 );
             }
-            return self.state.http_routes.set_absent();
+            return self
+                .state
+                .custom_mut(kind)
+                .is_some_and(KindStore::set_absent);
         }
         if is_gone(&error) {
             tracing::info!(
@@ -285,17 +329,32 @@ impl Registry {
             }
             changed
         });
-        let snapshot = snapshot_from(&self.state, trust_domain);
+        let (snapshot, report) = evaluate(&self.state, trust_domain);
+        let warnings = report.warnings();
+        out.statuses.send_if_modified(|current| {
+            let changed = **current != report;
+            if changed {
+                *current = Arc::new(report);
+            }
+            changed
+        });
+        out.status.send_if_modified(|s| {
+            let changed = s.warnings != warnings;
+            s.warnings = warnings;
+            changed
+        });
         let (services, workloads) = (snapshot.services.len(), snapshot.workloads.len());
         let first = out.status.borrow().generation == 0;
         if !first && **out.snapshots.borrow() == snapshot {
             return;
         }
+        let accepted = super::file::accepted_objects(&snapshot);
         out.snapshots.send_replace(Arc::new(snapshot));
         out.status.send_modify(|s| {
             s.generation += 1;
             s.services = services;
             s.workloads = workloads;
+            s.accepted = accepted;
             tracing::info!(
                 generation = s.generation,
                 services,

@@ -7,6 +7,10 @@
 //! - EndpointSlice (`kubernetes.io/service-name`) → [`Endpoint`]s; each address takes
 //!   its identity from the Pod its `targetRef` names, else from the one Pod with that
 //!   IP. An address with no Pod has no identity and is left out.
+//! - HTTPRoute, TrafficPolicy, AuthorizationPolicy, PeerAuthentication → routes and
+//!   policies through the path the file registry takes too
+//!   ([`crate::registry::policies`]), oldest object first in a conflict; each gets
+//!   a verdict for its status.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -17,10 +21,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::DynamicObject;
 use trellis_identity::SpiffeId;
 
+use super::Kind;
+use super::status::{PolicyKind, StatusReport, StatusTarget};
 use super::store::KindStore;
+use crate::api::{self, FieldError};
 use crate::model::{
     AppProtocol, Endpoint, MeshSnapshot, Service, ServiceKey, ServicePort, TargetPort, Workload,
 };
+use crate::registry::policies::{self, Declared, PolicyObject, Rejection, Verdict};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -34,6 +42,10 @@ pub struct ClusterState {
     pub service_accounts: KindStore<ServiceAccount>,
     /// Gateway API `HTTPRoute` (optional: absent CRD counts as listed and empty).
     pub http_routes: KindStore<DynamicObject>,
+    /// The Trellis policy CRDs (optional as well).
+    pub traffic_policies: KindStore<DynamicObject>,
+    pub authorization_policies: KindStore<DynamicObject>,
+    pub peer_authentications: KindStore<DynamicObject>,
 }
 
 impl ClusterState {
@@ -45,6 +57,24 @@ impl ClusterState {
             && self.namespaces.is_listed()
             && self.service_accounts.is_listed()
             && self.http_routes.is_listed()
+            && self.traffic_policies.is_listed()
+            && self.authorization_policies.is_listed()
+            && self.peer_authentications.is_listed()
+    }
+
+    /// The store of a kind read untyped.
+    pub fn custom_mut(&mut self, kind: Kind) -> Option<&mut KindStore<DynamicObject>> {
+        match kind {
+            Kind::HttpRoute => Some(&mut self.http_routes),
+            Kind::TrafficPolicy => Some(&mut self.traffic_policies),
+            Kind::AuthorizationPolicy => Some(&mut self.authorization_policies),
+            Kind::PeerAuthentication => Some(&mut self.peer_authentications),
+            Kind::Service
+            | Kind::EndpointSlice
+            | Kind::Pod
+            | Kind::Namespace
+            | Kind::ServiceAccount => None,
+        }
     }
 
     /// Labels of each namespace, for the injector.
@@ -61,6 +91,12 @@ impl ClusterState {
 
 /// The mesh model for the cluster's current state.
 pub fn snapshot_from(state: &ClusterState, trust_domain: &str) -> MeshSnapshot {
+    evaluate(state, trust_domain).0
+}
+
+/// The mesh model for the cluster's current state, and the status each route and
+/// policy object should have.
+pub fn evaluate(state: &ClusterState, trust_domain: &str) -> (MeshSnapshot, StatusReport) {
     let mut snapshot = MeshSnapshot::default();
     for s in state.services.iter() {
         if let Some(service) = service(s) {
@@ -89,7 +125,137 @@ pub fn snapshot_from(state: &ClusterState, trust_domain: &str) -> MeshSnapshot {
         list.sort_by_key(|e| (e.address, e.port));
         list.dedup_by_key(|e| (e.address, e.port));
     }
-    snapshot
+    let report = add_policies(state, &mut snapshot);
+    (snapshot, report)
+}
+
+/// One route or policy object read into its Rust type, with what its status needs.
+struct Read {
+    target: StatusTarget,
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    object: Result<Typed, FieldError>,
+}
+
+enum Typed {
+    HttpRoute(Box<api::HttpRoute>),
+    TrafficPolicy(Box<api::TrafficPolicy>),
+    AuthorizationPolicy(Box<api::AuthorizationPolicy>),
+    PeerAuthentication(Box<api::PeerAuthentication>),
+}
+
+fn add_policies(state: &ClusterState, snapshot: &mut MeshSnapshot) -> StatusReport {
+    let stores = [
+        (PolicyKind::HttpRoute, &state.http_routes),
+        (PolicyKind::TrafficPolicy, &state.traffic_policies),
+        (
+            PolicyKind::AuthorizationPolicy,
+            &state.authorization_policies,
+        ),
+        (PolicyKind::PeerAuthentication, &state.peer_authentications),
+    ];
+    let mut read: Vec<Read> = stores
+        .into_iter()
+        .flat_map(|(kind, store)| store.iter().map(move |o| read_object(kind, o)))
+        .collect();
+    // Of two objects in conflict the older wins, as in Gateway API; then by name.
+    read.sort_by(|a, b| {
+        let key = |r: &Read| (r.created, r.target.namespace.clone(), r.target.name.clone());
+        key(a).cmp(&key(b))
+    });
+    let mut targets = Vec::with_capacity(read.len());
+    let mut declared = Vec::with_capacity(read.len());
+    for (i, r) in read.iter().enumerate() {
+        let object = match &r.object {
+            Ok(Typed::HttpRoute(o)) => PolicyObject::HttpRoute(o),
+            Ok(Typed::TrafficPolicy(o)) => PolicyObject::TrafficPolicy(o),
+            Ok(Typed::AuthorizationPolicy(o)) => PolicyObject::AuthorizationPolicy(o),
+            Ok(Typed::PeerAuthentication(o)) => PolicyObject::PeerAuthentication(o),
+            Err(e) => {
+                let mut verdict = Verdict::new(i);
+                verdict.rejected = Some((Rejection::Invalid, vec![e.clone()]));
+                targets.push((r.target.clone(), verdict));
+                continue;
+            }
+        };
+        declared.push(Declared {
+            source: i,
+            location: None,
+            object,
+        });
+    }
+    for verdict in policies::add(declared, snapshot) {
+        targets.push((read[verdict.source].target.clone(), verdict));
+    }
+    let mut report = StatusReport::default();
+    for (target, verdict) in targets {
+        for note in &verdict.notes {
+            tracing::debug!(kind = target.kind.as_str(), namespace = %target.namespace, name = %target.name, %note, "part of a route does not apply");
+        }
+        report.push(target, &verdict);
+    }
+    report.sort();
+    report
+}
+
+fn read_object(kind: PolicyKind, o: &DynamicObject) -> Read {
+    let meta = &o.metadata;
+    let target = StatusTarget {
+        kind,
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        generation: meta.generation,
+        resource_version: meta.resource_version.clone(),
+        current: super::status::current_conditions(o),
+        judged: Vec::new(),
+    };
+    let created = meta.creation_timestamp.as_ref().map(|t| t.0);
+    // The status is the control plane's own output and may hold anything: only the
+    // rest is read, so a strange status never rejects a good object.
+    let mut value = match serde_json::to_value(o) {
+        Ok(v) => v,
+        Err(e) => return unreadable(target, created, e),
+    };
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("status");
+    }
+    let object = match kind {
+        PolicyKind::HttpRoute => {
+            serde_json::from_value(value).map(|o| Typed::HttpRoute(Box::new(o)))
+        }
+        PolicyKind::TrafficPolicy => {
+            serde_json::from_value(value).map(|o| Typed::TrafficPolicy(Box::new(o)))
+        }
+        PolicyKind::AuthorizationPolicy => {
+            serde_json::from_value(value).map(|o| Typed::AuthorizationPolicy(Box::new(o)))
+        }
+        PolicyKind::PeerAuthentication => {
+            serde_json::from_value(value).map(|o| Typed::PeerAuthentication(Box::new(o)))
+        }
+    };
+    match object {
+        Ok(object) => Read {
+            target,
+            created,
+            object: Ok(object),
+        },
+        Err(e) => unreadable(target, created, e),
+    }
+}
+
+/// An object whose shape the CRD schema should have refused.
+fn unreadable(
+    target: StatusTarget,
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    e: serde_json::Error,
+) -> Read {
+    Read {
+        target,
+        created,
+        object: Err(FieldError {
+            field: "spec".to_owned(),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 fn service(s: &KubeService) -> Option<Service> {

@@ -2,6 +2,7 @@
 //! loop against a scripted API server (lists, watches, 404 for an optional CRD, 410).
 
 mod mock_api;
+mod policy_status;
 
 use std::net::IpAddr;
 
@@ -42,6 +43,9 @@ fn listed_state() -> ClusterState {
         namespaces: KindStore::listed(items("namespaces-list.json")),
         service_accounts: KindStore::listed(items("serviceaccounts-list.json")),
         http_routes: KindStore::listed([]),
+        traffic_policies: KindStore::listed([]),
+        authorization_policies: KindStore::listed([]),
+        peer_authentications: KindStore::listed([]),
     }
 }
 
@@ -209,4 +213,123 @@ fn watch_errors_are_classified() {
         kube::Error::Api(status(404).boxed())
     )));
     assert!(!is_not_found(&watcher::Error::NoResourceVersion));
+}
+
+fn dynamic_items(name: &str) -> Vec<kube::api::DynamicObject> {
+    serde_json::from_value(fixture_json(name)["items"].clone()).unwrap()
+}
+
+#[test]
+fn http_rules_on_a_tcp_port_are_accepted_with_a_condition_saying_so() {
+    let mut state = listed_state();
+    state.authorization_policies =
+        KindStore::listed(dynamic_items("authorizationpolicies-list.json"));
+    let (snapshot, report) = evaluate(&state, "cluster.local");
+    assert_eq!(snapshot.authorization_policies.len(), 1);
+    let judged = |report: &StatusReport| -> Vec<(&str, bool, String)> {
+        report.targets[0]
+            .judged
+            .iter()
+            .map(|c| (c.type_, c.status, c.message.clone()))
+            .collect()
+    };
+    // echo's port is HTTP: the rule's method can be checked.
+    assert_eq!(judged(&report), [(ACCEPTED, true, String::new())]);
+    assert!(report.warnings().is_empty());
+
+    // Declared tcp: still accepted (enforced, failing closed), and said so.
+    let mut services = items::<Service>("services-list.json");
+    let echo = services
+        .iter_mut()
+        .find(|s| s.metadata.name.as_deref() == Some("echo"))
+        .unwrap();
+    echo.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].app_protocol = Some("tcp".into());
+    state.services = KindStore::listed(services);
+    let (snapshot, report) = evaluate(&state, "cluster.local");
+    assert_eq!(snapshot.authorization_policies.len(), 1);
+    let message = "rules with methods, paths or headers apply to port 8080 of \
+                   default/echo-6d8f7b9c5-abcde, default/echo-6d8f7b9c5-fghij (Service \
+                   echo.default port 80, tcp): the proxy cannot see HTTP on an opaque port, \
+                   so they never match there: those callers are refused";
+    assert_eq!(
+        judged(&report),
+        [
+            (ACCEPTED, true, String::new()),
+            (L7_RULES_ON_OPAQUE_PORT, true, message.to_owned())
+        ]
+    );
+    let warnings = report.warnings();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(
+        warnings[0].file,
+        "kube:AuthorizationPolicy default/echo-readers"
+    );
+    assert_eq!(warnings[0].reason, message);
+}
+
+#[test]
+fn a_policy_with_a_strange_status_or_shape_is_judged_not_dropped_silently() {
+    let mut state = listed_state();
+    let mut policies = dynamic_items("peerauthentications-list.json");
+    // Someone else's malformed status does not make the object unreadable.
+    policies[0].data["status"] = serde_json::json!({"conditions": [{"type": 1}]});
+    let mut unknown_field = policies[0].clone();
+    unknown_field.metadata.name = Some("typo".into());
+    unknown_field.metadata.namespace = Some("default".into());
+    unknown_field.data["spec"] = serde_json::json!({"mtls": {"mood": "STRICT"}});
+    policies.push(unknown_field);
+    state.peer_authentications = KindStore::listed(policies);
+    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let served: Vec<_> = snapshot
+        .peer_authentications
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(served, ["default"]);
+    let verdicts: Vec<_> = report
+        .targets
+        .iter()
+        .map(|t| (t.name.as_str(), t.judged[0].status, t.judged[0].reason))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [("typo", false, "Invalid"), ("default", true, "Accepted")]
+    );
+    assert!(
+        report.targets[0].judged[0]
+            .message
+            .contains("unknown field `mood`"),
+        "{:?}",
+        report.targets[0].judged[0]
+    );
+}
+
+#[test]
+fn http_routes_are_served_through_the_same_path() {
+    let route: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": "echo-api", "namespace": "default", "generation": 1,
+            "resourceVersion": "990", "creationTimestamp": "2025-05-01T09:50:00Z"
+        },
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+            "rules": [{
+                "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                "backendRefs": [{"name": "echo", "port": 80}]
+            }]
+        },
+        // Gateway API's status shape, not Trellis': never read.
+        "status": {"parents": []}
+    }))
+    .unwrap();
+    let mut state = listed_state();
+    state.http_routes = KindStore::listed([route]);
+    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let rules = &snapshot.routes[&key("default", "echo")];
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].origin.name, "echo-api");
+    // Route statuses (per parent) are not written yet.
+    assert!(report.targets.is_empty());
 }

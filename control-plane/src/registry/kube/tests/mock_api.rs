@@ -1,6 +1,6 @@
 //! The whole registry loop against a scripted API server: recorded lists, watch
-//! streams with ADDED/MODIFIED/DELETED/BOOKMARK, a 404 for the Gateway API CRD, and an
-//! ERROR 410 Gone that forces a re-list.
+//! streams with ADDED/MODIFIED/DELETED/BOOKMARK, 404s for the Gateway API and Trellis
+//! CRDs, and an ERROR 410 Gone that forces a re-list.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,9 @@ const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
 const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+pub(super) const TRAFFIC_POLICIES: &str = "/apis/trellis.io/v1alpha1/trafficpolicies";
+pub(super) const AUTHORIZATION_POLICIES: &str = "/apis/trellis.io/v1alpha1/authorizationpolicies";
+pub(super) const PEER_AUTHENTICATIONS: &str = "/apis/trellis.io/v1alpha1/peerauthentications";
 
 fn key(ns: &str, name: &str) -> ServiceKey {
     ServiceKey {
@@ -25,7 +28,7 @@ fn key(ns: &str, name: &str) -> ServiceKey {
     }
 }
 
-async fn wait_for(
+pub(super) async fn wait_for(
     rx: &mut watch::Receiver<Arc<MeshSnapshot>>,
     what: &str,
     done: impl FnMut(&Arc<MeshSnapshot>) -> bool,
@@ -70,15 +73,30 @@ async fn follows_the_api_from_list_through_changes_and_a_410_relist() {
         404,
         fixture_json("httproutes-not-found.json"),
     );
+    // No Trellis CRDs installed either: the registry carries on without policies.
+    for path in [
+        TRAFFIC_POLICIES,
+        AUTHORIZATION_POLICIES,
+        PEER_AUTHENTICATIONS,
+    ] {
+        api.reply(
+            http::Method::GET,
+            path,
+            404,
+            fixture_json("crd-not-found.json"),
+        );
+    }
     let (client, seen) = api.start();
 
     let (snapshots, mut snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
     let (status, status_rx) = watch::channel(RegistryStatus::default());
     let (namespaces, namespaces_rx) = watch::channel(Arc::new(NamespaceLabels::default()));
+    let (statuses, _statuses_rx) = watch::channel(Arc::new(StatusReport::default()));
     let out = Outputs {
         snapshots,
         status,
         namespaces,
+        statuses,
     };
     let registry = tokio::spawn(watch_cluster(
         client,
@@ -93,6 +111,9 @@ async fn follows_the_api_from_list_through_changes_and_a_410_relist() {
         while seen.count(&format!("GET {SERVICE_ACCOUNTS}?")) < 2
             || seen.count(&format!("GET {NAMESPACES}?")) < 2
             || seen.count(&format!("GET {HTTP_ROUTES}?")) < 1
+            || seen.count(&format!("GET {TRAFFIC_POLICIES}?")) < 1
+            || seen.count(&format!("GET {AUTHORIZATION_POLICIES}?")) < 1
+            || seen.count(&format!("GET {PEER_AUTHENTICATIONS}?")) < 1
             || seen.count(&format!("GET {SLICES}?")) < 2
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -116,6 +137,8 @@ async fn follows_the_api_from_list_through_changes_and_a_410_relist() {
     assert_eq!(status_rx.borrow().generation, 1);
     assert_eq!(s.services.len(), 2);
     assert_eq!(s.workloads.len(), 3);
+    assert!(s.traffic_policies.is_empty() && s.authorization_policies.is_empty());
+    assert!(s.peer_authentications.is_empty() && s.routes.is_empty());
     assert_eq!(
         ready_endpoints(&s, "default", "echo", 80),
         ["10.244.1.5:8080", "10.244.2.7:8080"]
