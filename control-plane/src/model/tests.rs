@@ -282,6 +282,7 @@ fn mesh_with_a_tcp_port() -> MeshSnapshot {
                     zone: String::new(),
                     ready: true,
                     mesh_address: None,
+                    sidecar: true,
                 }],
             );
         }
