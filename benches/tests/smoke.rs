@@ -141,6 +141,48 @@ async fn grpc_echo_calls_succeed() {
         .unwrap();
 }
 
+/// The bench server's answer to a gRPC call of `path` carrying `frame`.
+async fn call_bench_server(
+    addr: SocketAddr,
+    path: &str,
+    frame: Bytes,
+) -> trellis_bench::Result<()> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(conn);
+    let uri: http::Uri = format!("http://bench{path}")
+        .parse()
+        .map_err(|e| BenchError::Config(format!("{e}")))?;
+    let resp = sender
+        .send_request(trellis_bench::grpc::echo_request(&uri, frame)?)
+        .await?;
+    let result = trellis_bench::grpc::read_echo_response(resp, 0).await;
+    driver.abort();
+    result
+}
+
+#[tokio::test]
+async fn bench_server_rejects_bad_grpc_calls() {
+    let (http, _h) = spawn_http_server("127.0.0.1:0".parse().unwrap(), 16)
+        .await
+        .unwrap();
+    let code = |r: trellis_bench::Result<()>| match r {
+        Err(BenchError::GrpcStatus { code, .. }) => code,
+        other => panic!("expected a gRPC status, got {other:?}"),
+    };
+    let good = trellis_bench::grpc::echo_frame(8).unwrap();
+    // Unknown method: UNIMPLEMENTED.
+    assert_eq!(code(call_bench_server(http, "/x.Y/Z", good).await), "12");
+    // A frame whose prefix promises more than it carries: INVALID_ARGUMENT.
+    let short = Bytes::from_static(&[0, 0, 0, 0, 9, 1, 2]);
+    let echo = trellis_bench::grpc::ECHO_PATH;
+    assert_eq!(code(call_bench_server(http, echo, short).await), "3");
+    // Compressed: INVALID_ARGUMENT.
+    let compressed = Bytes::from_static(&[1, 0, 0, 0, 1, 7]);
+    assert_eq!(code(call_bench_server(http, echo, compressed).await), "3");
+}
+
 /// An HTTP/2 server that answers every request 200 with `headers` and a short body,
 /// and never sends trailers.
 #[allow(clippy::unwrap_used)]
