@@ -278,13 +278,13 @@ fn render_peer(out: &mut String, report: &Report) {
     let _ = writeln!(
         out,
         "| scenario | added p50 (ms): Trellis / {peer} | ratio | added p99 (ms) | ratio | \
-         CPU s per 1k req | ratio | peak RSS (MB) | ratio |"
+         CPU s per 1k req | ratio | peak RSS (MB) | ratio | Trellis lower on |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for c in &report.versus_peer {
         let _ = writeln!(
             out,
-            "| {} | {} / {} | {} | {} / {} | {} | {:.4} / {:.4} | {} | {:.1} / {:.1} | {} |",
+            "| {} | {} / {} | {} | {} / {} | {} | {:.4} / {:.4} | {} | {:.1} / {:.1} | {} | {} |",
             c.scenario,
             signed_ms(c.added_p50_us.0),
             signed_ms(c.added_p50_us.1),
@@ -298,6 +298,14 @@ fn render_peer(out: &mut String, report: &Report) {
             c.peak_rss_kb.0 as f64 / 1024.0,
             c.peak_rss_kb.1 as f64 / 1024.0,
             ratio(c.rss_ratio),
+            {
+                let lower = c.lower_on();
+                if lower.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    lower.join(", ")
+                }
+            },
         );
     }
 }

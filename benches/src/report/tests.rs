@@ -389,6 +389,8 @@ fn trellis_against_the_peer_and_the_targets() {
     assert_eq!(c.peak_rss_kb, (10 * 1024, 8 * 1024));
     assert!((c.rss_ratio.unwrap() - 1.25).abs() < 1e-9);
 
+    assert_eq!(c.lower_on(), ["added p50", "added p99", "CPU"]);
+
     let verdicts: Vec<Verdict> = r.targets.iter().map(|t| t.verdict).collect();
     assert_eq!(verdicts, [Verdict::Pass; 7], "{:#?}", r.targets);
     let md = render_markdown(&r);

@@ -35,6 +35,21 @@ pub struct PeerComparison {
     pub rss_ratio: Option<f64>,
 }
 
+impl PeerComparison {
+    /// The figures on which Trellis is lower than the peer.
+    pub fn lower_on(&self) -> Vec<&'static str> {
+        [
+            ("added p50", self.added_p50_us.0 < self.added_p50_us.1),
+            ("added p99", self.added_p99_us.0 < self.added_p99_us.1),
+            ("CPU", self.cpu_s_per_1k_req.0 < self.cpu_s_per_1k_req.1),
+            ("RSS", self.peak_rss_kb.0 < self.peak_rss_kb.1),
+        ]
+        .into_iter()
+        .filter_map(|(name, lower)| lower.then_some(name))
+        .collect()
+    }
+}
+
 /// Pass, fail, or could not tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -66,10 +81,10 @@ pub struct TargetCheck {
     pub verdict: Verdict,
 }
 
-/// `ours / peer`, when the peer's figure is positive (a ratio against zero or a
-/// negative added latency says nothing).
+/// `ours / peer`, when both figures are non-negative and the peer's is positive: a
+/// ratio with a negative added latency (noise below the baseline) says nothing.
 fn ratio(ours: f64, peer: f64) -> Option<f64> {
-    (peer > 0.0).then(|| ours / peer)
+    (ours >= 0.0 && peer > 0.0).then(|| ours / peer)
 }
 
 fn max_peak_rss_kb(s: &ScenarioReport) -> u64 {
