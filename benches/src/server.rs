@@ -69,13 +69,10 @@ pub async fn serve_http(listener: TcpListener, default_size: usize) -> Result<()
         };
         let body = body.clone();
         tokio::spawn(async move {
-            let body = body.clone();
             let service = service_fn(move |req: Request<Incoming>| {
-                let body = body.clone();
-                async move {
-                    if crate::grpc::is_grpc(req.headers()) {
-                        return Ok::<_, Infallible>(grpc_echo(req).await);
-                    }
+                // Plain HTTP is answered right here, from a slice of the shared buffer;
+                // only gRPC needs to read the request body first.
+                let plain = (!crate::grpc::is_grpc(req.headers())).then(|| {
                     let size = query_size(req.uri().query())
                         .unwrap_or(default_size)
                         .min(MAX_BODY);
@@ -84,7 +81,13 @@ pub async fn serve_http(listener: TcpListener, default_size: usize) -> Result<()
                     } else {
                         Bytes::from(vec![b'a'; size])
                     };
-                    Ok(Response::new(Either::Left(Full::new(bytes))))
+                    Response::new(Either::Left(Full::new(bytes)))
+                });
+                async move {
+                    Ok::<_, Infallible>(match plain {
+                        Some(resp) => resp,
+                        None => grpc_echo(req).await,
+                    })
                 }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
