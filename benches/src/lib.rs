@@ -1,7 +1,7 @@
 //! Trellis latency benchmark.
 //!
 //! An open-loop, coordinated-omission-corrected load generator (HTTP/1.1, HTTP/2 prior
-//! knowledge, TCP request/response), the servers it is pointed at, `/proc` sampling of
+//! knowledge, gRPC unary over HTTP/2, TCP request/response), the servers it is pointed at, `/proc` sampling of
 //! the proxies under test, and the reports (`results.json`, `results.md`, `latency.svg`).
 //!
 //! A *scenario* is a name, a target address, a mode and the PIDs of the proxies on the
@@ -13,6 +13,7 @@
 //! one's saturation search, and writes one report.
 
 pub mod certs;
+pub mod grpc;
 pub mod haproxy;
 pub mod loadgen;
 pub mod mesh;
@@ -44,10 +45,12 @@ pub enum BenchError {
     Status(u16),
     #[error("short response: expected {expected} bytes, got {got}")]
     ShortResponse { expected: usize, got: usize },
+    #[error("gRPC response without grpc-status")]
+    GrpcNoStatus,
+    #[error("gRPC status {code}: {message}")]
+    GrpcStatus { code: String, message: String },
     #[error("request timed out")]
     Timeout,
-    #[error("{0} is not yet supported")]
-    Unsupported(&'static str),
     #[error("cannot resolve {0}")]
     Resolve(String),
     #[error("invalid configuration: {0}")]
@@ -60,6 +63,12 @@ pub enum BenchError {
     Parse { what: String, detail: String },
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+impl From<std::convert::Infallible> for BenchError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
 }
 
 /// Result alias for the library.

@@ -30,7 +30,8 @@ enum Command {
     /// Find the highest rate with p99 under a limit and no errors.
     Saturate(SaturateArgs),
     /// Every scenario in one run (baseline, trellis-http1/http2, haproxy-mtls,
-    /// baseline-tcp, trellis-tcp), in network namespaces when root, written to --out.
+    /// baseline-grpc, trellis-grpc, baseline-tcp, trellis-tcp), in network namespaces
+    /// when root, written to --out.
     Suite(SuiteArgs),
     /// Run a benchmark server until interrupted.
     #[command(subcommand)]
@@ -42,12 +43,15 @@ enum Command {
 #[derive(Args)]
 struct WaitArgs {
     /// HTTP GET to `IP:PORT` must answer 200.
-    #[arg(long, conflicts_with_all = ["tcp", "tcp_echo"])]
+    #[arg(long, conflicts_with_all = ["tcp", "tcp_echo", "grpc"])]
     http: Option<SocketAddr>,
+    /// A gRPC echo call to `IP:PORT` must answer `grpc-status: 0`.
+    #[arg(long, conflicts_with_all = ["tcp", "tcp_echo"])]
+    grpc: Option<SocketAddr>,
     /// Path for --http.
     #[arg(long, default_value = "/")]
     path: String,
-    /// Host header for --http.
+    /// Host header (--http) or :authority (--grpc).
     #[arg(long, default_value = "bench")]
     host: String,
     /// A TCP connection to `IP:PORT` must be accepted.
@@ -66,15 +70,16 @@ struct TargetArgs {
     /// Target, `IP:PORT` or `HOST:PORT` (resolved once).
     #[arg(long)]
     target: String,
-    /// http1, http2, tcp (grpc: not yet supported).
+    /// http1, http2, grpc (unary echo over HTTP/2), tcp.
     #[arg(long, default_value = "http1")]
     mode: Mode,
     #[arg(long, default_value_t = 16)]
     connections: usize,
-    /// TCP: message size; HTTP: response size asked for with `?size=`.
+    /// TCP: message size; HTTP: response size asked for with `?size=`; gRPC: payload
+    /// of the echoed message.
     #[arg(long, default_value_t = 1024)]
     size: usize,
-    /// Request path (HTTP).
+    /// Request path (HTTP; gRPC calls /trellis.bench.v1.Echo/Echo).
     #[arg(long, default_value = "/")]
     path: String,
     /// Host header / :authority (default: the target address).
@@ -143,7 +148,8 @@ struct SaturateArgs {
 
 #[derive(Subcommand)]
 enum ServeCommand {
-    /// HTTP/1.1 + HTTP/2 server answering 200 with `size` bytes (`?size=N` overrides).
+    /// HTTP/1.1 + HTTP/2 server answering 200 with `size` bytes (`?size=N` overrides),
+    /// and gRPC echo calls.
     Http {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
@@ -174,6 +180,10 @@ struct SuiteArgs {
     /// Per-request timeout, seconds.
     #[arg(long, default_value = "1", value_parser = secs)]
     timeout: Duration,
+    /// Run every scenario this many times, round-robin, and report medians (3 is a
+    /// good choice for published figures).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    rounds: u64,
     /// Where results.json, results.md and latency.svg go.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -218,6 +228,7 @@ async fn suite(args: SuiteArgs, threads: usize) -> anyhow::Result<()> {
         warmup: args.warmup,
         timeout: args.timeout,
         out_dir: Some(args.out.clone()),
+        rounds: usize::try_from(args.rounds)?,
         ..SuiteSettings::default()
     };
     let mut opts = SuiteOptions::new(Binaries::beside_current_exe()?, settings);
@@ -264,15 +275,19 @@ async fn suite(args: SuiteArgs, threads: usize) -> anyhow::Result<()> {
 }
 
 async fn wait(args: WaitArgs) -> anyhow::Result<()> {
-    let probe = match (args.http, args.tcp, args.tcp_echo) {
-        (Some(addr), _, _) => Probe::Http {
+    let probe = match (args.http, args.grpc, args.tcp, args.tcp_echo) {
+        (Some(addr), ..) => Probe::Http {
             addr,
             host: args.host,
             path: args.path,
         },
-        (_, Some(addr), _) => Probe::Tcp(addr),
-        (_, _, Some(addr)) => Probe::TcpEcho(addr),
-        _ => bail!("one of --http, --tcp, --tcp-echo"),
+        (_, Some(addr), ..) => Probe::Grpc {
+            addr,
+            host: args.host,
+        },
+        (.., Some(addr), _) => Probe::Tcp(addr),
+        (.., Some(addr)) => Probe::TcpEcho(addr),
+        _ => bail!("one of --http, --grpc, --tcp, --tcp-echo"),
     };
     wait_until(&probe, args.timeout).await?;
     println!("ready: {probe}");

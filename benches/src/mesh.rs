@@ -103,6 +103,9 @@ pub struct LoopbackMesh {
     /// Client-side proxy listeners for the HTTP and TCP services.
     pub http_via_mesh: SocketAddr,
     pub tcp_via_mesh: SocketAddr,
+    /// Client-side proxy listener for the gRPC service (`appProtocol: grpc`), which
+    /// the HTTP server answers.
+    pub grpc_via_mesh: SocketAddr,
     pub client_proxy_pid: u32,
     pub server_proxy_pid: u32,
     pub server_tcp_proxy_pid: u32,
@@ -202,7 +205,7 @@ pub fn start_loopback_mesh(dir: &Path, opts: &LoopbackOptions) -> Result<Loopbac
         children: Vec::new(),
         dir: dir.to_owned(),
     };
-    let ports: Vec<u16> = (0..13).map(|_| free_port()).collect::<Result<_>>()?;
+    let ports: Vec<u16> = (0..14).map(|_| free_port()).collect::<Result<_>>()?;
     let &[
         app_http,
         app_tcp,
@@ -210,6 +213,7 @@ pub fn start_loopback_mesh(dir: &Path, opts: &LoopbackOptions) -> Result<Loopbac
         inbound_tcp,
         up_http,
         up_tcp,
+        up_grpc,
         grpc,
         control_admin,
         admin_client,
@@ -226,7 +230,7 @@ pub fn start_loopback_mesh(dir: &Path, opts: &LoopbackOptions) -> Result<Loopbac
     std::fs::write(
         registry.join("bench.yaml"),
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: default}}\nspec:\n  selector: {{app: bench}}\n  ports: [{{name: http, port: 8080, targetPort: {app_http}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bench-tcp, namespace: default}}\nspec:\n  selector: {{app: bench-tcp}}\n  ports: [{{name: tcp, port: 9000, targetPort: {app_tcp}}}]\n---\napiVersion: trellis.io/v1alpha1\nkind: WorkloadEntry\nmetadata: {{name: server, namespace: default, labels: {{app: bench}}}}\nspec: {{address: 127.0.0.1, serviceAccount: server, sidecarPort: {inbound}}}\n---\napiVersion: trellis.io/v1alpha1\nkind: WorkloadEntry\nmetadata: {{name: server-tcp, namespace: default, labels: {{app: bench-tcp}}}}\nspec: {{address: 127.0.0.1, serviceAccount: server, sidecarPort: {inbound_tcp}}}\n---\napiVersion: trellis.io/v1alpha1\nkind: BootstrapToken\nmetadata: {{name: server, namespace: default}}\nspec: {{serviceAccount: server, token: bench-server}}\n---\napiVersion: trellis.io/v1alpha1\nkind: BootstrapToken\nmetadata: {{name: client, namespace: default}}\nspec: {{serviceAccount: client, token: bench-client}}\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: default}}\nspec:\n  selector: {{app: bench}}\n  ports: [{{name: http, port: 8080, targetPort: {app_http}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bench-tcp, namespace: default}}\nspec:\n  selector: {{app: bench-tcp}}\n  ports: [{{name: tcp, port: 9000, targetPort: {app_tcp}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: bench-grpc, namespace: default}}\nspec:\n  selector: {{app: bench}}\n  ports: [{{name: grpc, port: 50051, targetPort: {app_http}, appProtocol: grpc}}]\n---\napiVersion: trellis.io/v1alpha1\nkind: WorkloadEntry\nmetadata: {{name: server, namespace: default, labels: {{app: bench}}}}\nspec: {{address: 127.0.0.1, serviceAccount: server, sidecarPort: {inbound}}}\n---\napiVersion: trellis.io/v1alpha1\nkind: WorkloadEntry\nmetadata: {{name: server-tcp, namespace: default, labels: {{app: bench-tcp}}}}\nspec: {{address: 127.0.0.1, serviceAccount: server, sidecarPort: {inbound_tcp}}}\n---\napiVersion: trellis.io/v1alpha1\nkind: BootstrapToken\nmetadata: {{name: server, namespace: default}}\nspec: {{serviceAccount: server, token: bench-server}}\n---\napiVersion: trellis.io/v1alpha1\nkind: BootstrapToken\nmetadata: {{name: client, namespace: default}}\nspec: {{serviceAccount: client, token: bench-client}}\n"
         ),
     )?;
     let s = |v: &dyn std::fmt::Display| v.to_string();
@@ -334,6 +338,8 @@ pub fn start_loopback_mesh(dir: &Path, opts: &LoopbackOptions) -> Result<Loopbac
         format!("bench.default:8080=127.0.0.1:{up_http}"),
         s(&"--upstream"),
         format!("bench-tcp.default:9000=127.0.0.1:{up_tcp}"),
+        s(&"--upstream"),
+        format!("bench-grpc.default:50051=127.0.0.1:{up_grpc}"),
     ]);
     let client_proxy_pid = procs.spawn_wrapped(
         "client-proxy",
@@ -383,6 +389,7 @@ pub fn start_loopback_mesh(dir: &Path, opts: &LoopbackOptions) -> Result<Loopbac
         tcp_server: SocketAddr::from(([127, 0, 0, 1], app_tcp)),
         http_via_mesh: SocketAddr::from(([127, 0, 0, 1], up_http)),
         tcp_via_mesh: SocketAddr::from(([127, 0, 0, 1], up_tcp)),
+        grpc_via_mesh: SocketAddr::from(([127, 0, 0, 1], up_grpc)),
         client_proxy_pid,
         server_proxy_pid,
         server_tcp_proxy_pid,

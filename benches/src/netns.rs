@@ -6,7 +6,7 @@
 //! ```text
 //! node namespace: bridge 10.244.0.1/16, trellis-control on 10.244.0.1:15010
 //! client-base ─VIP 10.96.0.20/.21 (kube-proxy DNAT)─────────────────────► server-base app
-//! client-mesh ─VIP 10.96.0.30/.31─► iptables ─► sidecar ══mTLS══► sidecar ─► server-mesh app
+//! client-mesh ─VIP 10.96.0.30/.31/.32─► iptables ─► sidecar ══mTLS══► sidecar ─► server-mesh app
 //! client-hap ─► haproxy 127.0.0.1:18080 ══TLS 1.3, client cert══► haproxy ─► server-hap app
 //! ```
 //!
@@ -33,9 +33,12 @@ pub const VIP_BASE_HTTP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 pub const VIP_BASE_TCP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
 pub const VIP_MESH_HTTP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 pub const VIP_MESH_TCP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+/// The meshed gRPC service (`appProtocol: grpc`), served by the same app as HTTP.
+pub const VIP_MESH_GRPC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 32);
 /// Service ports (what clients dial) and app ports (where the servers listen).
 pub const HTTP_PORT: u16 = 80;
 pub const TCP_PORT: u16 = 9000;
+pub const GRPC_PORT: u16 = 50051;
 pub const APP_HTTP_PORT: u16 = 8080;
 pub const APP_TCP_PORT: u16 = 9000;
 /// HAProxy: client side on the client pod's loopback, server side on the pod IP.
@@ -43,6 +46,8 @@ pub const HAP_CLIENT_PORT: u16 = 18080;
 pub const HAP_SERVER_PORT: u16 = 18443;
 /// The meshed HTTP service's name, sent as `Host`.
 pub const MESH_HOST: &str = "bench.default.svc.cluster.local";
+/// The meshed gRPC service's name, sent as `:authority`.
+pub const MESH_GRPC_HOST: &str = "bench-grpc.default.svc.cluster.local";
 /// The sidecars' UID (iptables leaves its traffic alone).
 pub const PROXY_UID: u32 = 1337;
 
@@ -123,6 +128,14 @@ spec:
   clusterIP: {VIP_MESH_TCP}
   selector: {{app: bench}}
   ports: [{{name: tcp, port: {TCP_PORT}, targetPort: {APP_TCP_PORT}, appProtocol: tcp}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: bench-grpc, namespace: default}}
+spec:
+  clusterIP: {VIP_MESH_GRPC}
+  selector: {{app: bench}}
+  ports: [{{name: grpc, port: {GRPC_PORT}, targetPort: {APP_HTTP_PORT}, appProtocol: grpc}}]
 ---
 apiVersion: trellis.io/v1alpha1
 kind: WorkloadEntry
@@ -238,6 +251,7 @@ impl NetnsMesh {
             ("bench-base-tcp", VIP_BASE_TCP),
             ("bench", VIP_MESH_HTTP),
             ("bench-tcp", VIP_MESH_TCP),
+            ("bench-grpc", VIP_MESH_GRPC),
         ] {
             bed.add_service(name, "default", vip).map_err(setup)?;
         }
@@ -441,6 +455,12 @@ impl NetnsMesh {
             &["--tcp-echo", &vip(VIP_BASE_TCP, TCP_PORT)],
             ready,
         )?;
+        self.wait_in(
+            bench,
+            &client_base,
+            &["--grpc", &vip(VIP_BASE_HTTP, HTTP_PORT)],
+            ready,
+        )?;
         for pod in [&client_mesh, &server_mesh] {
             self.wait_in(
                 bench,
@@ -457,6 +477,17 @@ impl NetnsMesh {
                 &vip(VIP_MESH_HTTP, HTTP_PORT),
                 "--host",
                 MESH_HOST,
+            ],
+            ready,
+        )?;
+        self.wait_in(
+            bench,
+            &client_mesh,
+            &[
+                "--grpc",
+                &vip(VIP_MESH_GRPC, GRPC_PORT),
+                "--host",
+                MESH_GRPC_HOST,
             ],
             ready,
         )?;
@@ -510,6 +541,20 @@ impl NetnsMesh {
                 .with_proxies(pids),
             ));
         }
+        // gRPC: the baseline calls the same app directly (the HTTP VIP; no sidecar
+        // looks at the port), the mesh goes through the service declared grpc.
+        self.scenarios.push(at(
+            &client_base,
+            Scenario::new("baseline-grpc", addr(VIP_BASE_HTTP, HTTP_PORT), Mode::Grpc)
+                .with_baseline("baseline-grpc"),
+        ));
+        self.scenarios.push(at(
+            &client_mesh,
+            Scenario::new("trellis-grpc", addr(VIP_MESH_GRPC, GRPC_PORT), Mode::Grpc)
+                .with_proxies(mesh)
+                .with_host(MESH_GRPC_HOST)
+                .with_baseline("baseline-grpc"),
+        ));
         self.scenarios.push(at(
             &client_base,
             Scenario::new("baseline-tcp", addr(VIP_BASE_TCP, TCP_PORT), Mode::Tcp)

@@ -1,5 +1,5 @@
 //! Readiness probes (`trellis-bench wait`): poll until a listener answers, an HTTP GET
-//! gets 200, or a TCP echo comes back, within a time limit. Used inside pods, where the
+//! gets 200, a gRPC echo call gets `grpc-status: 0`, or a TCP echo comes back, within a time limit. Used inside pods, where the
 //! suite cannot connect from its own namespace.
 
 use std::net::SocketAddr;
@@ -24,6 +24,8 @@ pub enum Probe {
         host: String,
         path: String,
     },
+    /// A gRPC echo call over HTTP/2 succeeds.
+    Grpc { addr: SocketAddr, host: String },
 }
 
 impl std::fmt::Display for Probe {
@@ -32,6 +34,7 @@ impl std::fmt::Display for Probe {
             Probe::Tcp(a) => write!(f, "tcp {a}"),
             Probe::TcpEcho(a) => write!(f, "tcp echo {a}"),
             Probe::Http { addr, path, .. } => write!(f, "http://{addr}{path}"),
+            Probe::Grpc { addr, .. } => write!(f, "grpc {addr}"),
         }
     }
 }
@@ -58,6 +61,7 @@ async fn attempt(probe: &Probe) -> Result<()> {
                 Err(BenchError::Setup(format!("{probe}: echo returned {buf:?}")))
             }
         }
+        Probe::Grpc { addr, host } => crate::grpc::echo_once(*addr, host, 16).await,
         Probe::Http { addr, host, path } => {
             let mut s = TcpStream::connect(addr).await?;
             s.write_all(
@@ -126,6 +130,21 @@ mod tests {
             path: "/".into(),
         };
         wait_until(&get, t).await.unwrap();
+        let grpc = Probe::Grpc {
+            addr: http,
+            host: "bench".into(),
+        };
+        wait_until(&grpc, t).await.unwrap();
+        // The TCP echo server does not speak HTTP/2.
+        let not_grpc = Probe::Grpc {
+            addr: tcp,
+            host: "bench".into(),
+        };
+        assert!(
+            wait_until(&not_grpc, Duration::from_millis(300))
+                .await
+                .is_err()
+        );
         // Nobody listens here: fails within the limit.
         let free = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

@@ -1,6 +1,7 @@
 //! `trellis-bench suite`: picks the topology (network namespaces when root, loopback
-//! otherwise), runs every scenario with the same load settings, optionally searches each
-//! one's saturation rate, and writes one report.
+//! otherwise), runs every scenario with the same load settings — in rounds, each round
+//! running every scenario once — optionally searches each one's saturation rate, and
+//! writes one report of medians.
 //!
 //! In network namespaces the load generator runs inside the scenario's client pod:
 //! `ip netns exec <pod> trellis-bench load ... --json-out FILE`, whose
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use crate::mesh::{Binaries, LoopbackMesh, LoopbackOptions, start_loopback_mesh};
 use crate::netns::{NetnsMesh, NetnsOptions};
-use crate::report::{Report, RunResult, ScenarioReport, core_count, utc_now};
+use crate::report::{Report, ScenarioReport, combine_rounds, core_count, utc_now};
 use crate::saturation::{SaturationConfig, SaturationResult, find_saturation};
 use crate::suite::{Scenario, SuiteSettings, run_scenario};
 use crate::{BenchError, Mode, Result};
@@ -279,6 +280,14 @@ async fn start(opts: &SuiteOptions) -> Result<Started> {
         ),
     }
     planned.push(
+        Scenario::new("baseline-grpc", mesh.http_server, Mode::Grpc).with_baseline("baseline-grpc"),
+    );
+    planned.push(
+        Scenario::new("trellis-grpc", mesh.grpc_via_mesh, Mode::Grpc)
+            .with_proxies(proxies)
+            .with_baseline("baseline-grpc"),
+    );
+    planned.push(
         Scenario::new("baseline-tcp", mesh.tcp_server, Mode::Tcp).with_baseline("baseline-tcp"),
     );
     planned.push(
@@ -393,28 +402,14 @@ async fn run_in_pod(
 }
 
 fn empty_report(scenario: &Scenario, settings: &SuiteSettings) -> Result<ScenarioReport> {
-    Ok(ScenarioReport {
-        result: RunResult::from_histogram(
-            &scenario.name,
-            scenario.mode,
-            settings.rate,
-            settings.connections,
-            Duration::ZERO,
-            &crate::loadgen::new_histogram()?,
-            0,
-        ),
-        target: scenario.target.to_string(),
-        proxies: Vec::new(),
-        proxy_cpu_s_per_1k_req_total: 0.0,
-        proxy_vcpu_total: 0.0,
-        baseline: scenario.baseline.clone(),
-        added: None,
-        curve: Vec::new(),
-        generator_lag_p99_us: 0,
-        generator_lag_max_us: 0,
-        failure: None,
-        saturation: None,
-    })
+    ScenarioReport::empty(
+        &scenario.name,
+        scenario.mode,
+        scenario.target.to_string(),
+        settings.rate,
+        settings.connections,
+        scenario.baseline.clone(),
+    )
 }
 
 async fn run_one(
@@ -481,6 +476,7 @@ async fn saturate(
 /// `opts.settings.out_dir`. Processes and namespaces are removed before it returns,
 /// also on error.
 pub async fn run_bench_suite(opts: &SuiteOptions) -> Result<Report> {
+    opts.settings.validate()?;
     let Started {
         topology,
         planned,
@@ -503,35 +499,45 @@ pub async fn run_bench_suite(opts: &SuiteOptions) -> Result<Report> {
     }
     let load_before = load_average();
     let settings = &opts.settings;
-    let mut reports = Vec::with_capacity(planned.len());
-    for (i, (scenario, at)) in planned.iter().enumerate() {
-        if i > 0 {
-            tokio::time::sleep(settings.pause).await;
+    // Round-robin: every scenario once per round, so that a slow spell of the machine
+    // lands on all scenarios rather than on whichever ran then.
+    let mut rounds = Vec::with_capacity(settings.rounds);
+    for round in 1..=settings.rounds {
+        if settings.rounds > 1 {
+            println!("round {round} of {}", settings.rounds);
         }
-        let pids = scenario
-            .proxy_pids
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        println!(
-            "running {} ({} to {}{})",
-            scenario.name,
-            scenario.mode,
-            scenario.target,
-            if pids.is_empty() {
-                String::new()
-            } else {
-                format!(", proxies pid {pids}")
+        let mut reports = Vec::with_capacity(planned.len());
+        for (i, (scenario, at)) in planned.iter().enumerate() {
+            if round > 1 || i > 0 {
+                tokio::time::sleep(settings.pause).await;
             }
-        );
-        let report = run_one(opts, &topology, at, scenario, settings).await?;
-        println!("{}", report.result.table_line());
-        if let Some(why) = &report.failure {
-            println!("    problem: {why}");
+            let pids = scenario
+                .proxy_pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            println!(
+                "running {} ({} to {}{})",
+                scenario.name,
+                scenario.mode,
+                scenario.target,
+                if pids.is_empty() {
+                    String::new()
+                } else {
+                    format!(", proxies pid {pids}")
+                }
+            );
+            let report = run_one(opts, &topology, at, scenario, settings).await?;
+            println!("{}", report.result.table_line());
+            if let Some(why) = &report.failure {
+                println!("    problem: {why}");
+            }
+            reports.push(report);
         }
-        reports.push(report);
+        rounds.push(reports);
     }
+    let mut reports = combine_rounds(rounds, settings.baseline.as_deref());
     if let Some(sat) = &opts.saturation {
         let n = u32::try_from(planned.len()).unwrap_or(u32::MAX).max(1);
         let budget = sat.total_budget / n;
@@ -582,8 +588,11 @@ pub async fn run_bench_suite(opts: &SuiteOptions) -> Result<Report> {
         baseline: settings.baseline.clone(),
         scenarios: reports,
         notes,
+        rounds: settings.rounds,
+        versus_peer: Vec::new(),
+        targets: Vec::new(),
     };
-    report.compute_added();
+    report.summarize();
     if let Some(dir) = &settings.out_dir {
         report.write(dir)?;
     }

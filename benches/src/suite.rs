@@ -1,17 +1,19 @@
 //! A suite: several scenarios run one after another with the same load settings, the
-//! proxies of each sampled from `/proc` over its measured window, and the reports.
+//! proxies of each sampled from `/proc` over its measured window, repeated in rounds,
+//! and the reports.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::Result;
-use crate::loadgen::{LoadConfig, Mode, new_histogram, run_load_with};
+use crate::loadgen::{LoadConfig, Mode, run_load_with};
 use crate::procstat::{ProcSample, cpu_cost, sample_proc};
 use crate::report::{
-    LoadSummary, Report, RunResult, ScenarioReport, core_count, percentile_curve, utc_now,
+    LoadSummary, Report, RunResult, ScenarioReport, combine_rounds, core_count, percentile_curve,
+    utc_now,
 };
+use crate::{BenchError, Result};
 
 /// One path to measure: where the load goes, how, and which proxies are on the way.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +79,9 @@ pub struct SuiteSettings {
     pub out_dir: Option<PathBuf>,
     /// Quiet time between scenarios.
     pub pause: Duration,
+    /// Times each scenario runs, round-robin (every scenario once per round), so that
+    /// drift of the machine hits all of them alike; reports carry medians.
+    pub rounds: usize,
 }
 
 impl Default for SuiteSettings {
@@ -96,6 +101,7 @@ impl Default for SuiteSettings {
             baseline: Some("baseline".into()),
             out_dir: None,
             pause: Duration::from_secs(1),
+            rounds: 1,
         }
     }
 }
@@ -117,6 +123,14 @@ impl SuiteSettings {
             max_requests: self.max_requests,
             pacer_spin: self.pacer_spin,
         }
+    }
+
+    /// Checks what the load generator does not: at least one round.
+    pub fn validate(&self) -> Result<()> {
+        if self.rounds == 0 {
+            return Err(BenchError::Config("rounds must be > 0".into()));
+        }
+        Ok(())
     }
 
     pub fn summary(&self) -> LoadSummary {
@@ -156,28 +170,14 @@ pub async fn run_scenario(scenario: &Scenario, settings: &SuiteSettings) -> Resu
     })
     .await;
     let after = sample_all(&scenario.proxy_pids);
-    let mut report = ScenarioReport {
-        result: RunResult::from_histogram(
-            &scenario.name,
-            scenario.mode,
-            cfg.rate,
-            cfg.connections,
-            Duration::ZERO,
-            &new_histogram()?,
-            0,
-        ),
-        target: scenario.target.to_string(),
-        proxies: Vec::new(),
-        proxy_cpu_s_per_1k_req_total: 0.0,
-        proxy_vcpu_total: 0.0,
-        added: None,
-        curve: Vec::new(),
-        generator_lag_p99_us: 0,
-        generator_lag_max_us: 0,
-        failure: None,
-        baseline: scenario.baseline.clone(),
-        saturation: None,
-    };
+    let mut report = ScenarioReport::empty(
+        &scenario.name,
+        scenario.mode,
+        scenario.target.to_string(),
+        cfg.rate,
+        cfg.connections,
+        scenario.baseline.clone(),
+    )?;
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -217,21 +217,27 @@ pub async fn run_scenario(scenario: &Scenario, settings: &SuiteSettings) -> Resu
     Ok(report)
 }
 
-/// Runs every scenario in turn, computes added latency against `settings.baseline`, and
-/// writes the three reports into `settings.out_dir` when set.
+/// Runs every scenario in turn, `settings.rounds` times round-robin, compares each
+/// with its baseline within the round, combines the rounds into medians, and writes
+/// the three reports into `settings.out_dir` when set.
 pub async fn run_suite(scenarios: &[Scenario], settings: &SuiteSettings) -> Result<Report> {
-    let mut reports = Vec::with_capacity(scenarios.len());
-    for (i, scenario) in scenarios.iter().enumerate() {
-        if i > 0 {
-            tokio::time::sleep(settings.pause).await;
+    settings.validate()?;
+    let mut rounds = Vec::with_capacity(settings.rounds);
+    for round in 1..=settings.rounds {
+        let mut reports = Vec::with_capacity(scenarios.len());
+        for (i, scenario) in scenarios.iter().enumerate() {
+            if round > 1 || i > 0 {
+                tokio::time::sleep(settings.pause).await;
+            }
+            tracing::info!(round, scenario = %scenario.name, target = %scenario.target, mode = %scenario.mode, "running");
+            let report = run_scenario(scenario, settings).await?;
+            match &report.failure {
+                Some(why) => tracing::warn!(scenario = %scenario.name, %why, "scenario problem"),
+                None => tracing::info!("{}", report.result.table_line()),
+            }
+            reports.push(report);
         }
-        tracing::info!(scenario = %scenario.name, target = %scenario.target, mode = %scenario.mode, "running");
-        let report = run_scenario(scenario, settings).await?;
-        match &report.failure {
-            Some(why) => tracing::warn!(scenario = %scenario.name, %why, "scenario problem"),
-            None => tracing::info!("{}", report.result.table_line()),
-        }
-        reports.push(report);
+        rounds.push(reports);
     }
     let mut report = Report {
         date: utc_now(),
@@ -239,10 +245,13 @@ pub async fn run_suite(scenarios: &[Scenario], settings: &SuiteSettings) -> Resu
         topology: String::new(),
         load: settings.summary(),
         baseline: settings.baseline.clone(),
-        scenarios: reports,
+        scenarios: combine_rounds(rounds, settings.baseline.as_deref()),
         notes: Vec::new(),
+        rounds: settings.rounds,
+        versus_peer: Vec::new(),
+        targets: Vec::new(),
     };
-    report.compute_added();
+    report.summarize();
     if let Some(dir) = &settings.out_dir {
         report.write(dir)?;
     }

@@ -1,8 +1,8 @@
-//! The whole `trellis-bench suite` for about a second per scenario at a low rate, so it
-//! does not rot: real control plane and sidecars (the debug builds in this target
-//! folder), network namespaces with iptables when root (loopback otherwise), haproxy
-//! when installed, a one-step saturation search, the three reports. No timing
-//! assertions: the machine is shared and noisy.
+//! The whole `trellis-bench suite` for well under a second per scenario at a low rate,
+//! in two rounds, so it does not rot: real control plane and sidecars (the debug builds
+//! in this target folder), network namespaces with iptables when root (loopback
+//! otherwise), haproxy when installed, a one-step saturation search, the three reports.
+//! No timing assertions: the machine is shared and noisy.
 
 #![allow(clippy::unwrap_used)]
 
@@ -44,8 +44,9 @@ async fn whole_suite_runs_briefly() {
         rate: 100.0,
         connections: 2,
         size: 1024,
-        duration: Duration::from_millis(700),
+        duration: Duration::from_millis(400),
         warmup: Duration::from_millis(200),
+        rounds: 2,
         timeout: Duration::from_secs(2),
         max_requests: 1_000,
         pause: Duration::from_millis(100),
@@ -90,11 +91,22 @@ async fn whole_suite_runs_briefly() {
                 .any(|n| n.contains("haproxy-mtls: skipped"))
         );
     }
-    expected.extend(["baseline-tcp", "trellis-tcp"]);
+    expected.extend([
+        "baseline-grpc",
+        "trellis-grpc",
+        "baseline-tcp",
+        "trellis-tcp",
+    ]);
     assert_eq!(names, expected);
+    assert_eq!(report.rounds, 2);
     for s in &report.scenarios {
         let name = &s.result.scenario;
         assert!(s.failure.is_none(), "{name}: {:?}", s.failure);
+        assert_eq!(s.rounds.len(), 2, "{name}");
+        assert!(
+            s.rounds.iter().all(|r| r.requests > 0 && r.errors == 0),
+            "{name}"
+        );
         assert!(s.result.requests > 0, "{name}");
         assert_eq!(s.result.errors, 0, "{name}");
         assert!(!s.curve.is_empty(), "{name}");
@@ -105,15 +117,28 @@ async fn whole_suite_runs_briefly() {
             s.saturation.as_ref().is_some_and(|r| !r.steps.is_empty()),
             "{name}"
         );
-        if name != "baseline" && name != "baseline-tcp" {
+        if !name.starts_with("baseline") {
             let added = s.added.as_ref().unwrap();
             let base = if name.ends_with("tcp") {
                 "baseline-tcp"
+            } else if name.ends_with("grpc") {
+                "baseline-grpc"
             } else {
                 "baseline"
             };
             assert_eq!(added.baseline, base, "{name}");
+            assert_eq!(s.ratio.as_ref().unwrap().baseline, base, "{name}");
+            assert!(s.rounds.iter().all(|r| r.added.is_some()), "{name}");
         }
+    }
+    assert_eq!(report.targets.len(), 7);
+    if haproxy {
+        let compared: Vec<&str> = report
+            .versus_peer
+            .iter()
+            .map(|c| c.scenario.as_str())
+            .collect();
+        assert_eq!(compared, ["trellis-http1", "trellis-http2", "trellis-grpc"]);
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
@@ -124,6 +149,9 @@ async fn whole_suite_runs_briefly() {
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.contains("- topology: "), "{md}");
     assert!(md.contains("## Saturation"), "{md}");
+    assert!(md.contains("## Spread across rounds"), "{md}");
+    assert!(md.contains("## Targets (issue 4)"), "{md}");
+    assert!(md.contains("## Against haproxy-mtls"), "{md}");
     let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
     assert_eq!(svg.matches("<polyline").count(), expected.len());
     let _ = std::fs::remove_dir_all(&out);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -34,6 +34,10 @@ pub(crate) struct Target {
     /// Absolute URI for HTTP/2 (`:scheme` and `:authority` come from it).
     h2_uri: http::Uri,
     payload: Bytes,
+    /// gRPC: `http://{host}/trellis.bench.v1.Echo/Echo` and the framed request message,
+    /// built once and shared by every call.
+    grpc_uri: http::Uri,
+    grpc_frame: Bytes,
     timeout: Duration,
 }
 
@@ -56,6 +60,10 @@ impl Target {
             h1_uri: path.parse().map_err(bad)?,
             h2_uri: format!("http://{host}{path}").parse().map_err(bad)?,
             payload: Bytes::from(vec![b'x'; cfg.size]),
+            grpc_uri: format!("http://{host}{}", crate::grpc::ECHO_PATH)
+                .parse()
+                .map_err(bad)?,
+            grpc_frame: crate::grpc::echo_frame(cfg.size)?,
             timeout: cfg.timeout,
         }))
     }
@@ -74,19 +82,18 @@ impl Drop for Driver {
     }
 }
 
-/// An open connection.
+/// An open connection. Request bodies are [`Full`]: empty for GET (which ends the
+/// stream with the headers), the pre-built frame for gRPC.
 pub(crate) enum Client {
     /// The driver is held only so that dropping the client stops the connection task.
-    H1(http1::SendRequest<Empty<Bytes>>, #[allow(dead_code)] Driver),
-    H2(http2::SendRequest<Empty<Bytes>>, Driver),
+    H1(http1::SendRequest<Full<Bytes>>, #[allow(dead_code)] Driver),
+    /// HTTP/2 and gRPC.
+    H2(http2::SendRequest<Full<Bytes>>, Driver),
     Tcp(TcpStream, Vec<u8>),
 }
 
 impl Client {
     pub async fn connect(target: &Target) -> Result<Self> {
-        if target.mode == Mode::Grpc {
-            return Err(BenchError::Unsupported("gRPC load"));
-        }
         let stream = TcpStream::connect(target.addr).await?;
         stream.set_nodelay(true)?;
         match target.mode {
@@ -97,7 +104,7 @@ impl Client {
                 }));
                 Ok(Client::H1(sender, driver))
             }
-            Mode::Http2 => {
+            Mode::Http2 | Mode::Grpc => {
                 let (sender, conn) =
                     http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
                 let driver = Driver(tokio::spawn(async move {
@@ -106,7 +113,6 @@ impl Client {
                 Ok(Client::H2(sender, driver))
             }
             Mode::Tcp => Ok(Client::Tcp(stream, vec![0; target.payload.len()])),
-            Mode::Grpc => Err(BenchError::Unsupported("gRPC load")),
         }
     }
 
@@ -117,7 +123,7 @@ impl Client {
                 sender.ready().await?;
                 let req = Request::get(target.h1_uri.clone())
                     .header(header::HOST, target.host.clone())
-                    .body(Empty::new())?;
+                    .body(Full::new(Bytes::new()))?;
                 read_response(sender.send_request(req).await?).await?;
             }
             Client::H2(sender, _) => h2_request(sender.clone(), target).await?,
@@ -140,9 +146,15 @@ impl Client {
     }
 }
 
-async fn h2_request(mut sender: http2::SendRequest<Empty<Bytes>>, target: &Target) -> Result<()> {
+async fn h2_request(mut sender: http2::SendRequest<Full<Bytes>>, target: &Target) -> Result<()> {
     sender.ready().await?;
-    let req = Request::get(target.h2_uri.clone()).body(Empty::new())?;
+    if target.mode == Mode::Grpc {
+        let req = crate::grpc::echo_request(&target.grpc_uri, target.grpc_frame.clone())?;
+        let resp = sender.send_request(req).await?;
+        // The server echoes the message: the same frame comes back.
+        return crate::grpc::read_echo_response(resp, target.grpc_frame.len()).await;
+    }
+    let req = Request::get(target.h2_uri.clone()).body(Full::new(Bytes::new()))?;
     read_response(sender.send_request(req).await?).await
 }
 
@@ -247,9 +259,9 @@ async fn run_sequential(
     stats
 }
 
-/// HTTP/2: each request is sent at its time without waiting for earlier ones.
+/// HTTP/2 and gRPC: each request is sent at its time without waiting for earlier ones.
 async fn run_multiplexed(
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: http2::SendRequest<Full<Bytes>>,
     driver: Driver,
     target: Arc<Target>,
     schedule: Schedule,

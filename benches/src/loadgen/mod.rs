@@ -38,8 +38,8 @@ pub enum Mode {
     Http1,
     /// HTTP/2 with prior knowledge; requests multiplexed on each connection.
     Http2,
-    /// gRPC unary calls: not yet supported, [`run_load`] returns
-    /// [`BenchError::Unsupported`].
+    /// gRPC unary echo calls over HTTP/2 prior knowledge (see [`crate::grpc`]),
+    /// multiplexed like [`Mode::Http2`]; a non-zero or missing `grpc-status` is an error.
     Grpc,
     /// TCP request/response: write `size` bytes, read `size` bytes back (echo).
     Tcp,
@@ -83,12 +83,14 @@ pub struct LoadConfig {
     pub mode: Mode,
     /// `Host` header (HTTP/1.1) or `:authority` (HTTP/2); defaults to the target address.
     pub host: Option<String>,
-    /// Request path; `?size=N` (or `&size=N`) is appended for HTTP.
+    /// Request path; `?size=N` (or `&size=N`) is appended for HTTP. gRPC always calls
+    /// [`crate::grpc::ECHO_PATH`].
     pub path: String,
     /// Offered rate, requests per second, over all connections.
     pub rate: f64,
     pub connections: usize,
     /// TCP: message size. HTTP: response size asked of the echo server (`?size=`).
+    /// gRPC: payload of the echoed message, each way.
     pub size: usize,
     /// Measured period, after the warm-up.
     pub duration: Duration,
@@ -193,9 +195,6 @@ where
     F: FnOnce() + Send + 'static,
 {
     cfg.validate()?;
-    if cfg.mode == Mode::Grpc {
-        return Err(BenchError::Unsupported("gRPC load"));
-    }
     let target = conn::Target::new(cfg)?;
     // Connect everything before the clock starts; a target that is down fails the run.
     let mut clients = Vec::with_capacity(cfg.connections);

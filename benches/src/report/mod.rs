@@ -1,8 +1,11 @@
-//! Results: per-run figures from the histogram, added latency against a baseline, and
-//! the three outputs (`results.json`, `results.md`, `latency.svg`).
+//! Results: per-run figures from the histogram, added latency and ratios against a
+//! baseline, medians over rounds, the comparison with the peer and the targets, and the
+//! three outputs (`results.json`, `results.md`, `latency.svg`).
 
 mod markdown;
+mod rounds;
 mod svg;
+mod verdict;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +19,11 @@ use crate::procstat::CpuCost;
 use crate::saturation::SaturationResult;
 
 pub use markdown::render_markdown;
+pub use rounds::{
+    RoundFigures, combine_rounds, compare_within_round, median_f64, median_i64, median_u64,
+};
 pub use svg::render_svg;
+pub use verdict::{PeerComparison, TargetCheck, Verdict, check_targets, compare_with_peer};
 
 /// Figures of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +154,26 @@ pub fn added_latency(result: &RunResult, baseline: &RunResult) -> AddedLatency {
     }
 }
 
+/// p50 and p99 as multiples of the baseline's (1.5: half as slow again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyRatio {
+    pub baseline: String,
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// `result / baseline` at p50 and p99; `None` when the baseline has no latencies.
+pub fn latency_ratio(result: &RunResult, baseline: &RunResult) -> Option<LatencyRatio> {
+    if baseline.p50_us == 0 || baseline.p99_us == 0 {
+        return None;
+    }
+    Some(LatencyRatio {
+        baseline: baseline.scenario.clone(),
+        p50: result.p50_us as f64 / baseline.p50_us as f64,
+        p99: result.p99_us as f64 / baseline.p99_us as f64,
+    })
+}
+
 /// A point of the latency-by-percentile curve.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CurvePoint {
@@ -200,6 +227,9 @@ pub struct ScenarioReport {
     pub baseline: Option<String>,
     /// Against the baseline scenario (absent for the baseline itself).
     pub added: Option<AddedLatency>,
+    /// p50 and p99 over the baseline's (absent for the baseline itself).
+    #[serde(default)]
+    pub ratio: Option<LatencyRatio>,
     pub curve: Vec<CurvePoint>,
     /// How late the load generator released requests, p99 and max (µs): when these are
     /// large the generator was short of CPU and the latencies are suspect.
@@ -210,6 +240,47 @@ pub struct ScenarioReport {
     /// The highest rate it held with p99 under the limit and no errors, when searched.
     #[serde(default)]
     pub saturation: Option<SaturationResult>,
+    /// Each round's figures, when the suite ran in rounds; the figures above are then
+    /// their medians (see [`combine_rounds`]).
+    #[serde(default)]
+    pub rounds: Vec<RoundFigures>,
+}
+
+impl ScenarioReport {
+    /// A report with no measurements yet (a scenario that could not run).
+    pub fn empty(
+        name: &str,
+        mode: Mode,
+        target: String,
+        rate: f64,
+        connections: usize,
+        baseline: Option<String>,
+    ) -> Result<Self> {
+        Ok(Self {
+            result: RunResult::from_histogram(
+                name,
+                mode,
+                rate,
+                connections,
+                Duration::ZERO,
+                &crate::loadgen::new_histogram()?,
+                0,
+            ),
+            target,
+            proxies: Vec::new(),
+            proxy_cpu_s_per_1k_req_total: 0.0,
+            proxy_vcpu_total: 0.0,
+            baseline,
+            added: None,
+            ratio: None,
+            curve: Vec::new(),
+            generator_lag_p99_us: 0,
+            generator_lag_max_us: 0,
+            failure: None,
+            saturation: None,
+            rounds: Vec::new(),
+        })
+    }
 }
 
 /// Load settings as written into the reports.
@@ -241,36 +312,33 @@ pub struct Report {
     /// Scenarios skipped and why, and other remarks for the reader.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// How many times each scenario ran (interleaved); figures are medians.
+    #[serde(default = "one")]
+    pub rounds: usize,
+    /// Trellis next to the HAProxy peer (empty when the peer did not run).
+    #[serde(default)]
+    pub versus_peer: Vec<PeerComparison>,
+    /// The targets of issue 4, pass or fail.
+    #[serde(default)]
+    pub targets: Vec<TargetCheck>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Report {
-    /// Fills in `added` for every scenario from its own baseline
-    /// ([`ScenarioReport::baseline`]) or else the suite's.
+    /// Fills in `added` and `ratio` for every scenario from its own baseline
+    /// ([`ScenarioReport::baseline`]) or else the suite's, as one round.
     pub fn compute_added(&mut self) {
-        let find = |name: &str| {
-            self.scenarios
-                .iter()
-                .find(|s| s.result.scenario == name && s.failure.is_none())
-                .map(|s| s.result.clone())
-        };
-        let bases: Vec<Option<RunResult>> = self
-            .scenarios
-            .iter()
-            .map(|s| {
-                s.baseline
-                    .as_deref()
-                    .or(self.baseline.as_deref())
-                    .and_then(find)
-            })
-            .collect();
-        for (s, base) in self.scenarios.iter_mut().zip(bases) {
-            s.added = match &base {
-                Some(b) if b.scenario != s.result.scenario && s.result.requests > 0 => {
-                    Some(added_latency(&s.result, b))
-                }
-                _ => None,
-            };
-        }
+        compare_within_round(&mut self.scenarios, self.baseline.as_deref());
+    }
+
+    /// Fills in the comparison with the peer and the target checks from the (combined)
+    /// scenarios.
+    pub fn summarize(&mut self) {
+        self.versus_peer = compare_with_peer(&self.scenarios);
+        self.targets = check_targets(&self.scenarios, &self.versus_peer);
     }
 
     /// Writes `results.json`, `results.md` and `latency.svg` into `dir` (created if

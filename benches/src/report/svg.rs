@@ -91,9 +91,14 @@ pub fn render_svg(report: &Report) -> String {
         o,
         r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
     );
+    let rounds = if report.rounds > 1 {
+        format!("; median of {} rounds", report.rounds)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        r#"<text x="{}" y="24" font-size="15" text-anchor="middle">Latency by percentile ({} rps, {} connections; corrected for coordinated omission)</text>"#,
+        r#"<text x="{}" y="24" font-size="15" text-anchor="middle">Latency by percentile ({} rps, {} connections; corrected for coordinated omission{rounds})</text>"#,
         LEFT + pw / 2.0,
         report.load.rate,
         report.load.connections

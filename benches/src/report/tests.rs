@@ -115,6 +115,8 @@ fn report() -> Report {
         proxy_cpu_s_per_1k_req_total: 0.0,
         proxy_vcpu_total: 0.0,
         added: None,
+        ratio: None,
+        rounds: Vec::new(),
         curve: percentile_curve(&histogram((1..=100).map(|v| v * 100))),
         generator_lag_p99_us: 0,
         generator_lag_max_us: 0,
@@ -144,6 +146,9 @@ fn report() -> Report {
             scenario(result("a<b", [400, 500], 1)),
         ],
         notes: vec!["haproxy-mtls: skipped".into()],
+        rounds: 1,
+        versus_peer: Vec::new(),
+        targets: Vec::new(),
     }
 }
 
@@ -215,4 +220,264 @@ fn saturation_table() {
     assert!(md.contains("## Saturation"), "{md}");
     assert!(md.contains("| a<b | 4000 | 3.0"), "{md}");
     assert!(md.contains("| baseline | not searched |"), "{md}");
+}
+
+fn cost(pid: u32, cpu_s_per_1k_req: f64, peak_rss_kb: u64) -> crate::procstat::CpuCost {
+    crate::procstat::CpuCost {
+        pid,
+        cpu_s: cpu_s_per_1k_req,
+        cpu_s_per_1k_req,
+        vcpu: cpu_s_per_1k_req,
+        rss_kb: peak_rss_kb,
+        peak_rss_kb,
+    }
+}
+
+/// A scenario whose latencies are `values`, with one proxy per `(cpu, rss)`.
+fn run(
+    name: &str,
+    values: impl IntoIterator<Item = u64>,
+    proxies: &[(f64, u64)],
+) -> ScenarioReport {
+    let mut s = report().scenarios[0].clone();
+    let h = histogram(values);
+    s.result =
+        RunResult::from_histogram(name, Mode::Http1, 1000.0, 16, Duration::from_secs(2), &h, 0);
+    s.curve = percentile_curve(&h);
+    s.proxies = (0..)
+        .zip(proxies)
+        .map(|(pid, &(cpu, rss))| cost(pid, cpu, rss))
+        .collect();
+    s.proxy_cpu_s_per_1k_req_total = s.proxies.iter().map(|p| p.cpu_s_per_1k_req).sum();
+    s
+}
+
+#[test]
+fn medians() {
+    assert_eq!(median_u64([].into_iter()), 0);
+    assert_eq!(median_u64([7].into_iter()), 7);
+    assert_eq!(median_u64([9, 1, 5].into_iter()), 5);
+    assert_eq!(median_u64([2, 5].into_iter()), 3);
+    assert_eq!(median_u64([u64::MAX, u64::MAX].into_iter()), u64::MAX);
+    assert_eq!(median_i64([-3, 2].into_iter()), -1);
+    assert_eq!(median_i64([-4, -2, 10, 0].into_iter()), -1);
+    assert_eq!(median_f64([4.0, 1.0, 2.0].into_iter()), 2.0);
+    assert_eq!(median_f64([1.0, 2.0].into_iter()), 1.5);
+}
+
+#[test]
+fn rounds_compare_within_the_round_then_median() {
+    // The machine drifts: round 2 is 1 ms slower for everyone. Within each round the
+    // proxy adds 300, 500 and 400 µs; the median of those is 400, although the median
+    // proxy and median baseline figures alone would give another answer.
+    let shift = [0u64, 1000, 200];
+    let added = [300u64, 500, 400];
+    let rounds: Vec<Vec<ScenarioReport>> = (0..3)
+        .map(|k| {
+            vec![
+                run("baseline", (1..=1000).map(|v| v + shift[k]), &[]),
+                run(
+                    "proxy",
+                    (1..=1000).map(|v| v + shift[k] + added[k]),
+                    &[(0.01 * (k as f64 + 1.0), 1000 * (k as u64 + 1))],
+                ),
+            ]
+        })
+        .collect();
+    let combined = combine_rounds(rounds, Some("baseline"));
+    assert_eq!(combined.len(), 2);
+    let (base, proxy) = (&combined[0], &combined[1]);
+    assert!(base.added.is_none() && base.ratio.is_none());
+    assert_eq!(base.result.p50_us, 500 + 200);
+    assert_eq!(base.result.requests, 3000);
+    assert_eq!(base.rounds.len(), 3);
+    assert_eq!(
+        base.rounds.iter().map(|r| r.p50_us).collect::<Vec<_>>(),
+        [500, 1500, 700]
+    );
+    let a = proxy.added.as_ref().unwrap();
+    assert_eq!(
+        (a.p50_us, a.p99_us, a.baseline.as_str()),
+        (400, 400, "baseline")
+    );
+    assert_eq!(
+        proxy
+            .rounds
+            .iter()
+            .map(|r| r.added.as_ref().unwrap().p50_us)
+            .collect::<Vec<_>>(),
+        [300, 500, 400]
+    );
+    // Round 3's ratio (1100/700) is the median of 800/500, 2000/1500, 1100/700.
+    let q = proxy.ratio.as_ref().unwrap();
+    assert!((q.p50 - 1100.0 / 700.0).abs() < 1e-9, "{q:?}");
+    // CPU: the median; RSS: the largest.
+    assert_eq!(proxy.proxies.len(), 1);
+    assert!((proxy.proxies[0].cpu_s_per_1k_req - 0.02).abs() < 1e-12);
+    assert_eq!(proxy.proxies[0].peak_rss_kb, 3000);
+    assert!((proxy.proxy_cpu_s_per_1k_req_total - 0.02).abs() < 1e-12);
+    // The curve is the per-point median: at p50, round 3's 200 + 400 + 500.
+    let p50 = proxy
+        .curve
+        .iter()
+        .find(|p| (p.percentile - 50.0).abs() < 1.0);
+    assert!(p50.is_some());
+    assert!(proxy.failure.is_none());
+}
+
+#[test]
+fn a_failed_round_is_named_and_left_out() {
+    let mut broken = run("proxy", [], &[]);
+    broken.failure = Some("load failed: refused".into());
+    broken.result.errors = 7;
+    let rounds = vec![
+        vec![run("baseline", [100], &[]), run("proxy", [400], &[])],
+        vec![run("baseline", [100], &[]), broken],
+        vec![run("baseline", [100], &[]), run("proxy", [600], &[])],
+    ];
+    let combined = combine_rounds(rounds, Some("baseline"));
+    let proxy = &combined[1];
+    assert_eq!(
+        proxy.failure.as_deref(),
+        Some("round 2: load failed: refused")
+    );
+    assert_eq!(proxy.result.errors, 7);
+    assert_eq!(proxy.result.p50_us, 500);
+    assert_eq!(proxy.added.as_ref().unwrap().p50_us, 400);
+    assert!(proxy.rounds[1].added.is_none());
+}
+
+/// trellis-http1 adds 50 µs everywhere with proxies at 0.02 + 0.01 s/1k and 10 MB; the
+/// peer adds 100 µs at 0.02 + 0.02 s/1k and 8 MB (all exact: below 2048 µs).
+fn peer_report() -> Report {
+    let mut r = report();
+    r.scenarios = vec![
+        run("baseline", 1..=1000, &[]),
+        run(
+            "trellis-http1",
+            (1..=1000).map(|v| v + 50),
+            &[(0.02, 10 * 1024), (0.01, 9 * 1024)],
+        ),
+        run(
+            "haproxy-mtls",
+            (1..=1000).map(|v| v + 100),
+            &[(0.02, 8 * 1024), (0.02, 8 * 1024)],
+        ),
+    ];
+    r.compute_added();
+    r.summarize();
+    r
+}
+
+#[test]
+fn trellis_against_the_peer_and_the_targets() {
+    let r = peer_report();
+    let added = |i: usize| r.scenarios[i].added.clone().unwrap();
+    let (ours, theirs) = (added(1), added(2));
+    assert_eq!(r.versus_peer.len(), 1);
+    let c = &r.versus_peer[0];
+    assert_eq!(
+        (c.scenario.as_str(), c.peer.as_str()),
+        ("trellis-http1", "haproxy-mtls")
+    );
+    assert_eq!(c.added_p50_us, (ours.p50_us, theirs.p50_us));
+    assert_eq!(c.added_p50_us, (50, 100));
+    assert!((c.added_p50_ratio.unwrap() - 0.5).abs() < 1e-9);
+    assert_eq!(c.added_p99_us, (ours.p99_us, theirs.p99_us));
+    assert_eq!(c.added_p99_us, (50, 100));
+    assert!((c.cpu_ratio.unwrap() - 0.75).abs() < 1e-9);
+    assert_eq!(c.peak_rss_kb, (10 * 1024, 8 * 1024));
+    assert!((c.rss_ratio.unwrap() - 1.25).abs() < 1e-9);
+
+    assert_eq!(c.lower_on(), ["added p50", "added p99", "CPU"]);
+
+    let verdicts: Vec<Verdict> = r.targets.iter().map(|t| t.verdict).collect();
+    assert_eq!(verdicts, [Verdict::Pass; 7], "{:#?}", r.targets);
+    let md = render_markdown(&r);
+    assert!(md.contains("## Against haproxy-mtls"), "{md}");
+    assert!(
+        md.contains("| trellis-http1 | +0.050 / +0.100 | 0.50× |"),
+        "{md}"
+    );
+    assert!(md.contains("## Targets (issue 4)"), "{md}");
+    assert!(
+        md.contains("| added p50 ≤ +0.100 ms | +0.050 ms | yes |"),
+        "{md}"
+    );
+    assert!(!md.contains("## Spread across rounds"), "{md}");
+
+    // Over budget on CPU and memory, with errors: those fail, the rest still pass.
+    let mut r = peer_report();
+    r.scenarios[1].proxies[1] = cost(1, 0.08, 20 * 1024);
+    r.scenarios[1].result.errors = 2;
+    r.summarize();
+    let failed: Vec<&str> = r
+        .targets
+        .iter()
+        .filter(|t| t.verdict == Verdict::Fail)
+        .map(|t| t.target.as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "≤ 0.05 vCPU per 1,000 rps per proxy",
+            "≤ 15 MB peak RSS per proxy",
+            "zero errors"
+        ]
+    );
+}
+
+#[test]
+fn without_the_peer_its_targets_are_not_measured() {
+    let mut r = peer_report();
+    r.scenarios.truncate(2);
+    r.summarize();
+    assert!(r.versus_peer.is_empty());
+    let not: Vec<&str> = r
+        .targets
+        .iter()
+        .filter(|t| t.verdict == Verdict::NotMeasured)
+        .map(|t| t.target.as_str())
+        .collect();
+    assert_eq!(
+        not,
+        [
+            "added p50 lower than haproxy-mtls",
+            "added p99 lower than haproxy-mtls"
+        ]
+    );
+    let md = render_markdown(&r);
+    assert!(md.contains("haproxy-mtls did not run"), "{md}");
+}
+
+#[test]
+fn rounds_show_their_spread() {
+    let rounds: Vec<Vec<ScenarioReport>> = [0u64, 100]
+        .iter()
+        .map(|&d| {
+            vec![
+                run("baseline", [1000 + d], &[]),
+                run("trellis-http1", [1300 + 2 * d], &[]),
+            ]
+        })
+        .collect();
+    let mut r = report();
+    r.scenarios = combine_rounds(rounds, Some("baseline"));
+    r.rounds = 2;
+    r.summarize();
+    let md = render_markdown(&r);
+    assert!(md.contains("- rounds: 2, interleaved"), "{md}");
+    assert!(md.contains("## Spread across rounds"), "{md}");
+    assert!(
+        md.contains(
+            "| trellis-http1 | 1.400 (1.300–1.500) | 1.400 (1.300–1.500) | +0.300, +0.400 |"
+        ),
+        "{md}"
+    );
+    let svg = render_svg(&r);
+    assert!(svg.contains("median of 2 rounds"));
+    let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+    assert_eq!(back.rounds, 2);
+    assert_eq!(back.scenarios[1].rounds, r.scenarios[1].rounds);
+    assert_eq!(back.targets, r.targets);
 }
