@@ -41,14 +41,24 @@ impl HttpOutbound {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let idle = self.state.borrow().policy(&service.service).idle_timeout;
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let service = service.clone();
             async move { Ok::<_, Infallible>(this.handle(req, &service).await) }
         });
-        let builder =
+        let mut builder =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        if let Some(idle) = idle {
+            // The idle timeout: hyper's header timer starts when an HTTP/1 connection
+            // waits for its next request, so a connection with no request in flight
+            // for `idle` is closed.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(idle);
+        }
         if let Err(e) = builder
             .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
             .await
@@ -439,6 +449,7 @@ impl Attempt<'_> {
                 self.tls,
                 connect_timeout,
                 &self.backend.service,
+                self.policy.idle_timeout,
             )
             .await;
         let mut sender = match sender {
