@@ -1265,6 +1265,27 @@ async fn grpc_unary_streaming_and_status_codes_pass_through() {
     let mut empty = connect(mesh.upstream("grpc-empty", 9000)).await;
     let err = empty.check(check("")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // As HTTP 200 with grpc-status in the headers (trailers-only), not an HTTP 503
+    // that tonic would map to UNAVAILABLE as well.
+    let h2: HttpClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let request = Request::post(format!(
+        "http://{}/grpc.health.v1.Health/Check",
+        mesh.upstream("grpc-empty", 9000)
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])).boxed())
+    .unwrap();
+    let reply = send(&h2, request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        "application/grpc"
+    );
+    assert_eq!(reply.headers.get("grpc-status").unwrap(), "14");
+    assert!(reply.headers.contains_key("trellis-error"));
 }
 
 // ---------------------------------------------------------------------------------
