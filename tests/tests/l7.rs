@@ -1778,6 +1778,32 @@ spec:
     .await;
 }
 
+/// HTTP rides one multiplexed connection per endpoint, also when many requests
+/// arrive before it exists: `maxConnections` (at least 1) cannot be exceeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_share_one_mesh_connection() {
+    let app = http_app(|_req| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text(200, "web")
+    })
+    .await;
+    let mesh = MeshBuilder::default()
+        .service("web", "web", &[("http", 80, Some("http"))])
+        .workload("web-1", "web", app.port)
+        .upstream("web", 80)
+        .start()
+        .await;
+    let addr = mesh.upstream("web", 80);
+    let replies = run_requests(40, 40, move |_| get(addr, "/")).await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    let opened = mesh
+        .client_metric(
+            "trellis_outbound_connections_total{service=\"web.default\",peer_identity=\"spiffe://cluster.local/ns/default/sa/web\"}",
+        )
+        .await;
+    assert_eq!(opened, 1.0, "mesh connections opened to the one endpoint");
+}
+
 // ---------------------------------------------------------------------------------
 // 14. P2C and fast failures
 // ---------------------------------------------------------------------------------

@@ -459,7 +459,7 @@ impl Attempt<'_> {
                 active
                     .stats()
                     .observe(started.elapsed(), false, &self.policy.outlier);
-                let kind = match e {
+                let kind = match *e {
                     PoolError::Connect { .. } | PoolError::Handshake { .. } => {
                         ProxyError::ConnectFailed
                     }

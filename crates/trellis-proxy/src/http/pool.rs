@@ -50,11 +50,14 @@ struct Pooled {
 }
 
 type Conns = DashMap<SocketAddr, Pooled>;
+/// A connect in progress, and its outcome for those who waited on it.
+type Connecting = tokio::sync::OnceCell<Result<SendRequest<Body>, Arc<PoolError>>>;
 
 /// Connections by dial address. The map is sharded; lookups on the request path take
 /// a shard read lock and clone a handle.
 pub struct MeshPool {
     conns: Arc<Conns>,
+    connecting: DashMap<SocketAddr, Arc<Connecting>>,
     epoch: tokio::time::Instant,
     metrics: crate::metrics::Metrics,
 }
@@ -63,6 +66,7 @@ impl MeshPool {
     pub fn new(metrics: crate::metrics::Metrics) -> Self {
         MeshPool {
             conns: Arc::new(DashMap::new()),
+            connecting: DashMap::new(),
             epoch: tokio::time::Instant::now(),
             metrics,
         }
@@ -82,15 +86,54 @@ impl MeshPool {
         connect_timeout: Duration,
         service: &str,
         idle: Option<Duration>,
-    ) -> Result<SendRequest<Body>, PoolError> {
-        if let Some(pooled) = self.conns.get(&addr)
-            && &pooled.identity == identity
-            && Arc::ptr_eq(&pooled.tls, tls)
-            && pooled.sender.is_ready()
+    ) -> Result<SendRequest<Body>, Arc<PoolError>> {
+        if let Some(sender) = self.pooled(addr, identity, tls) {
+            return Ok(sender);
+        }
+        // Requests that find no connection wait for one connect to the endpoint
+        // instead of each making their own, and share its outcome.
+        let connecting = self.connecting.entry(addr).or_default().clone();
+        let result = connecting
+            .get_or_init(|| async {
+                // Another request may have pooled one since our lookup.
+                if let Some(sender) = self.pooled(addr, identity, tls) {
+                    return Ok(sender);
+                }
+                self.connect_and_pool(addr, identity, tls, connect_timeout, service, idle)
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await
+            .clone();
+        self.connecting
+            .remove_if(&addr, |_, cell| Arc::ptr_eq(cell, &connecting));
+        result
+    }
+
+    fn pooled(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        tls: &Arc<MeshTls>,
+    ) -> Option<SendRequest<Body>> {
+        let pooled = self.conns.get(&addr)?;
+        if &pooled.identity == identity && Arc::ptr_eq(&pooled.tls, tls) && pooled.sender.is_ready()
         {
             pooled.last_used_us.store(self.now_us(), Ordering::Relaxed);
-            return Ok(pooled.sender.clone());
+            return Some(pooled.sender.clone());
         }
+        None
+    }
+
+    async fn connect_and_pool(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        tls: &Arc<MeshTls>,
+        connect_timeout: Duration,
+        service: &str,
+        idle: Option<Duration>,
+    ) -> Result<SendRequest<Body>, PoolError> {
         let sender = connect(addr, identity, tls, connect_timeout).await?;
         self.metrics
             .outbound_connections
