@@ -184,3 +184,43 @@ async fn shutdown_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let base = [
+            "trellis-proxy",
+            "run",
+            "--namespace",
+            "default",
+            "--service-account",
+            "web",
+            "--ca-root",
+            "/dev/null",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        match cli.command {
+            Command::Run(args) => Ok(*args),
+            Command::Init(_) => unreachable!("parsed run"),
+        }
+    }
+
+    #[test]
+    fn opaque_ports_default_to_linkerds_list_and_refuse_nonsense() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.opaque_ports, PortSet::default_opaque());
+        let args = run_args(&["--opaque-ports", "3306,8000-8001"]).unwrap();
+        assert_eq!(
+            args.opaque_ports.iter().collect::<Vec<_>>(),
+            [3306, 8000, 8001]
+        );
+        let args = run_args(&["--opaque-ports", ""]).unwrap();
+        assert_eq!(args.opaque_ports, PortSet::default());
+        let err = run_args(&["--opaque-ports", "25,smtp"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"smtp\" is not a port number"), "{err}");
+    }
+}
