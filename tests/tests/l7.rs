@@ -1778,6 +1778,51 @@ spec:
     .await;
 }
 
+/// With several endpoints, a full one is passed over for one under its limit; only
+/// when all are full is a connection refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_fills_every_endpoint_before_refusing() {
+    let apps = [echo_app().await, echo_app().await, echo_app().await];
+    let mut builder = MeshBuilder::default().service("kv", "kv", &[("kv", 7000, Some("tcp"))]);
+    for (i, app) in apps.iter().enumerate() {
+        builder = builder.workload(&format!("kv-{i}"), "kv", app.port);
+    }
+    let mesh = builder
+        .yaml(
+            r#"apiVersion: trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: kv, namespace: default}
+spec:
+  targetRef: {kind: Service, name: kv}
+  connectionLimits: {maxConnections: 1}
+"#,
+        )
+        .expect_policy("kv")
+        .upstream("kv", 7000)
+        .start()
+        .await;
+    let addr = mesh.upstream("kv", 7000);
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let line = format!("conn {i}");
+        assert_eq!(
+            echo_line(&mut stream, &line).await.as_deref(),
+            Some(line.as_str()),
+            "connection {i} of 3 was refused while an endpoint had room"
+        );
+        open.push(stream);
+    }
+    let hits: Vec<usize> = apps.iter().map(App::hits).collect();
+    assert_eq!(hits, [1, 1, 1], "one connection per endpoint");
+    let mut fourth = TcpStream::connect(addr).await.unwrap();
+    let _ = fourth.write_all(b"four\n").await;
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(10)).await,
+        "a fourth connection got through with every endpoint full"
+    );
+}
+
 /// HTTP rides one multiplexed connection per endpoint, also when many requests
 /// arrive before it exists: `maxConnections` (at least 1) cannot be exceeded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
