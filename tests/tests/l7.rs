@@ -1664,6 +1664,36 @@ async fn an_idle_tcp_connection_is_closed_and_an_active_one_stays_open() {
     active.await.unwrap();
 }
 
+type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
+
+/// An HTTP/2 (prior knowledge) connection to `addr`; the task ends when it closes.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (H2Sender, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// A GET on `sender` that must answer 200 `web`.
+async fn h2_get(mut sender: H2Sender) {
+    let request = Request::get("http://idle-web.default/")
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("no HTTP/2 response within 10 s")
+        .expect("the HTTP/2 request failed");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"web");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http_connection_and_its_pooled_mesh_connection_are_closed() {
     let app = named_app("web").await;
@@ -1697,6 +1727,29 @@ async fn an_idle_http_connection_and_its_pooled_mesh_connection_are_closed() {
         closed_within(&mut silent, Duration::from_secs(10)).await,
         "the idle keep-alive connection was not closed within 10 s"
     );
+    active.await.unwrap();
+
+    // The same for an app speaking HTTP/2: GOAWAY and close after the idle period,
+    // while a connection with a request every 100 ms stays.
+    let (silent, silent_conn) = h2_connect(addr).await;
+    h2_get(silent.clone()).await;
+    let active = tokio::spawn(async move {
+        let (sender, conn) = h2_connect(addr).await;
+        for _ in 0..15 {
+            h2_get(sender.clone()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !conn.is_finished(),
+            "the active HTTP/2 connection was closed"
+        );
+    });
+    tokio::time::timeout(Duration::from_secs(10), silent_conn)
+        .await
+        .expect("the idle HTTP/2 connection was not closed within 10 s")
+        .unwrap()
+        .unwrap();
+    assert!(silent.is_closed());
     active.await.unwrap();
 
     // The mesh connection that carried them closes too: the server sidecar sees it go.
