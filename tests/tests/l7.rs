@@ -10,6 +10,11 @@
 //! port, the retry budget across config updates, and a WebSocket upgrade on a
 //! declared-http port. Proxy memory under the 50 MB body cannot be isolated in one
 //! process; the test prints the process's VmHWM (about +10 MiB when run alone).
+//!
+//! Then what TrafficPolicy enforces beyond routing: the opaque-ports list, idle
+//! timeouts (TCP, the app's HTTP/1 and HTTP/2 connections, the pooled mesh
+//! connection), maxConnections, one mesh connection per endpoint under concurrent
+//! first use, and P2C against an endpoint that fails fast.
 
 #![allow(clippy::unwrap_used)]
 
