@@ -10,6 +10,11 @@
 //! port, the retry budget across config updates, and a WebSocket upgrade on a
 //! declared-http port. Proxy memory under the 50 MB body cannot be isolated in one
 //! process; the test prints the process's VmHWM (about +10 MiB when run alone).
+//!
+//! Then what TrafficPolicy enforces beyond routing: the opaque-ports list, idle
+//! timeouts (TCP, the app's HTTP/1 and HTTP/2 connections, the pooled mesh
+//! connection), maxConnections, one mesh connection per endpoint under concurrent
+//! first use, and P2C against an endpoint that fails fast.
 
 #![allow(clippy::unwrap_used)]
 
@@ -340,6 +345,32 @@ impl Mesh {
             .find_map(|l| l.strip_prefix(line_prefix))
             .and_then(|rest| rest.trim().parse().ok())
             .unwrap_or(0.0)
+    }
+}
+
+/// A metric from the sidecar of workload number `index` (0 when absent).
+async fn sidecar_metric(mesh: &Mesh, index: usize, line_prefix: &str) -> f64 {
+    let (_, metrics) = http_get(mesh._sidecars[index].admin_addr, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < within,
+            "{what}: not true within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1239,6 +1270,27 @@ async fn grpc_unary_streaming_and_status_codes_pass_through() {
     let mut empty = connect(mesh.upstream("grpc-empty", 9000)).await;
     let err = empty.check(check("")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // As HTTP 200 with grpc-status in the headers (trailers-only), not an HTTP 503
+    // that tonic would map to UNAVAILABLE as well.
+    let h2: HttpClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let request = Request::post(format!(
+        "http://{}/grpc.health.v1.Health/Check",
+        mesh.upstream("grpc-empty", 9000)
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])).boxed())
+    .unwrap();
+    let reply = send(&h2, request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        "application/grpc"
+    );
+    assert_eq!(reply.headers.get("grpc-status").unwrap(), "14");
+    assert!(reply.headers.contains_key("trellis-error"));
 }
 
 // ---------------------------------------------------------------------------------
@@ -1465,13 +1517,16 @@ async fn banner_app() -> u16 {
 async fn a_server_first_protocol_works_without_configuration() {
     let app_port = banner_app().await;
     let mesh = MeshBuilder::default()
-        .service("mail", "mail", &[("smtp", 25, None)])
+        .service("mail", "mail", &[("smtp", 2525, None)])
         .workload("mail-1", "mail", app_port)
-        .upstream("mail", 25)
+        .upstream("mail", 2525)
         .detect_timeout(Duration::from_millis(200))
         .start()
         .await;
-    let mut stream = TcpStream::connect(mesh.upstream("mail", 25)).await.unwrap();
+    // 2525 is not on the opaque list: detection runs and gives up.
+    let mut stream = TcpStream::connect(mesh.upstream("mail", 2525))
+        .await
+        .unwrap();
     let started = Instant::now();
     let banner = read_until(&mut stream, b"\r\n", Duration::from_secs(5)).await;
     println!("banner after {:?}", started.elapsed());
@@ -1482,6 +1537,426 @@ async fn a_server_first_protocol_works_without_configuration() {
     stream.write_all(b"QUIT\r\n").await.unwrap();
     let reply = read_until(&mut stream, b"\r\n", Duration::from_secs(5)).await;
     assert_eq!(reply, b"250 QUIT\r\n");
+}
+
+/// On a port of the opaque list (3306, in the default) nothing waits for the client:
+/// with a 60 s detection timeout the banner could only arrive within the 10 s bound
+/// if detection was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_on_an_opaque_port_skips_detection() {
+    let app_port = banner_app().await;
+    let mesh = MeshBuilder::default()
+        .service("db", "db", &[("mysql", 3306, None)])
+        .workload("db-1", "db", app_port)
+        .upstream("db", 3306)
+        .detect_timeout(Duration::from_secs(60))
+        .start()
+        .await;
+    let conversation = async {
+        let mut stream = TcpStream::connect(mesh.upstream("db", 3306)).await.unwrap();
+        let banner = read_until(&mut stream, b"\r\n", Duration::from_secs(10)).await;
+        assert_eq!(banner, b"220 trellis ESMTP ready\r\n");
+        stream.write_all(b"SELECT 1\r\n").await.unwrap();
+        let reply = read_until(&mut stream, b"\r\n", Duration::from_secs(10)).await;
+        assert_eq!(reply, b"250 SELECT 1\r\n");
+    };
+    tokio::time::timeout(Duration::from_secs(10), conversation)
+        .await
+        .expect("the banner waited for protocol detection");
+}
+
+// ---------------------------------------------------------------------------------
+// 13. Idle timeouts and connection limits
+// ---------------------------------------------------------------------------------
+
+/// Echoes each line back; counts accepted connections and closes on EOF.
+async fn echo_app() -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if write
+                        .write_all(format!("{line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    App {
+        port,
+        hits: accepted,
+    }
+}
+
+/// Sends a line and reads its echo; `None` if the connection ended instead.
+async fn echo_line(stream: &mut TcpStream, line: &str) -> Option<String> {
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .ok()?;
+    let got = read_until(stream, b"\n", Duration::from_secs(10)).await;
+    (!got.is_empty()).then(|| String::from_utf8_lossy(&got).trim_end().to_owned())
+}
+
+/// True when the peer has closed: a read returns end of stream (or a reset) within
+/// `within`. Data received before the end is an error.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(within, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(n)) => panic!(
+            "expected the end, got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => false,
+    }
+}
+
+/// A TrafficPolicy for `service` with `timeouts.idle: 300ms`.
+fn idle_policy(service: &str) -> String {
+    format!(
+        "apiVersion: trellis.io/v1alpha1\nkind: TrafficPolicy\n\
+         metadata: {{name: {service}, namespace: default}}\n\
+         spec:\n  targetRef: {{kind: Service, name: {service}}}\n  timeouts: {{idle: 300ms}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_connection_is_closed_and_an_active_one_stays_open() {
+    let app = echo_app().await;
+    let mesh = MeshBuilder::default()
+        .service("kv", "kv", &[("kv", 7000, Some("tcp"))])
+        .workload("kv-1", "kv", app.port)
+        .yaml(&idle_policy("kv"))
+        .expect_policy("kv")
+        .upstream("kv", 7000)
+        .start()
+        .await;
+    let addr = mesh.upstream("kv", 7000);
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(
+        echo_line(&mut silent, "hello").await.as_deref(),
+        Some("hello")
+    );
+    let active = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // 1.5 s of traffic every 100 ms: five idle periods long.
+        for i in 0..15 {
+            let line = format!("ping {i}");
+            assert_eq!(
+                echo_line(&mut stream, &line).await.as_deref(),
+                Some(line.as_str()),
+                "the active connection was closed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(10)).await,
+        "the idle connection was not closed within 10 s"
+    );
+    active.await.unwrap();
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
+
+/// An HTTP/2 (prior knowledge) connection to `addr`; the task ends when it closes.
+async fn h2_connect(
+    addr: SocketAddr,
+) -> (H2Sender, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// A GET on `sender` that must answer 200 `web`.
+async fn h2_get(mut sender: H2Sender) {
+    let request = Request::get("http://idle-web.default/")
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("no HTTP/2 response within 10 s")
+        .expect("the HTTP/2 request failed");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"web");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http_connection_and_its_pooled_mesh_connection_are_closed() {
+    let app = named_app("web").await;
+    let mesh = MeshBuilder::default()
+        .service("idle-web", "idle-web", &[("http", 80, Some("http"))])
+        .workload("idle-web-1", "idle-web", app.port)
+        .yaml(&idle_policy("idle-web"))
+        .expect_policy("idle-web")
+        .upstream("idle-web", 80)
+        .start()
+        .await;
+    let addr = mesh.upstream("idle-web", 80);
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: idle-web\r\n\r\n";
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    silent.write_all(REQUEST).await.unwrap();
+    let reply = read_until(&mut silent, b"\r\n\r\nweb", Duration::from_secs(10)).await;
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
+    let active = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..15 {
+            stream.write_all(REQUEST).await.unwrap();
+            let reply = read_until(&mut stream, b"\r\n\r\nweb", Duration::from_secs(10)).await;
+            assert!(
+                reply.starts_with(b"HTTP/1.1 200") && reply.ends_with(b"web"),
+                "the active keep-alive connection broke: {reply:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(10)).await,
+        "the idle keep-alive connection was not closed within 10 s"
+    );
+    active.await.unwrap();
+
+    // The same for an app speaking HTTP/2: GOAWAY and close after the idle period,
+    // while a connection with a request every 100 ms stays.
+    let (silent, silent_conn) = h2_connect(addr).await;
+    h2_get(silent.clone()).await;
+    let active = tokio::spawn(async move {
+        let (sender, conn) = h2_connect(addr).await;
+        for _ in 0..15 {
+            h2_get(sender.clone()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !conn.is_finished(),
+            "the active HTTP/2 connection was closed"
+        );
+    });
+    tokio::time::timeout(Duration::from_secs(10), silent_conn)
+        .await
+        .expect("the idle HTTP/2 connection was not closed within 10 s")
+        .unwrap()
+        .unwrap();
+    assert!(silent.is_closed());
+    active.await.unwrap();
+
+    // The mesh connection that carried them closes too: the server sidecar sees it go.
+    let opened = "trellis_outbound_connections_total{service=\"idle-web.default\",peer_identity=\"spiffe://cluster.local/ns/default/sa/idle-web\"}";
+    // Traffic every 100 ms kept one connection in use (a stalled scheduler could
+    // have let it idle out in between, hence at least one).
+    let before = mesh.client_metric(opened).await;
+    assert!(before >= 1.0, "{before}");
+    eventually(
+        "the idle mesh connection closed at the server sidecar",
+        Duration::from_secs(10),
+        || async { sidecar_metric(&mesh, 0, "trellis_active_connections ").await == 0.0 },
+    )
+    .await;
+    // The next request opens a new one.
+    let reply = send(&http_client(), get(addr, "/")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(mesh.client_metric(opened).await, before + 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_refuses_the_connection_over_the_limit() {
+    let app = echo_app().await;
+    let mesh = MeshBuilder::default()
+        .service("kv", "kv", &[("kv", 7000, Some("tcp"))])
+        .workload("kv-1", "kv", app.port)
+        .yaml(
+            r#"apiVersion: trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: kv, namespace: default}
+spec:
+  targetRef: {kind: Service, name: kv}
+  connectionLimits: {maxConnections: 1}
+"#,
+        )
+        .expect_policy("kv")
+        .upstream("kv", 7000)
+        .start()
+        .await;
+    let addr = mesh.upstream("kv", 7000);
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(echo_line(&mut first, "one").await.as_deref(), Some("one"));
+
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    let _ = second.write_all(b"two\n").await;
+    assert!(
+        closed_within(&mut second, Duration::from_secs(10)).await,
+        "the connection over the limit was not closed"
+    );
+    // Counted once the refusing task has finished.
+    eventually(
+        "the refusal is counted",
+        Duration::from_secs(10),
+        || async {
+            mesh.client_metric("trellis_outbound_failures_total{reason=\"max_connections\"}")
+                .await
+                == 1.0
+        },
+    )
+    .await;
+    assert_eq!(
+        echo_line(&mut first, "still").await.as_deref(),
+        Some("still")
+    );
+    assert_eq!(app.hits(), 1, "the refused connection reached the app");
+
+    // Once the first is gone, a new connection gets through.
+    drop(first);
+    eventually(
+        "a connection after the first closed works",
+        Duration::from_secs(10),
+        || async {
+            let Ok(mut third) = TcpStream::connect(addr).await else {
+                return false;
+            };
+            echo_line(&mut third, "three").await.as_deref() == Some("three")
+        },
+    )
+    .await;
+}
+
+/// With several endpoints, a full one is passed over for one under its limit; only
+/// when all are full is a connection refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_fills_every_endpoint_before_refusing() {
+    let apps = [echo_app().await, echo_app().await, echo_app().await];
+    let mut builder = MeshBuilder::default().service("kv", "kv", &[("kv", 7000, Some("tcp"))]);
+    for (i, app) in apps.iter().enumerate() {
+        builder = builder.workload(&format!("kv-{i}"), "kv", app.port);
+    }
+    let mesh = builder
+        .yaml(
+            r#"apiVersion: trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: kv, namespace: default}
+spec:
+  targetRef: {kind: Service, name: kv}
+  connectionLimits: {maxConnections: 1}
+"#,
+        )
+        .expect_policy("kv")
+        .upstream("kv", 7000)
+        .start()
+        .await;
+    let addr = mesh.upstream("kv", 7000);
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let line = format!("conn {i}");
+        assert_eq!(
+            echo_line(&mut stream, &line).await.as_deref(),
+            Some(line.as_str()),
+            "connection {i} of 3 was refused while an endpoint had room"
+        );
+        open.push(stream);
+    }
+    let hits: Vec<usize> = apps.iter().map(App::hits).collect();
+    assert_eq!(hits, [1, 1, 1], "one connection per endpoint");
+    let mut fourth = TcpStream::connect(addr).await.unwrap();
+    let _ = fourth.write_all(b"four\n").await;
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(10)).await,
+        "a fourth connection got through with every endpoint full"
+    );
+}
+
+/// HTTP rides one multiplexed connection per endpoint, also when many requests
+/// arrive before it exists: `maxConnections` (at least 1) cannot be exceeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_share_one_mesh_connection() {
+    let app = http_app(|_req| async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text(200, "web")
+    })
+    .await;
+    let mesh = MeshBuilder::default()
+        .service("web", "web", &[("http", 80, Some("http"))])
+        .workload("web-1", "web", app.port)
+        .upstream("web", 80)
+        .start()
+        .await;
+    let addr = mesh.upstream("web", 80);
+    let replies = run_requests(40, 40, move |_| get(addr, "/")).await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    let opened = mesh
+        .client_metric(
+            "trellis_outbound_connections_total{service=\"web.default\",peer_identity=\"spiffe://cluster.local/ns/default/sa/web\"}",
+        )
+        .await;
+    assert_eq!(opened, 1.0, "mesh connections opened to the one endpoint");
+}
+
+// ---------------------------------------------------------------------------------
+// 14. P2C and fast failures
+// ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_sends_less_traffic_to_an_endpoint_that_fails_fast() {
+    let failing = http_app(|_req| async { text(500, "broken") }).await;
+    let healthy = http_app(|_req| async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        text(200, "ok")
+    })
+    .await;
+    // Ejection off and no retries: only the balancer's cost keeps traffic away.
+    let mesh = MeshBuilder::default()
+        .service("p2c", "p2c", &[("http", 80, Some("http"))])
+        .workload("p2c-failing", "p2c", failing.port)
+        .workload("p2c-healthy", "p2c", healthy.port)
+        .yaml(
+            r#"apiVersion: trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: p2c, namespace: default}
+spec:
+  targetRef: {kind: Service, name: p2c}
+  loadBalancer: {algorithm: P2C_EWMA}
+  outlierDetection: {consecutiveFailures: 100000, maxEjectionPercent: 0}
+"#,
+        )
+        .expect_policy("p2c")
+        .upstream("p2c", 80)
+        .start()
+        .await;
+    let addr = mesh.upstream("p2c", 80);
+    const N: usize = 400;
+    let replies = run_requests(N, 4, move |_| get(addr, "/")).await;
+    let failed = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::INTERNAL_SERVER_ERROR)
+        .count();
+    println!(
+        "P2C with a fast-failing endpoint: failing {}, healthy {}",
+        failing.hits(),
+        healthy.hits()
+    );
+    assert_eq!(failing.hits() + healthy.hits(), N);
+    assert_eq!(failed, failing.hits(), "every failure reached the caller");
+    assert!(
+        failing.hits() < N / 4,
+        "the fast-failing endpoint got {} of {N}",
+        failing.hits()
+    );
 }
 
 // ---------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ use crate::http::policy::{LbAlgorithm, Outlier};
 const EWMA_TAU: Duration = Duration::from_secs(10);
 /// Cost of an endpoint with no latency sample yet (1 ms), so new ones get tried.
 const DEFAULT_RTT_US: f64 = 1_000.0;
+/// Weight of one outcome in the failure rate: five failures in a row make it 0.67.
+const FAILURE_ALPHA: f64 = 0.2;
+/// Lowest success rate the cost divides by: a failing endpoint costs at most 10,000
+/// times its latency, so it still gets a request when the other one is that slow.
+const MIN_SUCCESS_RATE: f64 = 0.01;
 
 fn now_us() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -30,6 +35,9 @@ pub struct EndpointStats {
     /// Connections (L4) or requests (L7) in flight.
     active: AtomicUsize,
     ewma_us: AtomicU64,
+    /// Recent share of failed requests (f64 bits), decaying with `stamp_us` like
+    /// the latency.
+    failure_rate: AtomicU64,
     stamp_us: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
@@ -53,16 +61,35 @@ impl EndpointStats {
         value * w + DEFAULT_RTT_US * (1.0 - w)
     }
 
+    fn failure_rate(&self, now: u64) -> f64 {
+        let rate = f64::from_bits(self.failure_rate.load(Ordering::Relaxed));
+        let age = now.saturating_sub(self.stamp_us.load(Ordering::Relaxed)) as f64;
+        // Like the latency, failures are forgotten while the endpoint is left alone.
+        rate * (-age / EWMA_TAU.as_micros() as f64).exp()
+    }
+
+    /// P2C's cost: peak-EWMA latency times the load, divided by the square of the
+    /// success rate. An endpoint that succeeds with probability p costs 1/p tries
+    /// per success; squaring it makes one that fails fast lose to a slower healthy
+    /// one (a fast 500 would otherwise look like the best endpoint).
+    fn p2c_cost(&self, now: u64) -> f64 {
+        let success = (1.0 - self.failure_rate(now)).max(MIN_SUCCESS_RATE);
+        self.ewma(now) * (self.active() as f64 + 1.0) / (success * success)
+    }
+
     fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until_us.load(Ordering::Relaxed) > now
     }
 
-    /// Records one request's outcome: latency into the peak-EWMA, and failures
-    /// towards ejection.
+    /// Records one request's outcome: latency into the peak-EWMA, the outcome into
+    /// the failure rate, and failures towards ejection.
     pub fn observe(&self, latency: Duration, success: bool, outlier: &Outlier) {
         let now = now_us();
         let sample = latency.as_micros() as f64;
         let current = self.ewma(now);
+        let failure = if success { 0.0 } else { 1.0 };
+        let rate = self.failure_rate(now) * (1.0 - FAILURE_ALPHA) + failure * FAILURE_ALPHA;
+        self.failure_rate.store(rate.to_bits(), Ordering::Relaxed);
         // Peak-sensitive: a slow response raises the cost at once, recovery is gradual.
         let next = if sample > current {
             sample
@@ -201,7 +228,7 @@ impl EndpointSet {
                 // Endpoint weights scale the cost: weight 2 looks half as loaded.
                 let cost = |(e, s): &(Endpoint, Arc<EndpointStats>)| {
                     let load = match algorithm {
-                        LbAlgorithm::P2cEwma => s.ewma(now) * (s.active() as f64 + 1.0),
+                        LbAlgorithm::P2cEwma => s.p2c_cost(now),
                         _ => s.active() as f64 + 1.0,
                     };
                     load / f64::from(e.weight.max(1))
@@ -287,6 +314,51 @@ mod tests {
             })
             .count();
         assert_eq!(slow, 0, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn p2c_ewma_avoids_an_endpoint_that_fails_fast() {
+        // Ejection off: the failure rate alone must steer traffic away.
+        let outlier = Outlier {
+            consecutive_failures: u32::MAX,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 0,
+        };
+        let set = EndpointSet::new(vec![ep(1, true), ep(2, true)], None);
+        let mut failing = 0;
+        for _ in 0..400 {
+            let (e, _g) = set
+                .pick_with(&LbAlgorithm::P2cEwma, None, &[], &outlier)
+                .unwrap();
+            let stats = &set.endpoints[usize::from(e.address.port() - 1)].1;
+            if e.address.port() == 1 {
+                failing += 1;
+                stats.observe(Duration::from_micros(100), false, &outlier);
+            } else {
+                stats.observe(Duration::from_millis(5), true, &outlier);
+            }
+        }
+        assert!(
+            failing < 40,
+            "the fast-failing endpoint got {failing} of 400"
+        );
+        assert!(failing > 0, "it was never tried");
+    }
+
+    #[test]
+    fn the_failure_rate_recovers_with_successes() {
+        let outlier = Outlier::default();
+        let stats = EndpointStats::default();
+        for _ in 0..3 {
+            stats.observe(Duration::from_millis(1), false, &outlier);
+        }
+        let failing = stats.p2c_cost(now_us());
+        for _ in 0..20 {
+            stats.observe(Duration::from_millis(1), true, &outlier);
+        }
+        let recovered = stats.p2c_cost(now_us());
+        assert!(recovered < failing / 2.0, "{recovered} vs {failing}");
+        assert!(stats.failure_rate(now_us()) < 0.05);
     }
 
     #[test]

@@ -53,6 +53,91 @@ impl FromStr for Upstream {
     }
 }
 
+/// Ports carried as opaque TCP without protocol detection unless a Service declares
+/// otherwise: server-first and binary protocols, as in Linkerd's default (SMTP,
+/// submission, MySQL, MySQL X / Galera, PostgreSQL, Redis, Elasticsearch transport,
+/// memcached).
+pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// A comma-separated list of ports, e.g. `25,3306,8000-8010`; empty for none.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PortSet(std::collections::BTreeSet<u16>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("port list {list:?}: {entry:?} {reason}")]
+pub struct PortSetParseError {
+    list: String,
+    entry: String,
+    reason: &'static str,
+}
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.contains(&port)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl PortSet {
+    pub fn default_opaque() -> Self {
+        DEFAULT_OPAQUE_PORTS.into_iter().collect()
+    }
+}
+
+impl std::fmt::Display for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, port) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{port}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromIterator<u16> for PortSet {
+    fn from_iter<I: IntoIterator<Item = u16>>(iter: I) -> Self {
+        PortSet(iter.into_iter().collect())
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = PortSetParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut ports = std::collections::BTreeSet::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let err = |reason| PortSetParseError {
+                list: s.to_owned(),
+                entry: entry.to_owned(),
+                reason,
+            };
+            let port = |p: &str| match p.trim().parse::<u16>() {
+                Ok(0) => Err(err("is not a port (0)")),
+                Ok(p) => Ok(p),
+                Err(_) => Err(err("is not a port number (1-65535)")),
+            };
+            match entry.split_once('-') {
+                Some((low, high)) => {
+                    let (low, high) = (port(low)?, port(high)?);
+                    if low > high {
+                        return Err(err("is an empty range"));
+                    }
+                    ports.extend(low..=high);
+                }
+                None => {
+                    ports.insert(port(entry)?);
+                }
+            }
+        }
+        Ok(PortSet(ports))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// This workload's identity; the CA decides whether it may have it.
@@ -92,6 +177,9 @@ pub struct ProxyConfig {
     /// How long to wait for a client's first bytes before treating the connection
     /// as opaque TCP (server-first protocols send nothing first).
     pub detect_timeout: Duration,
+    /// Outbound destination ports carried as opaque TCP without detection, unless
+    /// the Service port declares a protocol.
+    pub opaque_ports: PortSet,
 }
 
 impl ProxyConfig {
@@ -117,6 +205,7 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
             detect_timeout: Duration::from_secs(1),
+            opaque_ports: PortSet::default_opaque(),
         }
     }
 }
@@ -140,6 +229,27 @@ mod tests {
             ".default:80=127.0.0.1:1",
         ] {
             assert!(bad.parse::<Upstream>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_port_lists() {
+        let set: PortSet = "25, 3306,8000-8002,25".parse().unwrap();
+        assert_eq!(set.iter().collect::<Vec<_>>(), [25, 3306, 8000, 8001, 8002]);
+        assert!(set.contains(8001) && !set.contains(8003));
+        assert_eq!("".parse::<PortSet>().unwrap(), PortSet::default());
+        let default = PortSet::default_opaque();
+        assert_eq!(default.to_string(), "25,587,3306,4444,5432,6379,9300,11211");
+        assert_eq!(default.to_string().parse::<PortSet>().unwrap(), default);
+        for (bad, reason) in [
+            ("25,smtp", "\"smtp\" is not a port number"),
+            ("70000", "\"70000\" is not a port number"),
+            ("0", "\"0\" is not a port (0)"),
+            ("9000-8000", "\"9000-8000\" is an empty range"),
+            ("8000-", "\"8000-\" is not a port number"),
+        ] {
+            let e = bad.parse::<PortSet>().unwrap_err().to_string();
+            assert!(e.contains(reason), "{bad}: {e}");
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod ports;
 pub mod proxy;
+pub mod tcp;
 
 pub use config::{OutboundPolicy, ProxyConfig, Upstream};
 pub use proxy::{RunningProxy, StartError, start};

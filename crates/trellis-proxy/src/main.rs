@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use trellis_identity::SpiffeId;
+use trellis_proxy::config::PortSet;
 use trellis_proxy::{OutboundPolicy, ProxyConfig, Upstream, ports};
 
 /// The Trellis sidecar proxy.
@@ -85,6 +86,11 @@ struct RunArgs {
     /// opaque TCP (server-first protocols such as MySQL send nothing first).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     detect_timeout: Duration,
+    /// Outbound destination ports carried as opaque TCP with no protocol detection
+    /// (server-first protocols), unless the Service port declares an appProtocol.
+    /// Comma-separated ports and ranges; empty for none.
+    #[arg(long, env = "TRELLIS_OPAQUE_PORTS", default_value_t = PortSet::default_opaque())]
+    opaque_ports: PortSet,
     /// How long open connections may take to finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -148,6 +154,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.admin_addr = args.admin_addr;
     config.health_addr = args.health_addr;
     config.detect_timeout = args.detect_timeout;
+    config.opaque_ports = args.opaque_ports;
     if let Some(json) = &args.app_probes {
         config.app_probes =
             trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
@@ -175,5 +182,45 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let base = [
+            "trellis-proxy",
+            "run",
+            "--namespace",
+            "default",
+            "--service-account",
+            "web",
+            "--ca-root",
+            "/dev/null",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+        match cli.command {
+            Command::Run(args) => Ok(*args),
+            Command::Init(_) => unreachable!("parsed run"),
+        }
+    }
+
+    #[test]
+    fn opaque_ports_default_to_linkerds_list_and_refuse_nonsense() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.opaque_ports, PortSet::default_opaque());
+        let args = run_args(&["--opaque-ports", "3306,8000-8001"]).unwrap();
+        assert_eq!(
+            args.opaque_ports.iter().collect::<Vec<_>>(),
+            [3306, 8000, 8001]
+        );
+        let args = run_args(&["--opaque-ports", ""]).unwrap();
+        assert_eq!(args.opaque_ports, PortSet::default());
+        let err = run_args(&["--opaque-ports", "25,smtp"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"smtp\" is not a port number"), "{err}");
     }
 }

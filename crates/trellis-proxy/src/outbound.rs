@@ -20,6 +20,7 @@ use crate::discovery::state::ServicePort;
 use crate::http::outbound::HttpOutbound;
 use crate::metrics::{Metrics, ReasonLabels, ServiceLabels};
 use crate::orig_dst::original_dst;
+use crate::tcp;
 use bytes::Bytes;
 use trellis_proto::discovery::v1::Protocol;
 
@@ -170,37 +171,56 @@ impl Outbound {
             service.protocol,
             Protocol::Http | Protocol::Http2 | Protocol::Grpc
         );
-        let prefix = match service.protocol {
-            Protocol::Tcp | Protocol::Opaque => Bytes::new(),
-            _ => {
-                let (detected, prefix) =
-                    detect::detect(&mut downstream, self.config.detect_timeout)
-                        .await
-                        .map_err(|source| OutboundError::Connect {
-                            addr: downstream.local_addr().unwrap_or(([0, 0, 0, 0], 0).into()),
-                            source,
-                        })?;
-                let http = match detected {
-                    detect::Protocol::Http1 | detect::Protocol::Http2 => true,
-                    detect::Protocol::Upgrade => false,
-                    detect::Protocol::Opaque => declared_http,
-                };
-                if http {
-                    let io = detect::PrefixedIo::new(prefix, downstream);
-                    self.http.clone().serve(io, service).await;
-                    return Ok(());
-                }
-                prefix
+        // An undeclared port on the opaque list (server-first protocols) is not
+        // inspected either: its client would wait out the detection timeout.
+        let opaque = match service.protocol {
+            Protocol::Tcp | Protocol::Opaque => true,
+            Protocol::Unspecified => self.config.opaque_ports.contains(service.port),
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => false,
+        };
+        let prefix = if opaque {
+            Bytes::new()
+        } else {
+            let (detected, prefix) = detect::detect(&mut downstream, self.config.detect_timeout)
+                .await
+                .map_err(|source| OutboundError::Connect {
+                    addr: downstream.local_addr().unwrap_or(([0, 0, 0, 0], 0).into()),
+                    source,
+                })?;
+            let http = match detected {
+                detect::Protocol::Http1 | detect::Protocol::Http2 => true,
+                detect::Protocol::Upgrade => false,
+                detect::Protocol::Opaque => declared_http,
+            };
+            if http {
+                let io = detect::PrefixedIo::new(prefix, downstream);
+                self.http.clone().serve(io, service).await;
+                return Ok(());
             }
+            prefix
         };
         let mut downstream = detect::PrefixedIo::new(prefix, downstream);
         let tls = self.tls.borrow().clone();
+        let policy = self.state.borrow().policy(&service.service);
         let mut failed = Vec::new();
         let mut last_error = OutboundError::NoEndpoints(service.service.clone());
-        for _ in 0..CONNECT_ATTEMPTS {
-            let Some((endpoint, _active)) = service.endpoints.pick(&failed) else {
+        let mut attempts = 0;
+        while attempts < CONNECT_ATTEMPTS {
+            let Some((endpoint, active)) = service.endpoints.pick(&failed) else {
                 break;
             };
+            // maxConnections holds per endpoint (counted by this proxy, the picked
+            // connection included): a full endpoint is passed over for one under its
+            // limit; when every endpoint is full the connection is refused, as
+            // Envoy's circuit breaker does.
+            if let Some(limit) = policy.max_connections
+                && active.stats().active() > limit as usize
+            {
+                failed.push(endpoint.dial);
+                last_error = OutboundError::Overflow(service.service.clone());
+                continue;
+            }
+            attempts += 1;
             let peer_identity = endpoint
                 .identity
                 .as_ref()
@@ -209,13 +229,15 @@ impl Outbound {
                 service: service.service.clone(),
                 peer_identity,
             };
+            let idle = policy.idle_timeout;
             let connected = match &endpoint.identity {
                 Some(identity) => match self
                     .connect_mtls(tls.as_deref(), identity, endpoint.dial)
                     .await
                 {
                     Ok(mut upstream) => {
-                        self.splice(&mut downstream, &mut upstream, &labels).await;
+                        self.splice(&mut downstream, &mut upstream, &labels, idle)
+                            .await;
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -223,7 +245,8 @@ impl Outbound {
                 // No sidecar there: the bytes go to the app as they are.
                 None => match self.connect(endpoint.dial).await {
                     Ok(mut upstream) => {
-                        self.splice(&mut downstream, &mut upstream, &labels).await;
+                        self.splice(&mut downstream, &mut upstream, &labels, idle)
+                            .await;
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -260,9 +283,15 @@ impl Outbound {
         .map_err(OutboundError::Handshake)
     }
 
-    /// Carries bytes both ways until either side closes, counting the connection.
-    async fn splice<D, U>(&self, downstream: &mut D, upstream: &mut U, labels: &ServiceLabels)
-    where
+    /// Carries bytes both ways until either side closes or, with an idle timeout,
+    /// both are silent that long; counts the connection.
+    async fn splice<D, U>(
+        &self,
+        downstream: &mut D,
+        upstream: &mut U,
+        labels: &ServiceLabels,
+        idle: Option<std::time::Duration>,
+    ) where
         D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     {
@@ -271,13 +300,16 @@ impl Outbound {
             .get_or_create(labels)
             .inc();
         self.metrics.active_connections.inc();
-        let copied = tokio::io::copy_bidirectional(downstream, upstream).await;
+        let carried = tcp::carry(downstream, upstream, idle).await;
         self.metrics.active_connections.dec();
-        if let Ok((up, down)) = copied {
+        if let Ok(carried) = carried {
+            if carried.idle_timeout {
+                tracing::debug!(?idle, "closed an idle connection");
+            }
             self.metrics
                 .outbound_bytes
                 .get_or_create(labels)
-                .inc_by(up + down);
+                .inc_by(carried.a_to_b + carried.b_to_a);
         }
     }
 
@@ -306,6 +338,8 @@ enum OutboundError {
     NotInRegistry(SocketAddr),
     #[error("service {0} has no ready endpoint")]
     NoEndpoints(String),
+    #[error("every endpoint of service {0} is at its maxConnections")]
+    Overflow(String),
     #[error("connecting to {addr}: {source}")]
     Connect {
         addr: SocketAddr,
@@ -327,6 +361,7 @@ impl OutboundError {
             OutboundError::NoOriginalDst => "no_original_dst",
             OutboundError::NotInRegistry(_) => "registry_only",
             OutboundError::NoEndpoints(_) => "no_endpoints",
+            OutboundError::Overflow(_) => "max_connections",
             OutboundError::Connect { .. } => "connect",
             OutboundError::Tls(_) => "tls_config",
             OutboundError::HandshakeTimeout | OutboundError::Handshake(_) => "tls_handshake",

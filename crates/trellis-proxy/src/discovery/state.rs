@@ -449,7 +449,9 @@ mod tests {
         let ep = endpoint("a.default:80", &plain).unwrap();
         assert_eq!(ep.identity, None);
         assert_eq!(ep.dial, "10.244.0.2:8080".parse().unwrap());
-        let state = MeshState::default().apply(&endpoints(plain.clone())).unwrap();
+        let state = MeshState::default()
+            .apply(&endpoints(plain.clone()))
+            .unwrap();
         assert!(state.endpoint_identities.is_empty());
         // Plaintext and an identity contradict each other; no identity without
         // plaintext is just as invalid: nothing falls back to plaintext silently.

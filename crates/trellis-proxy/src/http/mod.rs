@@ -2,6 +2,7 @@
 //! sidecars, retries and timeouts, and the errors the proxy answers itself.
 
 pub mod errors;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod plain;

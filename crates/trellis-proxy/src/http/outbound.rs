@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use trellis_identity::MeshTls;
 
 use super::errors::{ProxyError, full, is_grpc};
+use super::idle::IdleTracker;
 use super::policy::{LbAlgorithm, RetryPolicy, TrafficPolicy};
 use super::pool::{MeshPool, PoolError};
 use super::{Body, ORIG_PROTO, XFCC};
@@ -43,18 +44,52 @@ impl HttpOutbound {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let idle = self.state.borrow().policy(&service.service).idle_timeout;
+        let tracker = idle.map(|_| IdleTracker::new());
+        let requests = tracker.clone();
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let service = service.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, &service).await) }
+            let in_flight = requests.as_ref().map(|t| t.start());
+            async move {
+                let response = this.handle(req, &service).await;
+                Ok::<_, Infallible>(match in_flight {
+                    Some(in_flight) => in_flight.attach(response),
+                    None => response,
+                })
+            }
         });
-        let builder =
+        let mut builder =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        if let Err(e) = builder
-            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
-            .await
-        {
+        if let Some(idle) = idle {
+            // hyper's header timer runs while an HTTP/1 connection waits for a request
+            // head, which also bounds a head that stalls half-sent.
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(idle);
+        }
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+        let mut conn = std::pin::pin!(conn);
+        let ended = match (idle, &tracker) {
+            (Some(idle), Some(tracker)) => {
+                let idled = tokio::select! {
+                    ended = conn.as_mut() => Some(ended),
+                    _ = tracker.idle_for(idle) => None,
+                };
+                match idled {
+                    Some(ended) => ended,
+                    // Nothing in flight for `idle`: HTTP/2 gets GOAWAY, HTTP/1 a close.
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+            _ => conn.await,
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "downstream HTTP connection ended");
         }
     }
@@ -448,6 +483,7 @@ impl Attempt<'_> {
                 self.tls,
                 connect_timeout,
                 &self.backend.service,
+                self.policy.idle_timeout,
             )
             .await;
         let mut sender = match sender {
@@ -457,7 +493,7 @@ impl Attempt<'_> {
                 active
                     .stats()
                     .observe(started.elapsed(), false, &self.policy.outlier);
-                let kind = match e {
+                let kind = match *e {
                     PoolError::Connect { .. } | PoolError::Handshake { .. } => {
                         ProxyError::ConnectFailed
                     }

@@ -1,8 +1,11 @@
 //! HTTP/2 over mutual TLS between sidecars: one multiplexed connection per peer
-//! endpoint, made on first use and replaced when it breaks.
+//! endpoint, made on first use and replaced when it breaks. With an idle timeout, a
+//! connection no request has taken for that long leaves the pool; hyper then closes
+//! it once its last stream ends.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -41,24 +44,40 @@ struct Pooled {
     /// The TLS configuration it was made with: a rotated certificate makes new ones.
     tls: Arc<MeshTls>,
     sender: SendRequest<Body>,
+    /// When a request last took this connection (µs since the pool's epoch); also
+    /// tells its idle watcher that the entry is still this connection.
+    last_used_us: Arc<AtomicU64>,
 }
+
+type Conns = DashMap<SocketAddr, Pooled>;
+/// A connect in progress, and its outcome for those who waited on it.
+type Connecting = tokio::sync::OnceCell<Result<SendRequest<Body>, Arc<PoolError>>>;
 
 /// Connections by dial address. The map is sharded; lookups on the request path take
 /// a shard read lock and clone a handle.
 pub struct MeshPool {
-    conns: DashMap<SocketAddr, Pooled>,
+    conns: Arc<Conns>,
+    connecting: DashMap<SocketAddr, Arc<Connecting>>,
+    epoch: tokio::time::Instant,
     metrics: crate::metrics::Metrics,
 }
 
 impl MeshPool {
     pub fn new(metrics: crate::metrics::Metrics) -> Self {
         MeshPool {
-            conns: DashMap::new(),
+            conns: Arc::new(DashMap::new()),
+            connecting: DashMap::new(),
+            epoch: tokio::time::Instant::now(),
             metrics,
         }
     }
 
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     /// A sender to `addr`, which must prove `identity`; `service` is for telemetry.
+    /// A new connection leaves the pool after `idle` without a request.
     pub async fn sender(
         &self,
         addr: SocketAddr,
@@ -66,14 +85,55 @@ impl MeshPool {
         tls: &Arc<MeshTls>,
         connect_timeout: Duration,
         service: &str,
-    ) -> Result<SendRequest<Body>, PoolError> {
-        if let Some(pooled) = self.conns.get(&addr)
-            && &pooled.identity == identity
-            && Arc::ptr_eq(&pooled.tls, tls)
-            && pooled.sender.is_ready()
-        {
-            return Ok(pooled.sender.clone());
+        idle: Option<Duration>,
+    ) -> Result<SendRequest<Body>, Arc<PoolError>> {
+        if let Some(sender) = self.pooled(addr, identity, tls) {
+            return Ok(sender);
         }
+        // Requests that find no connection wait for one connect to the endpoint
+        // instead of each making their own, and share its outcome.
+        let connecting = self.connecting.entry(addr).or_default().clone();
+        let result = connecting
+            .get_or_init(|| async {
+                // Another request may have pooled one since our lookup.
+                if let Some(sender) = self.pooled(addr, identity, tls) {
+                    return Ok(sender);
+                }
+                self.connect_and_pool(addr, identity, tls, connect_timeout, service, idle)
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await
+            .clone();
+        self.connecting
+            .remove_if(&addr, |_, cell| Arc::ptr_eq(cell, &connecting));
+        result
+    }
+
+    fn pooled(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        tls: &Arc<MeshTls>,
+    ) -> Option<SendRequest<Body>> {
+        let pooled = self.conns.get(&addr)?;
+        if &pooled.identity == identity && Arc::ptr_eq(&pooled.tls, tls) && pooled.sender.is_ready()
+        {
+            pooled.last_used_us.store(self.now_us(), Ordering::Relaxed);
+            return Some(pooled.sender.clone());
+        }
+        None
+    }
+
+    async fn connect_and_pool(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        tls: &Arc<MeshTls>,
+        connect_timeout: Duration,
+        service: &str,
+        idle: Option<Duration>,
+    ) -> Result<SendRequest<Body>, PoolError> {
         let sender = connect(addr, identity, tls, connect_timeout).await?;
         self.metrics
             .outbound_connections
@@ -82,12 +142,23 @@ impl MeshPool {
                 peer_identity: identity.to_string(),
             })
             .inc();
+        let last_used_us = Arc::new(AtomicU64::new(self.now_us()));
+        if let Some(idle) = idle {
+            tokio::spawn(remove_when_idle(
+                Arc::downgrade(&self.conns),
+                addr,
+                last_used_us.clone(),
+                self.epoch,
+                idle,
+            ));
+        }
         self.conns.insert(
             addr,
             Pooled {
                 identity: identity.clone(),
                 tls: tls.clone(),
                 sender: sender.clone(),
+                last_used_us,
             },
         );
         Ok(sender)
@@ -96,6 +167,36 @@ impl MeshPool {
     /// Forgets a connection that failed, so the next request makes a new one.
     pub fn evict(&self, addr: SocketAddr) {
         self.conns.remove(&addr);
+    }
+}
+
+/// Removes the connection from the pool once no request has taken it for `idle`.
+/// Dropping the pool's handle lets hyper close it after its last stream; in-flight
+/// requests finish. Ends early when the entry was replaced or evicted.
+async fn remove_when_idle(
+    conns: Weak<Conns>,
+    addr: SocketAddr,
+    last_used_us: Arc<AtomicU64>,
+    epoch: tokio::time::Instant,
+    idle: Duration,
+) {
+    loop {
+        let last = epoch + Duration::from_micros(last_used_us.load(Ordering::Relaxed));
+        tokio::time::sleep_until(last + idle).await;
+        let Some(conns) = conns.upgrade() else {
+            return;
+        };
+        let last = epoch + Duration::from_micros(last_used_us.load(Ordering::Relaxed));
+        if last + idle > tokio::time::Instant::now() {
+            continue;
+        }
+        let removed = conns.remove_if(&addr, |_, pooled| {
+            Arc::ptr_eq(&pooled.last_used_us, &last_used_us)
+        });
+        if removed.is_some() {
+            tracing::debug!(%addr, ?idle, "closing an idle mesh connection");
+        }
+        return;
     }
 }
 
