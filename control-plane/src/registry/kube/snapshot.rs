@@ -7,8 +7,13 @@
 //! - EndpointSlice (`kubernetes.io/service-name`) → [`Endpoint`]s; each address takes
 //!   its identity from the Pod its `targetRef` names, else from the one Pod with that
 //!   IP. An address with no Pod has no identity and is left out.
+//! - Pods without the injected `trellis-proxy` container are outside the mesh: a
+//!   meshed client would dial them with mTLS and fail, and the discovery contract
+//!   has no plaintext endpoint, so their addresses are left out of the endpoints. A
+//!   Service whose Pods are all outside the mesh is left out whole: meshed clients
+//!   then pass its VIP through as plain TCP instead of finding no endpoint.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService, ServiceAccount};
@@ -82,9 +87,19 @@ pub fn snapshot_from(state: &ClusterState, trust_domain: &str) -> MeshSnapshot {
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let pods = crate::model::WorkloadIndex::new(&snapshot.workloads);
+    let unmeshed = Unmeshed::of(state);
+    let mut outside = BTreeSet::new();
     for slice in state.endpoint_slices.iter() {
-        slice_endpoints(slice, &snapshot.services, &pods, &mut snapshot.endpoints);
+        let to_unmeshed = slice_endpoints(
+            slice,
+            &snapshot.services,
+            &pods,
+            &unmeshed,
+            &mut snapshot.endpoints,
+        );
+        outside.extend(to_unmeshed);
     }
+    unmeshed.drop_services_outside_the_mesh(&mut snapshot, outside);
     for list in snapshot.endpoints.values_mut() {
         list.sort_by_key(|e| (e.address, e.port));
         list.dedup_by_key(|e| (e.address, e.port));
@@ -207,29 +222,87 @@ fn workload(p: &Pod, trust_domain: &str) -> Option<Workload> {
     })
 }
 
+/// Pods without the Trellis sidecar, by namespace and name.
+struct Unmeshed<'a>(HashSet<(&'a str, &'a str)>);
+
+impl<'a> Unmeshed<'a> {
+    fn of(state: &'a ClusterState) -> Self {
+        use crate::injector::sidecar::PROXY_CONTAINER;
+        let pods = state.pods.iter().filter(|p| {
+            // The container, not the `trellis.io/status` annotation: only a running
+            // proxy terminates mTLS.
+            let mut containers = p.spec.iter().flat_map(|s| {
+                let inits = s.init_containers.iter().flatten();
+                inits.chain(&s.containers)
+            });
+            !containers.any(|c| c.name == PROXY_CONTAINER)
+        });
+        Unmeshed(
+            pods.filter_map(|p| {
+                Some((
+                    p.metadata.namespace.as_deref()?,
+                    p.metadata.name.as_deref()?,
+                ))
+            })
+            .collect(),
+        )
+    }
+
+    fn contains(&self, w: &crate::model::Workload) -> bool {
+        self.0.contains(&(w.namespace.as_str(), w.name.as_str()))
+    }
+
+    /// Removes the Services in `outside` (those with an unmeshed backend) that have
+    /// no meshed endpoint left on any port.
+    fn drop_services_outside_the_mesh(
+        &self,
+        snapshot: &mut MeshSnapshot,
+        outside: BTreeSet<ServiceKey>,
+    ) {
+        for key in outside {
+            let Some(service) = snapshot.services.get(&key) else {
+                continue;
+            };
+            let ports: Vec<u16> = service.ports.iter().map(|p| p.port).collect();
+            let meshed = ports.iter().any(|port| {
+                snapshot
+                    .endpoints
+                    .get(&(key.clone(), *port))
+                    .is_some_and(|list| !list.is_empty())
+            });
+            if meshed {
+                continue;
+            }
+            tracing::debug!(service = %key, "no backend has the Trellis sidecar: left to plain TCP");
+            snapshot.services.remove(&key);
+            for port in ports {
+                snapshot.endpoints.remove(&(key.clone(), port));
+            }
+        }
+    }
+}
+
+/// Adds the slice's endpoints to `out`; returns the Service if it left out an
+/// address because its Pod has no sidecar.
 fn slice_endpoints(
     slice: &EndpointSlice,
     services: &BTreeMap<ServiceKey, Service>,
     pods: &crate::model::WorkloadIndex<'_>,
+    unmeshed: &Unmeshed<'_>,
     out: &mut BTreeMap<(ServiceKey, u16), Vec<Endpoint>>,
-) {
-    let Some(namespace) = slice.metadata.namespace.as_deref() else {
-        return;
-    };
+) -> Option<ServiceKey> {
+    let namespace = slice.metadata.namespace.as_deref()?;
     let labels = slice.metadata.labels.as_ref();
-    let Some(service_name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-        return;
-    };
+    let service_name = labels.and_then(|l| l.get(SERVICE_NAME_LABEL))?;
     let key = ServiceKey {
         namespace: namespace.to_owned(),
         name: service_name.clone(),
     };
-    let Some(service) = services.get(&key) else {
-        return;
-    };
+    let service = services.get(&key)?;
     if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-        return;
+        return None;
     }
+    let mut left_out_unmeshed = false;
     // (service port, endpoint port): Kubernetes matches them by port name.
     let ports: Vec<(u16, u16)> = slice
         .ports
@@ -255,6 +328,11 @@ fn slice_endpoints(
                 tracing::debug!(service = %key, %address, "endpoint without a known Pod left out");
                 continue;
             };
+            if unmeshed.contains(w) {
+                tracing::debug!(service = %key, %address, pod = %w.name, "endpoint without the Trellis sidecar left out");
+                left_out_unmeshed = true;
+                continue;
+            }
             for &(service_port, port) in &ports {
                 out.entry((key.clone(), service_port))
                     .or_default()
@@ -270,4 +348,8 @@ fn slice_endpoints(
             }
         }
     }
+    left_out_unmeshed.then_some(key)
 }
+
+#[cfg(test)]
+mod tests;
