@@ -1,15 +1,18 @@
 //! Leader election among control-plane replicas with a `coordination.k8s.io/v1`
 //! Lease, as client-go's leaderelection does it: the holder renews the Lease every
-//! [`LeaseSettings::renew_interval`]; anyone may take it once `renewTime +
-//! leaseDurationSeconds` has passed. Every write carries the `resourceVersion` it
-//! read (a create has none), so of two replicas racing for the same Lease the API
-//! server lets exactly one through and answers the other 409 Conflict.
+//! [`LeaseSettings::renew_interval`]; anyone may take it once it has seen the same
+//! record, unrenewed, for `leaseDurationSeconds` by its own monotonic clock (so
+//! clocks need not agree across nodes; `renewTime` is informational). Every write
+//! carries the `resourceVersion` it read (a create has none), so of two replicas
+//! racing for the same Lease the API server lets exactly one through and answers the
+//! other 409 Conflict.
 //!
 //! Leadership is published as a `watch::Receiver<bool>`. A replica that fails to
-//! renew steps down at once (publishes `false`) rather than riding out the lease:
-//! being briefly leaderless is safe, two leaders are not. On shutdown the holder
-//! clears `holderIdentity`, so a peer takes over on its next round instead of after
-//! the lease duration.
+//! renew, or does not hear back within [`LeaseSettings::renew_deadline`], steps down
+//! at once (publishes `false`) rather than riding out the lease: being briefly
+//! leaderless is safe, two leaders are not. On shutdown the holder clears
+//! `holderIdentity`, so a peer takes over on its next round instead of after the
+//! lease duration.
 //!
 //! Written here rather than taken from `kube-lease-manager` (which does support kube
 //! 5): that crate renews and takes over with unconditional patches (no
@@ -20,10 +23,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 
 /// The Lease the control-plane replicas share.
 pub const LEASE_NAME: &str = "trellis-control";
@@ -39,10 +43,14 @@ pub struct LeaseSettings {
     pub lease_duration: Duration,
     /// How often the holder renews, and others look again.
     pub renew_interval: Duration,
+    /// How long one round may take before the holder steps down; well under
+    /// `lease_duration`, so it stops leading before anyone may take over.
+    pub renew_deadline: Duration,
 }
 
 impl LeaseSettings {
-    /// The Lease [`LEASE_NAME`] in `namespace`, 15 s long, renewed every 2 s.
+    /// The Lease [`LEASE_NAME`] in `namespace`, 15 s long, renewed every 2 s, a
+    /// round abandoned after 10 s.
     pub fn new(namespace: impl Into<String>, identity: impl Into<String>) -> Self {
         LeaseSettings {
             namespace: namespace.into(),
@@ -50,6 +58,7 @@ impl LeaseSettings {
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
             renew_interval: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -68,6 +77,8 @@ pub enum LeaderError {
         name: String,
         source: kube::Error,
     },
+    #[error("no answer from the API server within {0:?}")]
+    Timeout(Duration),
 }
 
 /// What one round found.
@@ -85,6 +96,8 @@ pub enum Round {
 pub struct LeaseLock {
     api: Api<Lease>,
     settings: LeaseSettings,
+    /// The other holder's record as last read, and since when it has not changed.
+    observed: Option<(LeaseSpec, Instant)>,
 }
 
 impl LeaseLock {
@@ -92,13 +105,15 @@ impl LeaseLock {
         LeaseLock {
             api: Api::namespaced(client, &settings.namespace),
             settings,
+            observed: None,
         }
     }
 
-    /// One round at time `now`: create the Lease if absent, renew it if ours, take
-    /// it over if free or expired, else leave it alone.
-    pub async fn try_acquire_or_renew(&self, now: Timestamp) -> Result<Round, LeaderError> {
-        let me = &self.settings.identity;
+    /// One round: create the Lease if absent, renew it if ours, take it over if
+    /// free or expired, else leave it alone.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Round, LeaderError> {
+        let now = Timestamp::now();
+        let me = self.settings.identity.clone();
         let read = self.api.get_opt(&self.settings.name).await;
         let Some(current) = read.map_err(|e| self.read_error(e))? else {
             let lease = Lease {
@@ -115,18 +130,16 @@ impl LeaseLock {
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
         let transitions = spec.lease_transitions.unwrap_or(0);
-        let next = match holder {
+        let (next, what) = match holder {
             Some(h) if h == me => {
-                let acquired = spec.acquire_time.map_or(now, |t| t.0);
-                self.held_spec(acquired, now, transitions)
+                let acquired = spec.acquire_time.clone().map_or(now, |t| t.0);
+                (self.held_spec(acquired, now, transitions), "renewed")
             }
-            Some(h) if !expired(&spec, now) => return Ok(Round::HeldBy(h.to_owned())),
-            _ => self.held_spec(now, now, transitions.saturating_add(1)),
-        };
-        let what = if holder == Some(me) {
-            "renewed"
-        } else {
-            "acquired"
+            Some(h) if !self.expired(&spec) => return Ok(Round::HeldBy(h.to_owned())),
+            _ => (
+                self.held_spec(now, now, transitions.saturating_add(1)),
+                "acquired",
+            ),
         };
         self.outcome(self.write(current, next).await, what)
     }
@@ -157,6 +170,24 @@ impl LeaseLock {
             Err(source) if status(&source) == Some(409) => Ok(false),
             Err(source) => Err(self.write_error(source)),
         }
+    }
+
+    /// Whether another holder's `spec` has gone unrenewed for its lease duration,
+    /// as seen from here: the clock starts when this replica first sees a record.
+    fn expired(&mut self, spec: &LeaseSpec) -> bool {
+        let now = Instant::now();
+        let since = match &self.observed {
+            Some((seen, since)) if seen == spec => *since,
+            _ => {
+                self.observed = Some((spec.clone(), now));
+                now
+            }
+        };
+        let seconds = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.settings.lease_duration, Duration::from_secs);
+        now.duration_since(since) >= seconds
     }
 
     fn held_spec(&self, acquired: Timestamp, renewed: Timestamp, transitions: i32) -> LeaseSpec {
@@ -221,20 +252,6 @@ fn status(e: &kube::Error) -> Option<u16> {
     }
 }
 
-/// A Lease without a renewal or duration counts as expired, as in client-go.
-fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
-    let (Some(renewed), Some(seconds)) = (&spec.renew_time, spec.lease_duration_seconds) else {
-        return true;
-    };
-    match renewed
-        .0
-        .checked_add(SignedDuration::from_secs(i64::from(seconds)))
-    {
-        Ok(until) => until < now,
-        Err(_) => false,
-    }
-}
-
 /// A running election: the leadership channel, and a way to stop and release.
 pub struct LeaderElection {
     leading: watch::Receiver<bool>,
@@ -279,7 +296,7 @@ impl Drop for LeaderElection {
     }
 }
 
-async fn run(lock: LeaseLock, leading: watch::Sender<bool>, mut stop: oneshot::Receiver<()>) {
+async fn run(mut lock: LeaseLock, leading: watch::Sender<bool>, mut stop: oneshot::Receiver<()>) {
     let mut ticker = tokio::time::interval(lock.settings.renew_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -287,10 +304,13 @@ async fn run(lock: LeaseLock, leading: watch::Sender<bool>, mut stop: oneshot::R
             _ = ticker.tick() => {}
             _ = &mut stop => break,
         }
+        let deadline = lock.settings.renew_deadline;
         let round = tokio::select! {
-            round = lock.try_acquire_or_renew(Timestamp::now()) => round,
+            round = tokio::time::timeout(deadline, lock.try_acquire_or_renew()) => round,
             _ = &mut stop => break,
         };
+        // A round the API server did not answer in time counts as a failed one.
+        let round = round.unwrap_or_else(|_| Err(LeaderError::Timeout(deadline)));
         let now_leading = matches!(round, Ok(Round::Leading));
         let was_leading = *leading.borrow();
         match (&round, was_leading) {

@@ -1,4 +1,5 @@
 //! The Lease lock against a scripted API server answering with recorded objects.
+//! Time is tokio's paused clock where expiry matters: exact, not timing-dependent.
 
 use http::Method;
 use serde_json::Value;
@@ -12,18 +13,14 @@ const ME: &str = "trellis-control-7d9f8c6b5-q2w3e";
 /// The holder in `lease-held.json`.
 const OTHER: &str = "trellis-control-5f7c9d8b6-k2x4p";
 
-/// `lease-held.json`'s renewTime, plus `seconds`.
-fn after_renewal(seconds: i64) -> Timestamp {
-    let renewed: Timestamp = "2025-05-01T09:20:00.123456Z".parse().unwrap();
-    renewed
-        .checked_add(SignedDuration::from_secs(seconds))
-        .unwrap()
-}
-
 fn held_by(holder: &str) -> Value {
     let mut lease = fixture_json("lease-held.json");
     lease["spec"]["holderIdentity"] = holder.into();
     lease
+}
+
+fn renew_time(body: &Value) -> Timestamp {
+    body["spec"]["renewTime"].as_str().unwrap().parse().unwrap()
 }
 
 fn lock(api: FakeApi) -> (LeaseLock, Seen) {
@@ -44,13 +41,10 @@ async fn creates_and_holds_a_lease_nobody_has() {
         fixture_json("lease-not-found.json"),
     );
     api.reply(Method::POST, LEASES, 201, held_by(ME));
-    let (lock, seen) = lock(api);
+    let (mut lock, seen) = lock(api);
 
-    let now = after_renewal(0);
-    assert_eq!(
-        lock.try_acquire_or_renew(now).await.unwrap(),
-        Round::Leading
-    );
+    let before = Timestamp::now();
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::Leading);
     assert_eq!(
         seen.requests(),
         [format!("GET {LEASE}?"), format!("POST {LEASES}?")]
@@ -61,41 +55,47 @@ async fn creates_and_holds_a_lease_nobody_has() {
     assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
     assert_eq!(created["spec"]["leaseTransitions"], 0);
     assert_eq!(created["spec"]["renewTime"], created["spec"]["acquireTime"]);
+    assert!(renew_time(created) >= before);
 }
 
-#[tokio::test]
-async fn leaves_a_lease_held_by_another_replica_alone_until_it_expires() {
+/// Expiry by this replica's own clock: the holder's record must go unchanged for
+/// the lease duration (15 s) from when this replica first saw it, however old its
+/// renewTime looks; a renewal starts the count again.
+#[tokio::test(start_paused = true)]
+async fn takes_over_a_lease_only_once_it_went_unrenewed_for_its_duration() {
+    let held = fixture_json("lease-held.json");
+    let mut renewed = held.clone();
+    renewed["spec"]["renewTime"] = "2025-05-01T09:20:10.000000Z".into();
+    renewed["metadata"]["resourceVersion"] = "48290".into();
     let mut api = FakeApi::new();
-    api.reply(Method::GET, LEASE, 200, fixture_json("lease-held.json"));
-    let (lock, seen) = lock(api);
-
-    // 10 s into a 15 s lease: still theirs, and nothing is written.
-    let round = lock.try_acquire_or_renew(after_renewal(10)).await.unwrap();
-    assert_eq!(round, Round::HeldBy(OTHER.to_owned()));
-    assert_eq!(seen.requests(), [format!("GET {LEASE}?")]);
-}
-
-#[tokio::test]
-async fn takes_over_an_expired_lease_at_the_version_it_read() {
-    let mut api = FakeApi::new();
-    api.reply(Method::GET, LEASE, 200, fixture_json("lease-held.json"));
+    for answer in [&held, &held, &renewed, &renewed, &renewed] {
+        api.reply(Method::GET, LEASE, 200, answer.clone());
+    }
     api.reply(Method::PUT, LEASE, 200, held_by(ME));
-    let (lock, seen) = lock(api);
+    let (mut lock, seen) = lock(api);
+    let theirs = Round::HeldBy(OTHER.to_owned());
 
-    let now = after_renewal(16);
-    assert_eq!(
-        lock.try_acquire_or_renew(now).await.unwrap(),
-        Round::Leading
-    );
-    assert_eq!(seen.requests()[1], format!("PUT {LEASE}?"));
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), theirs);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), theirs);
+    // Renewed by its holder meanwhile: 10 s after that is not expired.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), theirs);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), theirs);
+    assert_eq!(seen.count("PUT"), 0, "a held lease is not written");
+
+    // 15 s unrenewed: expired, and taken over at the version read.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let before = Timestamp::now();
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::Leading);
     let put = &seen.bodies()[0];
-    // The compare-and-swap: a concurrent writer makes this 409.
-    assert_eq!(put["metadata"]["resourceVersion"], "48213");
+    // The compare-and-swap: had anyone written since, this would be a 409.
+    assert_eq!(put["metadata"]["resourceVersion"], "48290");
     assert_eq!(put["spec"]["holderIdentity"], ME);
     assert_eq!(put["spec"]["leaseTransitions"], 4);
     assert_eq!(put["spec"]["renewTime"], put["spec"]["acquireTime"]);
-    let renewed: Timestamp = put["spec"]["renewTime"].as_str().unwrap().parse().unwrap();
-    assert_eq!(renewed, now);
+    assert!(renew_time(put) >= before);
 }
 
 #[tokio::test]
@@ -108,11 +108,10 @@ async fn a_lease_without_a_holder_is_free() {
     let mut api = FakeApi::new();
     api.reply(Method::GET, LEASE, 200, lease);
     api.reply(Method::PUT, LEASE, 200, held_by(ME));
-    let (lock, seen) = lock(api);
+    let (mut lock, seen) = lock(api);
 
-    // Well within what would be the lease: nobody holds it, so it is taken.
-    let round = lock.try_acquire_or_renew(after_renewal(1)).await.unwrap();
-    assert_eq!(round, Round::Leading);
+    // Released by its last holder: taken at once, no waiting.
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::Leading);
     assert_eq!(seen.bodies()[0]["spec"]["holderIdentity"], ME);
 }
 
@@ -121,13 +120,10 @@ async fn renews_its_own_lease_keeping_the_acquire_time() {
     let mut api = FakeApi::new();
     api.reply(Method::GET, LEASE, 200, held_by(ME));
     api.reply(Method::PUT, LEASE, 200, held_by(ME));
-    let (lock, seen) = lock(api);
+    let (mut lock, seen) = lock(api);
 
-    let now = after_renewal(2);
-    assert_eq!(
-        lock.try_acquire_or_renew(now).await.unwrap(),
-        Round::Leading
-    );
+    let before = Timestamp::now();
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::Leading);
     let put = &seen.bodies()[0];
     assert_eq!(put["spec"]["holderIdentity"], ME);
     assert_eq!(
@@ -140,6 +136,7 @@ async fn renews_its_own_lease_keeping_the_acquire_time() {
         .parse()
         .unwrap();
     assert_eq!(acquired, "2025-05-01T09:00:00Z".parse().unwrap());
+    assert!(renew_time(put) >= before);
     assert_eq!(put["metadata"]["resourceVersion"], "48213");
 }
 
@@ -162,17 +159,10 @@ async fn losing_the_race_is_not_an_error() {
     // Renew: another replica wrote it since we read it.
     api.reply(Method::GET, LEASE, 200, held_by(ME));
     api.reply(Method::PUT, LEASE, 409, fixture_json("lease-conflict.json"));
-    let (lock, _seen) = lock(api);
+    let (mut lock, _seen) = lock(api);
 
-    let now = after_renewal(2);
-    assert_eq!(
-        lock.try_acquire_or_renew(now).await.unwrap(),
-        Round::LostRace
-    );
-    assert_eq!(
-        lock.try_acquire_or_renew(now).await.unwrap(),
-        Round::LostRace
-    );
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::LostRace);
+    assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::LostRace);
 }
 
 #[tokio::test]
@@ -182,11 +172,8 @@ async fn other_api_errors_are_reported() {
     forbidden["code"] = 403.into();
     let mut api = FakeApi::new();
     api.reply(Method::GET, LEASE, 403, forbidden);
-    let (lock, _seen) = lock(api);
-    let err = lock
-        .try_acquire_or_renew(after_renewal(0))
-        .await
-        .unwrap_err();
+    let (mut lock, _seen) = lock(api);
+    let err = lock.try_acquire_or_renew().await.unwrap_err();
     assert!(matches!(err, LeaderError::Read { .. }), "{err}");
     assert!(err.to_string().contains("trellis-system/trellis-control"));
 }
@@ -215,6 +202,32 @@ async fn steps_down_when_a_renewal_fails() {
     election.stop().await;
     // Not the holder: nothing released.
     assert_eq!(seen.count(&format!("PUT {LEASE}")), 1);
+}
+
+/// An API server that stops answering: the holder steps down at the renew
+/// deadline (10 s), before anyone else could take over (15 s).
+#[tokio::test(start_paused = true)]
+async fn steps_down_when_the_api_server_does_not_answer() {
+    let mut api = FakeApi::new();
+    api.reply(
+        Method::GET,
+        LEASE,
+        404,
+        fixture_json("lease-not-found.json"),
+    );
+    api.reply(Method::POST, LEASES, 201, held_by(ME));
+    // The renewal's read is never answered.
+    let (lock, seen) = lock(api);
+    let election = LeaderElection::spawn(lock);
+    let mut leading = election.subscribe();
+
+    leading.wait_for(|l| *l).await.unwrap();
+    let led_at = tokio::time::Instant::now();
+    leading.wait_for(|l| !*l).await.unwrap();
+    // The next round starts at the 2 s tick and is given up 10 s later.
+    assert_eq!(led_at.elapsed(), Duration::from_secs(12));
+    assert_eq!(seen.count("PUT"), 0);
+    election.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
