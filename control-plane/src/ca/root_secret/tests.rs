@@ -43,7 +43,10 @@ fn signs_under_its_root(ca: &CertificateAuthority) {
     let leaf = ca
         .sign_workload(&key.csr_pem(&id).unwrap(), &id, None)
         .unwrap();
-    assert_eq!(key.certify(std::slice::from_ref(&leaf), &id).unwrap().id, id);
+    assert_eq!(
+        key.certify(std::slice::from_ref(&leaf), &id).unwrap().id,
+        id
+    );
     let der = |pem_text: &str| CertificateDer::from(pem::parse(pem_text).unwrap().into_contents());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der(&ca.trust_bundle_pem()[0])).unwrap();
