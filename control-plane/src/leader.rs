@@ -314,6 +314,7 @@ async fn run(mut lock: LeaseLock, leading: watch::Sender<bool>, mut stop: onesho
         let now_leading = matches!(round, Ok(Round::Leading));
         let was_leading = *leading.borrow();
         match (&round, was_leading) {
+            (Ok(Round::Leading), true) => {}
             (Ok(Round::Leading), false) => {
                 tracing::info!(lease = %lock.settings.name, identity = %lock.settings.identity, "became the leader");
             }
@@ -332,7 +333,10 @@ async fn run(mut lock: LeaseLock, leading: watch::Sender<bool>, mut stop: onesho
     }
     let was_leading = leading.send_replace(false);
     if was_leading {
-        match lock.release().await {
+        // Bounded: shutdown must not wait on an API server that does not answer.
+        let deadline = lock.settings.renew_deadline;
+        let released = tokio::time::timeout(deadline, lock.release()).await;
+        match released.unwrap_or(Err(LeaderError::Timeout(deadline))) {
             Ok(released) => {
                 tracing::info!(lease = %lock.settings.name, released, "stepped down on shutdown")
             }

@@ -1,5 +1,7 @@
-//! The certificate authority. Its key is made or loaded here and never leaves the
-//! control plane: only signed certificates and the root certificate go out.
+//! The certificate authority. Its key is made or loaded here and goes out only to
+//! where the root is kept (`--state-dir` in file mode, the Secret
+//! [`ROOT_SECRET`] shared by the replicas in kube mode): only signed certificates
+//! and the root certificate go to proxies, and the key is never logged.
 
 mod root_secret;
 mod service;
@@ -98,7 +100,7 @@ impl CertificateAuthority {
         }
         std::fs::create_dir_all(state_dir).map_err(|source| io_err(state_dir, source))?;
         let ca = Self::new_root(trust_domain, default_ttl)?;
-        write_private(&key_path, &ca.issuer.key().serialize_pem())?;
+        write_private(&key_path, &ca.key_pem())?;
         std::fs::write(&cert_path, &ca.root_pem).map_err(|source| io_err(&cert_path, source))?;
         tracing::info!(path = %cert_path.display(), trust_domain, "created a new mesh root CA");
         Ok(ca)
