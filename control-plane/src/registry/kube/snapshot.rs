@@ -99,7 +99,7 @@ pub fn snapshot_from(state: &ClusterState, trust_domain: &str) -> MeshSnapshot {
         );
         outside.extend(to_unmeshed);
     }
-    unmeshed.drop_services_outside_the_mesh(&mut snapshot, outside);
+    drop_services_outside_the_mesh(&mut snapshot, outside);
     for list in snapshot.endpoints.values_mut() {
         list.sort_by_key(|e| (e.address, e.port));
         list.dedup_by_key(|e| (e.address, e.port));
@@ -229,8 +229,8 @@ impl<'a> Unmeshed<'a> {
     fn of(state: &'a ClusterState) -> Self {
         use crate::injector::sidecar::PROXY_CONTAINER;
         let pods = state.pods.iter().filter(|p| {
-            // The container, not the `trellis.io/status` annotation: only a running
-            // proxy terminates mTLS.
+            // The container, not the `trellis.io/status` annotation: the annotation
+            // alone says nothing about a proxy being there to terminate mTLS.
             let mut containers = p.spec.iter().flat_map(|s| {
                 let inits = s.init_containers.iter().flatten();
                 inits.chain(&s.containers)
@@ -251,33 +251,29 @@ impl<'a> Unmeshed<'a> {
     fn contains(&self, w: &crate::model::Workload) -> bool {
         self.0.contains(&(w.namespace.as_str(), w.name.as_str()))
     }
+}
 
-    /// Removes the Services in `outside` (those with an unmeshed backend) that have
-    /// no meshed endpoint left on any port.
-    fn drop_services_outside_the_mesh(
-        &self,
-        snapshot: &mut MeshSnapshot,
-        outside: BTreeSet<ServiceKey>,
-    ) {
-        for key in outside {
-            let Some(service) = snapshot.services.get(&key) else {
-                continue;
-            };
-            let ports: Vec<u16> = service.ports.iter().map(|p| p.port).collect();
-            let meshed = ports.iter().any(|port| {
-                snapshot
-                    .endpoints
-                    .get(&(key.clone(), *port))
-                    .is_some_and(|list| !list.is_empty())
-            });
-            if meshed {
-                continue;
-            }
-            tracing::debug!(service = %key, "no backend has the Trellis sidecar: left to plain TCP");
-            snapshot.services.remove(&key);
-            for port in ports {
-                snapshot.endpoints.remove(&(key.clone(), port));
-            }
+/// Removes the Services in `outside` (those with an unmeshed backend) that have no
+/// meshed endpoint left on any port.
+fn drop_services_outside_the_mesh(snapshot: &mut MeshSnapshot, outside: BTreeSet<ServiceKey>) {
+    for key in outside {
+        let Some(service) = snapshot.services.get(&key) else {
+            continue;
+        };
+        let ports: Vec<u16> = service.ports.iter().map(|p| p.port).collect();
+        let meshed = ports.iter().any(|port| {
+            snapshot
+                .endpoints
+                .get(&(key.clone(), *port))
+                .is_some_and(|list| !list.is_empty())
+        });
+        if meshed {
+            continue;
+        }
+        tracing::debug!(service = %key, "no backend has the Trellis sidecar: left to plain TCP");
+        snapshot.services.remove(&key);
+        for port in ports {
+            snapshot.endpoints.remove(&(key.clone(), port));
         }
     }
 }
