@@ -6,6 +6,7 @@ pub mod api;
 pub mod ca;
 pub mod discovery;
 pub mod injector;
+pub mod leader;
 pub mod model;
 pub mod registry;
 pub mod server;

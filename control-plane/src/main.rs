@@ -26,13 +26,21 @@ struct Args {
     injector: bool,
     #[arg(long, default_value = "0.0.0.0:15017")]
     injector_addr: SocketAddr,
-    /// The proxy image the injector adds to Pods.
+    /// The proxy image the injector adds to Pods (the sidecar).
     #[arg(
         long,
         env = "TRELLIS_PROXY_IMAGE",
-        default_value = "ghcr.io/trellis-mesh/trellis-proxy:latest"
+        default_value = trellis_control::injector::DEFAULT_PROXY_IMAGE
     )]
     proxy_image: String,
+    /// The image of the injected iptables init container (`trellis-proxy init`;
+    /// it needs iptables, which the distroless proxy image lacks).
+    #[arg(
+        long,
+        env = "TRELLIS_INIT_IMAGE",
+        default_value = trellis_control::injector::DEFAULT_INIT_IMAGE
+    )]
+    init_image: String,
     /// The control plane's address as injected proxies dial it.
     #[arg(long, default_value = "trellis-control.trellis-system.svc:15010")]
     injector_control_addr: String,
@@ -42,9 +50,18 @@ struct Args {
     /// The MutatingWebhookConfiguration whose caBundle is kept equal to the CA root.
     #[arg(long, default_value = "trellis-injector")]
     webhook_configuration: String,
-    /// Where the CA keeps its root certificate and key.
+    /// Where the CA keeps its root certificate and key (file mode; in kube mode the
+    /// root is in the Secret `trellis-ca-root`).
     #[arg(long, env = "TRELLIS_STATE_DIR", default_value = "/var/lib/trellis")]
     state_dir: PathBuf,
+    /// The control plane's namespace (kube mode): the CA root Secret and the leader
+    /// Lease live there. Default: the service account's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// This replica's name as the leader Lease's holder (kube mode). Default: the
+    /// host name, which in a Pod is the Pod's name.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
     #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     /// Discovery and CA (gRPC over TLS).
@@ -124,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             addr: args.injector_addr,
             settings: InjectorSettings {
                 proxy_image: args.proxy_image,
+                init_image: args.init_image,
                 trust_domain: args.trust_domain,
                 control_server_name: args
                     .injector_control_addr
@@ -137,7 +155,24 @@ async fn main() -> anyhow::Result<()> {
             dns_names: args.server_names,
             configuration: Some(args.webhook_configuration),
         });
-        start_kube(config, KubeOptions { client, webhook }).await?
+        let namespace = args
+            .namespace
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let identity = match args.pod_name {
+            Some(name) => name,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .context("no --pod-name (POD_NAME) and no host name to elect a leader by")?,
+        };
+        let options = KubeOptions {
+            client,
+            namespace,
+            identity,
+            webhook,
+        };
+        start_kube(config, options).await?
     } else {
         start(config).await?
     };

@@ -15,6 +15,7 @@ use crate::admin;
 use crate::ca::{CaService, CertificateAuthority, KubeTokenReviewer, TokenReviewer};
 use crate::discovery::DiscoveryServer;
 use crate::injector::{InjectorSettings, webhook};
+use crate::leader::{LeaderElection, LeaseLock, LeaseSettings};
 use crate::model::MeshSnapshot;
 use crate::registry::{self, RegistryStatus};
 
@@ -64,12 +65,20 @@ pub struct RunningControlPlane {
     pub webhook_addr: Option<SocketAddr>,
     /// The root certificate proxies trust for the control plane and each other.
     pub root_pem: String,
+    /// Whether this replica is the one writer (kube mode: holds the Lease; a lone
+    /// file-mode control plane always is).
+    pub leading: watch::Receiver<bool>,
+    leader: Option<LeaderElection>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningControlPlane {
     pub async fn stop(mut self) {
+        // First, so the Lease is released while the API client still works.
+        if let Some(leader) = self.leader.take() {
+            leader.stop().await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -105,13 +114,23 @@ pub async fn start(config: ControlConfig) -> Result<RunningControlPlane, StartEr
         snapshot_tx,
         status_tx,
     ))];
-    let (running, _ca) = serve(config, snapshot_rx, status_rx, tasks, None).await?;
+    let ca = Arc::new(CertificateAuthority::load_or_create(
+        &config.state_dir,
+        &config.trust_domain,
+        config.cert_ttl,
+    )?);
+    let (running, _ca) = serve(config, ca, snapshot_rx, status_rx, tasks, None).await?;
     Ok(running)
 }
 
-/// The kube registry's extras: the API client, and the injector when enabled.
+/// The kube registry's extras: the API client, who this replica is, and the
+/// injector when enabled.
 pub struct KubeOptions {
     pub client: kube::Client,
+    /// The control plane's namespace: the CA root Secret and the Lease live here.
+    pub namespace: String,
+    /// This replica's name among its peers (the Pod name): the Lease holder.
+    pub identity: String,
     pub webhook: Option<WebhookOptions>,
 }
 
@@ -126,9 +145,11 @@ pub struct WebhookOptions {
     pub configuration: Option<String>,
 }
 
-/// Starts with the `kube` registry (`config.registry_dir` is not used). Serves
-/// discovery and the CA only once every watched kind has been listed, so no proxy is
-/// ever sent a half-built view.
+/// Starts with the `kube` registry (`config.registry_dir` and `config.state_dir`
+/// are not used). Serves discovery and the CA only once every watched kind has been
+/// listed, so no proxy is ever sent a half-built view. The CA root comes from the
+/// Secret [`crate::ca::ROOT_SECRET`] shared by all replicas; the replicas elect one
+/// leader with a Lease.
 pub async fn start_kube(
     config: ControlConfig,
     kube_options: KubeOptions,
@@ -185,7 +206,26 @@ pub async fn start_kube(
     ));
     let webhook = kube_options.webhook;
     let trust_domain = config.trust_domain.clone();
-    let started = serve(config, snapshot_rx, status_rx, Vec::new(), Some(reviewer)).await;
+    let started = async {
+        let ca = crate::ca::load_or_create_in_secret(
+            client.clone(),
+            &kube_options.namespace,
+            crate::ca::ROOT_SECRET,
+            &config.trust_domain,
+            config.cert_ttl,
+        )
+        .await?;
+        serve(
+            config,
+            Arc::new(ca),
+            snapshot_rx,
+            status_rx,
+            Vec::new(),
+            Some(reviewer),
+        )
+        .await
+    }
+    .await;
     let (mut running, ca) = match started {
         Ok(running) => running,
         Err(e) => {
@@ -196,6 +236,17 @@ pub async fn start_kube(
         }
     };
     running.tasks.append(&mut tasks);
+
+    let election = LeaderElection::spawn(LeaseLock::new(
+        client.clone(),
+        LeaseSettings::new(&kube_options.namespace, &kube_options.identity),
+    ));
+    // The single place leadership is handed out: writers that must be one per
+    // cluster (the policy status writer) take `leading` and act only while true.
+    let leading = election.subscribe();
+    running.leading = leading;
+    running.leader = Some(election);
+
     if let Some(webhook) = webhook {
         let own_id = SpiffeId::new(&trust_domain, "trellis-system", "trellis-control")?;
         let (cert_pem, key_pem) = ca.issue_serving(
@@ -239,16 +290,12 @@ pub async fn start_kube(
 /// The CA, discovery and admin, fed by any registry.
 async fn serve(
     config: ControlConfig,
+    ca: Arc<CertificateAuthority>,
     snapshot_rx: watch::Receiver<Arc<MeshSnapshot>>,
     status_rx: watch::Receiver<RegistryStatus>,
     mut tasks: Vec<tokio::task::JoinHandle<()>>,
     token_reviewer: Option<Arc<dyn TokenReviewer>>,
 ) -> Result<(RunningControlPlane, Arc<CertificateAuthority>), StartError> {
-    let ca = Arc::new(CertificateAuthority::load_or_create(
-        &config.state_dir,
-        &config.trust_domain,
-        config.cert_ttl,
-    )?);
     let root_pem = ca.trust_bundle_pem().concat();
     let own_id = SpiffeId::new(&config.trust_domain, "trellis-system", "trellis-control")?;
     let (cert_pem, key_pem) = ca.issue_serving(
@@ -328,6 +375,9 @@ async fn serve(
         admin_addr,
         webhook_addr: None,
         root_pem,
+        // Until an election says otherwise, a control plane is alone and leads.
+        leading: watch::channel(true).1,
+        leader: None,
         shutdown: Some(shutdown_tx),
         tasks,
     };

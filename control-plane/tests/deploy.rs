@@ -338,24 +338,27 @@ fn the_control_plane_deployment() {
             "trellis-control has no flag {f} (from deploy/kustomize/deployment.yaml):\n{help}"
         );
     }
-    // The state directory is writable despite the read-only root.
-    let state = args
-        .iter()
-        .find_map(|a| a.strip_prefix("--state-dir="))
-        .unwrap();
-    let mount = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.mount_path == state)
-        .expect("a volume at --state-dir");
-    let volume = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .unwrap();
-    assert!(volume.empty_dir.is_some());
+    // Kube mode keeps the CA root in the Secret shared by the replicas: no
+    // --state-dir, no volume where a second root could be made.
+    assert!(!args.iter().any(|a| flag(a) == "--state-dir"), "{args:?}");
+    assert!(c.volume_mounts.is_none() && pod.volumes.is_none());
+    // The sidecar and the iptables init container are different images.
+    let image = |f: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("{f}=")))
+            .unwrap_or_else(|| panic!("{f} in {args:?}"))
+    };
+    assert!(image("--proxy-image").contains("/trellis-proxy:"));
+    assert!(image("--init-image").contains("/trellis-proxy-init:"));
+    // The Lease holder and namespace come from the downward API.
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = c.env.iter().flatten().find(|e| e.name == name).unwrap();
+        let field = var.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        assert_eq!(field.field_path, path);
+    }
 
     let pdb: PodDisruptionBudget = one(&docs, "PodDisruptionBudget");
     let pdb = pdb.spec.unwrap();
@@ -528,12 +531,50 @@ fn rbac_is_least_privilege() {
         }
     }
 
-    // Leases: a namespaced Role in trellis-system.
-    let leases: Role = one(&docs, "Role");
-    assert_eq!(leases.metadata.namespace.as_deref(), Some("trellis-system"));
-    let rule = &leases.rules.unwrap()[0];
-    assert_eq!(rule.resources.as_deref(), Some(&["leases".to_owned()][..]));
-    assert_eq!(rule.verbs, ["get", "create", "update"]);
+    // In trellis-system only (a Role): the Lease and the CA root Secret; reads and
+    // updates by name, create (which RBAC cannot limit by name) on the kind.
+    let role: Role = one(&docs, "Role");
+    assert_eq!(role.metadata.namespace.as_deref(), Some("trellis-system"));
+    let mut granted = Vec::new();
+    for rule in role.rules.unwrap() {
+        for g in rule.api_groups.clone().unwrap() {
+            for r in rule.resources.clone().unwrap() {
+                for v in &rule.verbs {
+                    granted.push((g.clone(), r.clone(), v.clone(), rule.resource_names.clone()));
+                }
+            }
+        }
+    }
+    let named = |n: &str| Some(vec![n.to_owned()]);
+    let mut want = vec![
+        (
+            "coordination.k8s.io",
+            "leases",
+            "get",
+            named("trellis-control"),
+        ),
+        (
+            "coordination.k8s.io",
+            "leases",
+            "update",
+            named("trellis-control"),
+        ),
+        ("coordination.k8s.io", "leases", "create", None),
+        (
+            "",
+            "secrets",
+            "get",
+            named(trellis_control::ca::ROOT_SECRET),
+        ),
+        ("", "secrets", "create", None),
+    ]
+    .into_iter()
+    .map(|(g, r, v, n)| (g.to_owned(), r.to_owned(), v.to_owned(), n))
+    .collect::<Vec<_>>();
+    want.sort();
+    granted.sort();
+    assert_eq!(granted, want);
+    assert_eq!(trellis_control::leader::LEASE_NAME, "trellis-control");
 
     for kind in ["ClusterRoleBinding", "RoleBinding"] {
         let doc = docs.iter().find(|d| d.kind() == kind).unwrap();

@@ -40,29 +40,28 @@ log "building images"
 cd "$ROOT"
 export DOCKER_BUILDKIT=1
 docker build -f deploy/docker/Dockerfile.control -t "trellis-control:$TAG" .
-# The injector puts one image in both the iptables init container and the
-# sidecar, so it must have iptables: the init image (see deploy/README.md).
+# The sidecar (distroless) and the iptables init container (with iptables).
+docker build -f deploy/docker/Dockerfile.proxy -t "trellis-proxy:$TAG" .
 docker build -f deploy/docker/Dockerfile.init -t "trellis-proxy-init:$TAG" .
 docker build -f deploy/docker/Dockerfile.testapp -t "trellis-testapp:$TAG" .
 
 log "creating kind cluster $CLUSTER"
 kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
 kind create cluster --name "$CLUSTER" --wait 120s
-for image in trellis-control trellis-proxy-init trellis-testapp; do
+for image in trellis-control trellis-proxy trellis-proxy-init trellis-testapp; do
   kind load docker-image --name "$CLUSTER" "$image:$TAG"
 done
 
 log "installing Trellis"
 # The same manifests as `kubectl apply -k deploy/kustomize`, with the local images.
 cargo run --quiet -p trellisctl -- install \
-    --control-image "trellis-control:$TAG" --proxy-image "trellis-proxy-init:$TAG" \
+    --control-image "trellis-control:$TAG" --proxy-image "trellis-proxy:$TAG" \
+    --init-image "trellis-proxy-init:$TAG" \
   | sed 's/imagePullPolicy: IfNotPresent/imagePullPolicy: Never/' \
   | kubectl apply --server-side -f -
 kubectl wait --for=condition=Established --timeout=60s \
   crd/trafficpolicies.trellis.io crd/authorizationpolicies.trellis.io crd/peerauthentications.trellis.io
-# One replica: each replica keeps its CA root in its own emptyDir until the root
-# is shared (Secret + Lease), so two replicas would sign with two roots.
-kubectl -n trellis-system scale deploy/trellis-control --replicas=1
+# Both replicas: they share the CA root through the Secret trellis-ca-root.
 kubectl -n trellis-system rollout status deploy/trellis-control --timeout=180s
 
 log "waiting for the control plane to fill the webhook's caBundle"
@@ -73,6 +72,11 @@ for _ in $(seq 60); do
   sleep 2
 done
 [[ -n "$bundle" ]] || fail "caBundle never set on trellis-injector"
+root="$(kubectl -n trellis-system get secret trellis-ca-root -o jsonpath='{.data.tls\.crt}')"
+[[ "$bundle" == "$root" ]] || fail "the webhook's caBundle is not the shared root in trellis-ca-root"
+holder="$(kubectl -n trellis-system get lease trellis-control -o jsonpath='{.spec.holderIdentity}')"
+[[ -n "$holder" ]] || fail "no control-plane replica holds the Lease trellis-control"
+log "leader: $holder"
 
 log "namespace $NS, injection enabled"
 kubectl create namespace "$NS"

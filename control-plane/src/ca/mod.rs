@@ -1,6 +1,9 @@
-//! The certificate authority. Its key is made or loaded here and never leaves the
-//! control plane: only signed certificates and the root certificate go out.
+//! The certificate authority. Its key is made or loaded here and goes out only to
+//! where the root is kept (`--state-dir` in file mode, the Secret
+//! [`ROOT_SECRET`] shared by the replicas in kube mode): only signed certificates
+//! and the root certificate go to proxies, and the key is never logged.
 
+mod root_secret;
 mod service;
 mod token_review;
 
@@ -14,7 +17,9 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 use trellis_identity::SpiffeId;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
+pub use root_secret::{ROOT_SECRET, load_or_create_in_secret};
 pub use service::CaService;
 pub use token_review::{
     KubeTokenReviewer, TOKEN_AUDIENCE, TokenReviewError, TokenReviewer, identity_from_review,
@@ -36,6 +41,20 @@ pub enum CaError {
     },
     #[error("the CA certificate or key is unusable: {0}")]
     BadRoot(rcgen::Error),
+    #[error("the CA key does not belong to the CA certificate")]
+    KeyMismatch,
+    #[error("Secret {namespace}/{name}: {reason}")]
+    RootSecret {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("reading or creating Secret {namespace}/{name}: {source}")]
+    Kube {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("the CSR is malformed or its signature does not verify: {0}")]
     MalformedCsr(rcgen::Error),
     #[error("the CSR's key is not ECDSA P-256")]
@@ -80,18 +99,30 @@ impl CertificateAuthority {
             return Self::from_pem(&cert_pem, &key_pem, trust_domain, default_ttl);
         }
         std::fs::create_dir_all(state_dir).map_err(|source| io_err(state_dir, source))?;
+        let ca = Self::new_root(trust_domain, default_ttl)?;
+        write_private(&key_path, &ca.key_pem())?;
+        std::fs::write(&cert_path, &ca.root_pem).map_err(|source| io_err(&cert_path, source))?;
+        tracing::info!(path = %cert_path.display(), trust_domain, "created a new mesh root CA");
+        Ok(ca)
+    }
+
+    /// A fresh self-signed root, in memory only.
+    pub fn new_root(trust_domain: &str, default_ttl: Duration) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::BadRoot)?;
         let params = root_params(trust_domain);
         let cert = params.self_signed(&key).map_err(CaError::BadRoot)?;
-        write_private(&key_path, &key.serialize_pem())?;
-        std::fs::write(&cert_path, cert.pem()).map_err(|source| io_err(&cert_path, source))?;
-        tracing::info!(path = %cert_path.display(), trust_domain, "created a new mesh root CA");
         Ok(CertificateAuthority {
             root_pem: cert.pem(),
             issuer: Issuer::new(params, key),
             trust_domain: trust_domain.to_owned(),
             default_ttl,
         })
+    }
+
+    /// The root's private key (PEM), to be stored where the root is kept. Never
+    /// log it.
+    fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// A CA from a given certificate and key (PEM), e.g. an operator's intermediate.
@@ -102,6 +133,14 @@ impl CertificateAuthority {
         default_ttl: Duration,
     ) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(CaError::BadRoot)?;
+        // A key that does not match would sign leaves nobody can verify.
+        let der = pem::parse(cert_pem)
+            .map_err(|e| CaError::BadRoot(rcgen::Error::PemError(e.to_string())))?;
+        let (_, cert) = X509Certificate::from_der(der.contents())
+            .map_err(|_| CaError::BadRoot(rcgen::Error::CouldNotParseCertificate))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::KeyMismatch);
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::BadRoot)?;
         Ok(CertificateAuthority {
             issuer,

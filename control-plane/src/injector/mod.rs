@@ -87,9 +87,18 @@ impl FailurePolicy {
     }
 }
 
+/// The sidecar image (distroless: only the proxy).
+pub const DEFAULT_PROXY_IMAGE: &str = "ghcr.io/trellis-mesh/trellis-proxy:latest";
+/// The iptables init container's image (`deploy/docker/Dockerfile.init`: the
+/// proxy binary with iptables).
+pub const DEFAULT_INIT_IMAGE: &str = "ghcr.io/trellis-mesh/trellis-proxy-init:latest";
+
 #[derive(Clone, Debug)]
 pub struct InjectorSettings {
+    /// The sidecar's image.
     pub proxy_image: String,
+    /// The iptables init container's image; it must have iptables.
+    pub init_image: String,
     pub trust_domain: String,
     /// The control plane's gRPC address as Pods dial it.
     pub control_addr: String,
@@ -103,7 +112,8 @@ pub struct InjectorSettings {
 impl Default for InjectorSettings {
     fn default() -> Self {
         InjectorSettings {
-            proxy_image: "ghcr.io/trellis-mesh/trellis-proxy:latest".into(),
+            proxy_image: DEFAULT_PROXY_IMAGE.into(),
+            init_image: DEFAULT_INIT_IMAGE.into(),
             trust_domain: trellis_identity::DEFAULT_TRUST_DOMAIN.into(),
             control_addr: "trellis-control.trellis-system.svc:15010".into(),
             control_server_name: "trellis-control.trellis-system.svc".into(),

@@ -221,7 +221,7 @@ pub fn init_container(settings: &InjectorSettings, tuning: &Tuning) -> Container
     }
     Container {
         name: INIT_CONTAINER.to_owned(),
-        image: Some(settings.proxy_image.clone()),
+        image: Some(settings.init_image.clone()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
         args: Some(args),
         resources: Some(resources("10m", "16Mi", "100m", "64Mi")),

@@ -19,6 +19,7 @@ fn fixture(name: &str) -> Value {
 fn settings() -> InjectorSettings {
     InjectorSettings {
         proxy_image: "ghcr.io/trellis-mesh/trellis-proxy:0.1.0".into(),
+        init_image: "ghcr.io/trellis-mesh/trellis-proxy-init:0.1.0".into(),
         ca_root_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
         ..InjectorSettings::default()
     }
@@ -76,6 +77,11 @@ fn a_pod_in_an_enabled_namespace_gets_the_native_sidecar_and_init_container() {
     assert_eq!(inits, ["trellis-init", "trellis-proxy"]);
 
     let init = &pod["spec"]["initContainers"][0];
+    // Its own image: iptables is not in the distroless sidecar image.
+    assert_eq!(
+        init["image"],
+        "ghcr.io/trellis-mesh/trellis-proxy-init:0.1.0"
+    );
     assert_eq!(init["args"][0], "init");
     assert_eq!(
         init["securityContext"]["capabilities"],

@@ -18,8 +18,11 @@ pub struct InjectArgs {
     /// Manifest to inject (`-` reads stdin).
     #[arg(short = 'f', long = "filename")]
     file: PathBuf,
-    #[arg(long, default_value = "ghcr.io/trellis-mesh/trellis-proxy:latest")]
+    #[arg(long, default_value = trellis_control::injector::DEFAULT_PROXY_IMAGE)]
     proxy_image: String,
+    /// The iptables init container's image (needs iptables).
+    #[arg(long, default_value = trellis_control::injector::DEFAULT_INIT_IMAGE)]
+    init_image: String,
     /// The control plane's gRPC address as Pods dial it.
     #[arg(long, default_value = "trellis-control.trellis-system.svc:15010")]
     control_addr: String,
@@ -60,6 +63,7 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         .to_owned();
     let settings = InjectorSettings {
         proxy_image: args.proxy_image,
+        init_image: args.init_image,
         trust_domain: args.trust_domain,
         control_addr: args.control_addr,
         control_server_name,

@@ -7,10 +7,11 @@ use std::io::Write;
 
 use clap::Args;
 
-/// The default images the manifests name, replaced by `--control-image` and
-/// `--proxy-image`.
+/// The default images the manifests name, replaced by `--control-image`,
+/// `--proxy-image` and `--init-image`.
 const CONTROL_IMAGE: &str = "ghcr.io/trellis-mesh/trellis-control:latest";
 const PROXY_IMAGE: &str = "ghcr.io/trellis-mesh/trellis-proxy:latest";
+const INIT_IMAGE: &str = "ghcr.io/trellis-mesh/trellis-proxy-init:latest";
 
 /// `(path under deploy/, contents)`, CRDs first so that one `kubectl apply` of the
 /// whole stream can create them before anything that uses them.
@@ -63,9 +64,12 @@ pub struct InstallArgs {
     /// The control plane's image.
     #[arg(long, default_value = CONTROL_IMAGE)]
     control_image: String,
-    /// The image the injector adds to Pods (sidecar and iptables init container).
+    /// The sidecar image the injector adds to Pods.
     #[arg(long, default_value = PROXY_IMAGE)]
     proxy_image: String,
+    /// The image of the injected iptables init container (needs iptables).
+    #[arg(long, default_value = INIT_IMAGE)]
+    init_image: String,
 }
 
 pub fn run(args: InstallArgs) -> anyhow::Result<()> {
@@ -87,7 +91,8 @@ pub fn render(args: &InstallArgs) -> String {
         out.push_str(&format!("# Source: deploy/{path}\n"));
         let text = text
             .replace(CONTROL_IMAGE, &args.control_image)
-            .replace(PROXY_IMAGE, &args.proxy_image);
+            .replace(PROXY_IMAGE, &args.proxy_image)
+            .replace(INIT_IMAGE, &args.init_image);
         out.push_str(&text);
         if !text.ends_with('\n') {
             out.push('\n');
@@ -106,6 +111,7 @@ mod tests {
         InstallArgs {
             control_image: CONTROL_IMAGE.into(),
             proxy_image: PROXY_IMAGE.into(),
+            init_image: INIT_IMAGE.into(),
             ..InstallArgs::default()
         }
     }
@@ -172,10 +178,13 @@ mod tests {
         let args = InstallArgs {
             control_image: "registry.example/control:v1".into(),
             proxy_image: "registry.example/proxy:v1".into(),
+            init_image: "registry.example/proxy-init:v1".into(),
             ..defaults()
         };
         let yaml = render(&args);
-        assert!(!yaml.contains(CONTROL_IMAGE) && !yaml.contains(PROXY_IMAGE));
+        for image in [CONTROL_IMAGE, PROXY_IMAGE, INIT_IMAGE] {
+            assert!(!yaml.contains(image), "{image} left in");
+        }
         let deployment = docs(&yaml)
             .into_iter()
             .find(|d| d["kind"] == "Deployment")
@@ -188,6 +197,13 @@ mod tests {
                 .unwrap()
                 .iter()
                 .any(|a| a == "--proxy-image=registry.example/proxy:v1")
+        );
+        assert!(
+            container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == "--init-image=registry.example/proxy-init:v1")
         );
     }
 

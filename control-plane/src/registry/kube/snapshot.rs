@@ -6,7 +6,9 @@
 //!   `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>`.
 //! - EndpointSlice (`kubernetes.io/service-name`) → [`Endpoint`]s; each address takes
 //!   its identity from the Pod its `targetRef` names, else from the one Pod with that
-//!   IP. An address with no Pod has no identity and is left out.
+//!   IP. An address with no Pod has no identity and is left out. A Pod without the
+//!   injected `trellis-proxy` container is a workload without a sidecar: discovery
+//!   hands its endpoints to meshed clients as plaintext endpoints.
 //! - HTTPRoute, TrafficPolicy, AuthorizationPolicy, PeerAuthentication → routes and
 //!   policies through the path the file registry takes too
 //!   ([`crate::registry::policies`]), oldest object first in a conflict; each gets
@@ -453,3 +455,6 @@ fn slice_endpoints(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
