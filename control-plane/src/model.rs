@@ -103,7 +103,9 @@ pub struct Workload {
 pub struct Endpoint {
     pub address: IpAddr,
     pub port: u16,
-    pub identity: SpiffeId,
+    /// The identity of its workload; `None` for an address no workload is known
+    /// at (the API server's own endpoint), which is reached in plaintext.
+    pub identity: Option<SpiffeId>,
     pub weight: u32,
     pub zone: String,
     pub ready: bool,

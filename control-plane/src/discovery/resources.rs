@@ -84,17 +84,18 @@ pub fn view_for(
         );
     }
 
-    // Whom to reach in plaintext: endpoints without a sidecar, and those whose
-    // sidecar's PeerAuthentication for the port is DISABLE (it would take no mTLS).
+    // The identity a meshed caller must see, or `None` to reach the endpoint in
+    // plaintext: no workload known there, no sidecar, or a sidecar whose
+    // PeerAuthentication for the port is DISABLE (it would take no mTLS).
     // PERMISSIVE takes both, so meshed callers still use mTLS there.
     let mut peer_modes = std::collections::HashMap::new();
-    let mut plaintext = |e: &crate::model::Endpoint| {
-        !e.sidecar
-            || peer_modes
-                .entry(e.identity.clone())
-                .or_insert_with(|| snapshot.peer_authentication_for(&e.identity))
-                .mode_for(e.port)
-                == MtlsMode::Disable
+    let mut identity_of = |e: &crate::model::Endpoint| {
+        let identity = e.identity.as_ref().filter(|_| e.sidecar)?;
+        let mode = peer_modes
+            .entry(identity.clone())
+            .or_insert_with(|| snapshot.peer_authentication_for(identity))
+            .mode_for(e.port);
+        (mode != MtlsMode::Disable).then(|| identity.to_string())
     };
     for ((key, port), endpoints) in &snapshot.endpoints {
         let name = format!("{key}:{port}");
@@ -105,15 +106,12 @@ pub fn view_for(
             endpoints: endpoints
                 .iter()
                 .map(|e| {
-                    let plaintext = plaintext(e);
+                    let identity = identity_of(e);
+                    let plaintext = identity.is_none();
                     pb::Endpoint {
                         address: e.address.to_string(),
                         port: u32::from(e.port),
-                        identity: if plaintext {
-                            String::new()
-                        } else {
-                            e.identity.to_string()
-                        },
+                        identity: identity.unwrap_or_default(),
                         weight: e.weight,
                         zone: e.zone.clone(),
                         ready: e.ready,

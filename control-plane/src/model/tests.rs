@@ -277,7 +277,7 @@ fn mesh_with_a_tcp_port() -> MeshSnapshot {
                 vec![Endpoint {
                     address: w.address,
                     port: target,
-                    identity: w.identity.clone(),
+                    identity: Some(w.identity.clone()),
                     weight: 1,
                     zone: String::new(),
                     ready: true,

@@ -414,7 +414,7 @@ fn endpoint(w: &Workload, address: IpAddr, port: u16, ready: bool, zone: Option<
     Endpoint {
         address,
         port,
-        identity: w.identity.clone(),
+        identity: Some(w.identity.clone()),
         weight: w.weight,
         zone: zone.unwrap_or(&w.zone).to_owned(),
         ready,

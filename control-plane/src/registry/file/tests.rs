@@ -245,7 +245,7 @@ fn loads_a_valid_folder() {
     let ep = |a: &str, port: u16, sa: &str, weight: u32, zone: &str, ready: bool| Endpoint {
         address: ip(a),
         port,
-        identity: id("demo", sa),
+        identity: Some(id("demo", sa)),
         weight,
         zone: zone.into(),
         ready,
@@ -278,7 +278,7 @@ fn loads_a_valid_folder() {
         vec![ep("10.0.0.5", 5432, "db", 1, "", false)]
     );
     let legacy_ep = Endpoint {
-        identity: id("default", "legacy"),
+        identity: Some(id("default", "legacy")),
         ..mesh(ep("10.0.0.9", 7001, "legacy", 1, "zone-b", true), 15006)
     };
     assert_eq!(

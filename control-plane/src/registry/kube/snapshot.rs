@@ -6,9 +6,10 @@
 //!   `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>`.
 //! - EndpointSlice (`kubernetes.io/service-name`) → [`Endpoint`]s; each address takes
 //!   its identity from the Pod its `targetRef` names, else from the one Pod with that
-//!   IP. An address with no Pod has no identity and is left out. A Pod without the
-//!   injected `trellis-proxy` container is a workload without a sidecar: discovery
-//!   hands its endpoints to meshed clients as plaintext endpoints.
+//!   IP. A Pod without the injected `trellis-proxy` container is a workload without
+//!   a sidecar, and an address with no Pod (the API server's) has no identity:
+//!   discovery hands both to meshed clients as plaintext endpoints. An address whose
+//!   `targetRef` names a Pod not seen yet is left out until it is.
 //! - HTTPRoute, TrafficPolicy, AuthorizationPolicy, PeerAuthentication → routes and
 //!   policies through the path the file registry takes too
 //!   ([`crate::registry::policies`]), oldest object first in a conflict; each gets
@@ -434,9 +435,17 @@ fn slice_endpoints(
             ))
         });
         for address in e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
-            let Some(w) = pods.find(namespace, target, address) else {
-                tracing::debug!(service = %key, %address, "endpoint without a known Pod left out");
-                continue;
+            let (identity, weight, sidecar) = match pods.find(namespace, target, address) {
+                Some(w) => (Some(w.identity.clone()), w.weight, w.sidecar),
+                // Names a Pod not seen yet: it may be meshed, so it is no plaintext
+                // endpoint; the next snapshot has it.
+                None if target.is_some() => {
+                    tracing::debug!(service = %key, %address, "endpoint of a Pod not seen yet left out");
+                    continue;
+                }
+                // No Pod at all (the API server, an address managed by hand):
+                // nothing there runs a sidecar.
+                None => (None, 1, false),
             };
             for &(service_port, port) in &ports {
                 out.entry((key.clone(), service_port))
@@ -444,12 +453,12 @@ fn slice_endpoints(
                     .push(Endpoint {
                         address,
                         port,
-                        identity: w.identity.clone(),
-                        weight: w.weight,
+                        identity: identity.clone(),
+                        weight,
                         zone: e.zone.clone().unwrap_or_default(),
                         ready,
                         mesh_address: None,
-                        sidecar: w.sidecar,
+                        sidecar,
                     });
             }
         }

@@ -145,7 +145,12 @@ async fn follows_the_api_from_list_through_changes_and_a_410_relist() {
     );
     let ids: Vec<_> = s.endpoints[&(key("default", "echo"), 80)]
         .iter()
-        .map(|e| e.identity.to_string())
+        .map(|e| {
+            e.identity
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        })
         .collect();
     assert_eq!(ids, ["spiffe://cluster.local/ns/default/sa/echo"; 2]);
     assert_eq!(
