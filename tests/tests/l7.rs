@@ -41,6 +41,7 @@ use trellis_control::{ControlConfig, RunningControlPlane};
 use trellis_identity::SpiffeId;
 use trellis_proxy::discovery::MeshState;
 use trellis_proxy::{ProxyConfig, RunningProxy, Upstream};
+use trellis_tests::loopback::{eventually, free_port, http_get};
 
 type Body = BoxBody<Bytes, Infallible>;
 type HttpClient = Client<HttpConnector, Body>;
@@ -53,13 +54,6 @@ const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 // ---------------------------------------------------------------------------------
 // The mesh
 // ---------------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
 
 fn token(service_account: &str) -> String {
     format!("{service_account}-token-0123456789")
@@ -358,22 +352,6 @@ async fn sidecar_metric(mesh: &Mesh, index: usize, line_prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Polls `check` every 20 ms until it holds; panics after `within`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < within,
-            "{what}: not true within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn start_control(registry: &Path, state: &Path) -> RunningControlPlane {
     trellis_control::start(ControlConfig {
         registry_dir: registry.to_owned(),
@@ -395,30 +373,6 @@ fn proxy_config(control: &RunningControlPlane, sa: &str) -> ProxyConfig {
     config.inbound_addr = "127.0.0.1:0".parse().unwrap();
     config.admin_addr = "127.0.0.1:0".parse().unwrap();
     config
-}
-
-/// A plain HTTP/1.0 GET, enough for admin endpoints.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 // ---------------------------------------------------------------------------------
