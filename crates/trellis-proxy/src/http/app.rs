@@ -170,10 +170,13 @@ impl AppPool {
         Ok(response.map(|b| Body::new(http_body_util::BodyExt::map_err(b, Into::into))))
     }
 
+    /// An idle connection that can take a request now. One that is not ready (still
+    /// sending an earlier request's body, or closing) is let go rather than waited
+    /// for: a stalled upload must not hold up the next request.
     fn idle_http1(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = lock(&self.idle_http1);
         while let Some(sender) = idle.pop() {
-            if !sender.is_closed() {
+            if sender.is_ready() {
                 return Some(sender);
             }
         }
