@@ -131,8 +131,7 @@ impl Inbound {
         if downstream.get_ref().1.alpn_protocol() == Some(trellis_identity::ALPN_H2) {
             self.metrics.active_connections.inc();
             InboundConnection {
-                apps: self.apps.clone(),
-                app,
+                app: self.apps.pool(app),
                 port,
                 own_identity: Arc::new(self.config.identity.clone()),
                 peer: Arc::new(peer),

@@ -156,7 +156,9 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tls: tls_rx.clone(),
         state: state_rx.clone(),
         metrics: metrics.clone(),
-        apps: Arc::new(crate::http::inbound::AppClients::new()),
+        apps: Arc::new(crate::http::inbound::AppClients::new(
+            config.connect_timeout,
+        )),
         drain: drain.clone(),
     };
     running

@@ -6,14 +6,15 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use trellis_identity::SpiffeId;
 
+pub use super::app::AppClients;
+use super::app::AppPool;
 use super::errors::{ProxyError, is_grpc};
 use super::{Body, ORIG_PROTO, XFCC};
 use crate::authz::{Decision, HttpInfo, RequestInfo};
@@ -22,35 +23,10 @@ use crate::authz::{Decision, HttpInfo, RequestInfo};
 pub const MESH_STREAM_WINDOW: u32 = 1024 * 1024;
 pub const MESH_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// Pooled connections to the local app, one client per protocol.
-pub struct AppClients {
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
-}
-
-impl AppClients {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        AppClients {
-            http1: Client::builder(TokioExecutor::new()).build(connector.clone()),
-            http2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(connector),
-        }
-    }
-}
-
-impl Default for AppClients {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// What the inbound side knows of one accepted mesh connection.
 pub struct InboundConnection {
-    pub apps: Arc<AppClients>,
-    pub app: std::net::SocketAddr,
+    /// The connections to the app port this mesh connection was redirected to.
+    pub app: Arc<AppPool>,
     pub port: u16,
     pub own_identity: Arc<SpiffeId>,
     pub peer: Arc<SpiffeId>,
@@ -115,44 +91,45 @@ impl InboundConnection {
                 parts.headers.remove(XFCC);
             }
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let authority = parts.uri.authority().map(|a| a.to_string());
-        let Ok(uri) = Uri::builder()
-            .scheme("http")
-            .authority(self.app.to_string().as_str())
-            .path_and_query(path)
-            .build()
-        else {
-            return ProxyError::BadRequest.response(grpc, None);
-        };
-        parts.uri = uri;
-        let client = match http1 {
+        let uri = std::mem::take(&mut parts.uri).into_parts();
+        let path = uri
+            .path_and_query
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let body = body.map_err(Into::into).boxed();
+        let sent = match http1 {
             Some(proto) => {
                 parts.version = if proto.as_bytes() == b"HTTP/1.0" {
                     Version::HTTP_10
                 } else {
                     Version::HTTP_11
                 };
-                if let Some(host) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                // HTTP/1 to the app: origin-form target, and the caller's authority
+                // (or else the app's address) as Host.
+                let host = uri.authority.as_ref().unwrap_or(self.app.authority());
+                if let Ok(host) = HeaderValue::from_str(host.as_str()) {
                     parts.headers.insert(header::HOST, host);
                 }
-                &self.apps.http1
+                parts.uri = Uri::from(path);
+                self.app.send_http1(Request::from_parts(parts, body)).await
             }
             None => {
+                let mut target = http::uri::Parts::default();
+                target.scheme = Some(Scheme::HTTP);
+                target.authority = Some(self.app.authority().clone());
+                target.path_and_query = Some(path);
+                let Ok(uri) = Uri::from_parts(target) else {
+                    return ProxyError::BadRequest.response(grpc, None);
+                };
+                parts.uri = uri;
                 parts.version = Version::HTTP_2;
-                &self.apps.http2
+                self.app.send_http2(Request::from_parts(parts, body)).await
             }
         };
-        let request = Request::from_parts(parts, body.map_err(Into::into).boxed());
-        match client.request(request).await {
-            Ok(response) => response.map(|b| b.map_err(Into::into).boxed()),
+        match sent {
+            Ok(response) => response,
             Err(e) => {
-                tracing::debug!(app = %self.app, error = %e, "app request failed");
-                if e.is_connect() {
+                tracing::debug!(app = %self.app.addr(), error = %e, "app request failed");
+                if e.is_unreachable() {
                     ProxyError::AppUnreachable.response(grpc, None)
                 } else {
                     ProxyError::UpstreamReset.response(grpc, None)

@@ -1,6 +1,7 @@
 //! HTTP in the proxy: routing, traffic policy, pooled HTTP/2 over mTLS between
 //! sidecars, retries and timeouts, and the errors the proxy answers itself.
 
+pub mod app;
 pub mod errors;
 pub mod idle;
 pub mod inbound;

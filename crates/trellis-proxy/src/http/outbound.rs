@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
@@ -123,8 +124,6 @@ impl HttpOutbound {
         if let Err(e) = prepare(&mut parts, &backend.service) {
             return e.response(grpc, None);
         }
-        // The caller's identity is established by the peer sidecar, never by the app.
-        parts.headers.remove(XFCC);
 
         let deadline = request_deadline(&parts, rule.and_then(|r| r.request_timeout), &policy);
         let per_try = rule
@@ -181,56 +180,102 @@ impl HttpOutbound {
 }
 
 /// Hop-by-hop headers go; the URI becomes absolute for HTTP/2; an HTTP/1 request is
-/// marked so that the peer sidecar hands it to the app as HTTP/1 again.
+/// marked so that the peer sidecar hands it to the app as HTTP/1 again. Any
+/// `x-forwarded-client-cert` goes too: the caller's identity is established by the
+/// peer sidecar, never by the app.
 fn prepare(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyError> {
+    remove_hop_by_hop(&mut parts.headers);
     let version = parts.version;
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        parts.headers.remove(name);
-    }
-    if parts
-        .headers
-        .get(header::TE)
-        .is_some_and(|te| te.as_bytes() != b"trailers")
-    {
-        parts.headers.remove(header::TE);
-    }
     if version < Version::HTTP_2 {
         let proto = if version == Version::HTTP_10 {
             "HTTP/1.0"
         } else {
             "HTTP/1.1"
         };
+        let uri = std::mem::take(&mut parts.uri).into_parts();
+        let authority = match parts.headers.remove(header::HOST) {
+            Some(host) => {
+                Authority::try_from(host.as_bytes()).map_err(|_| ProxyError::BadRequest)?
+            }
+            None => match uri.authority {
+                Some(authority) => authority,
+                None => Authority::try_from(service).map_err(|_| ProxyError::BadRequest)?,
+            },
+        };
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = Some(authority);
+        target.path_and_query = Some(
+            uri.path_and_query
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(target).map_err(|_| ProxyError::BadRequest)?;
         parts
             .headers
             .insert(ORIG_PROTO, HeaderValue::from_static(proto));
-        let authority = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| service.to_owned());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(path)
-            .build()
-            .map_err(|_| ProxyError::BadRequest)?;
-        parts.headers.remove(header::HOST);
     }
     parts.version = Version::HTTP_2;
     Ok(())
+}
+
+/// Removes the hop-by-hop headers (and `x-forwarded-client-cert`) in one pass over the
+/// names: they are almost never there, and a `remove` per name hashes each one.
+fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
+    const CONNECTION: u8 = 1;
+    const KEEP_ALIVE: u8 = 1 << 1;
+    const PROXY_CONNECTION: u8 = 1 << 2;
+    const TRANSFER_ENCODING: u8 = 1 << 3;
+    const UPGRADE: u8 = 1 << 4;
+    const TE: u8 = 1 << 5;
+    const FORWARDED_CERT: u8 = 1 << 6;
+    let mut found = 0u8;
+    for name in headers.keys() {
+        found |= if name == header::CONNECTION {
+            CONNECTION
+        } else if name == header::TRANSFER_ENCODING {
+            TRANSFER_ENCODING
+        } else if name == header::UPGRADE {
+            UPGRADE
+        } else if name == header::TE {
+            TE
+        } else {
+            match name.as_str() {
+                "keep-alive" => KEEP_ALIVE,
+                "proxy-connection" => PROXY_CONNECTION,
+                "x-forwarded-client-cert" => FORWARDED_CERT,
+                _ => 0,
+            }
+        };
+    }
+    if found == 0 {
+        return;
+    }
+    if found & CONNECTION != 0 {
+        headers.remove(header::CONNECTION);
+    }
+    if found & KEEP_ALIVE != 0 {
+        headers.remove("keep-alive");
+    }
+    if found & PROXY_CONNECTION != 0 {
+        headers.remove("proxy-connection");
+    }
+    if found & TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if found & UPGRADE != 0 {
+        headers.remove(header::UPGRADE);
+    }
+    // HTTP/2 allows `te: trailers` and nothing else.
+    if found & TE != 0
+        && headers
+            .get(header::TE)
+            .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+    if found & FORWARDED_CERT != 0 {
+        headers.remove(XFCC);
+    }
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -357,10 +402,16 @@ impl Attempt<'_> {
             r.deposit();
         }
         let mut body = Some(body);
+        let mut parts = Some(parts);
+        // Filled only when a retry happens: the first try allocates nothing.
         let mut tried = Vec::new();
+        let mut last_tried = None;
         let mut retries = 0u32;
         let mut connect_failures = 0u32;
         loop {
+            if let Some(dial) = last_tried.take() {
+                tried.push(dial);
+            }
             let (send_body, replay) = match body.take() {
                 Some(Replay::Buffered(bytes)) => {
                     (full(bytes.clone()), Some(Replay::Buffered(bytes)))
@@ -368,8 +419,9 @@ impl Attempt<'_> {
                 Some(Replay::Stream(incoming)) => (incoming.map_err(Into::into).boxed(), None),
                 None => return Err(ProxyError::UpstreamReset),
             };
-            let request = Request::from_parts(clone_parts(&parts), send_body);
-            let outcome = self.try_once(request, &mut tried).await;
+            let outcome = self
+                .try_once(&mut parts, send_body, &tried, &mut last_tried)
+                .await;
             body = replay;
             let can_retry = body.is_some();
             match outcome {
@@ -430,10 +482,15 @@ impl Attempt<'_> {
         true
     }
 
+    /// One try on one endpoint. `parts` are copied only when a retry policy may send
+    /// them again; otherwise they are moved into the request: without a policy the
+    /// only retries are after connect failures, before anything was sent.
     async fn try_once(
         &self,
-        request: Request<Body>,
-        tried: &mut Vec<std::net::SocketAddr>,
+        parts: &mut Option<http::request::Parts>,
+        body: Body,
+        tried: &[std::net::SocketAddr],
+        picked_dial: &mut Option<std::net::SocketAddr>,
     ) -> Result<Response<Incoming>, TryError> {
         // Prefer endpoints not tried yet; fall back to any once all have been.
         let picked = self
@@ -461,14 +518,20 @@ impl Attempt<'_> {
         {
             return Err(TryError::Connect(ProxyError::Overflow));
         }
-        tried.push(endpoint.dial);
+        *picked_dial = Some(endpoint.dial);
         let started = Instant::now();
         let connect_timeout = self
             .policy
             .connect_timeout
             .unwrap_or(self.outbound.connect_timeout);
         let Some(identity) = &endpoint.identity else {
-            // No sidecar there: straight to the app, in plaintext.
+            // No sidecar there: straight to the app, in plaintext. The parts are
+            // copied: hyper-util connects inside `send`, and a connect failure must
+            // leave them for the next endpoint (a rare path; the mesh one moves them).
+            let Some(parts) = parts.as_ref().map(clone_parts) else {
+                return Err(TryError::Reset);
+            };
+            let request = Request::from_parts(parts, body);
             let send = self.outbound.plain.send(request, endpoint.dial);
             return self
                 .finish(send, endpoint.dial, &active, started, false)
@@ -502,7 +565,18 @@ impl Attempt<'_> {
                 return Err(TryError::Connect(kind));
             }
         };
-        let send = sender.send_request(request);
+        let parts = if self.retry.is_some() {
+            parts.as_ref().map(clone_parts)
+        } else {
+            parts.take().map(|mut p| {
+                p.extensions.clear();
+                p
+            })
+        };
+        let Some(parts) = parts else {
+            return Err(TryError::Reset);
+        };
+        let send = sender.send_request(Request::from_parts(parts, body));
         self.finish(send, endpoint.dial, &active, started, true)
             .await
     }
@@ -615,6 +689,46 @@ mod tests {
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_forwarded_certs_go() {
+        let req = Request::builder()
+            .uri("http://echo.default/")
+            .version(Version::HTTP_2)
+            .header("connection", "keep-alive")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("transfer-encoding", "chunked")
+            .header("upgrade", "h2c")
+            .header("te", "gzip")
+            .header("x-forwarded-client-cert", "By=spiffe://forged")
+            .header("x-kept", "1")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        prepare(&mut parts, "echo.default").unwrap();
+        let names: Vec<_> = parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers[header::TE], "trailers");
+    }
+
+    #[test]
+    fn a_malformed_host_is_a_bad_request() {
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "bad host")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        assert_eq!(
+            prepare(&mut parts, "echo.default"),
+            Err(ProxyError::BadRequest)
+        );
     }
 
     #[test]
