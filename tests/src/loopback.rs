@@ -7,12 +7,26 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A port free on 127.0.0.1 right now.
+/// Ports handed out by [`free_port`]: below Linux's ephemeral range (32768-60999 by
+/// default), so no test's outgoing connection can take one between the moment it is
+/// handed out and the moment a listener binds it.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port free on 127.0.0.1 right now, never handed out twice in one process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    // Test binaries run one after another; starting from the pid spreads them anyway.
+    let offset = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = TEST_PORTS.start + (offset + n) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?}")
 }
 
 /// A plain HTTP/1.0 GET (enough for admin endpoints): status and body. Bounded by

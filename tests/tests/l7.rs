@@ -81,6 +81,17 @@ struct Workload {
     sidecar: bool,
 }
 
+/// Where a dead endpoint lives: not 127.0.0.1, whose ephemeral ports the other tests'
+/// connections use (one of them may take the dead port there, and a test that later
+/// binds it gets EADDRINUSE).
+const DEAD_IP: &str = "127.0.0.3";
+
+impl Workload {
+    fn ip(&self) -> &'static str {
+        if self.sidecar { "127.0.0.1" } else { DEAD_IP }
+    }
+}
+
 #[derive(Default)]
 struct MeshBuilder {
     services: Vec<Svc>,
@@ -186,8 +197,13 @@ impl MeshBuilder {
             docs.push(format!(
                 "apiVersion: trellis.io/v1alpha1\nkind: WorkloadEntry\n\
                  metadata: {{name: {}, namespace: default, labels: {{app: {}}}}}\n\
-                 spec: {{address: 127.0.0.1, serviceAccount: {}, ports: {{app: {}}}, sidecarPort: {}}}\n",
-                w.name, w.app, w.app, w.app_port, w.sidecar_port
+                 spec: {{address: {}, serviceAccount: {}, ports: {{app: {}}}, sidecarPort: {}}}\n",
+                w.name,
+                w.app,
+                w.ip(),
+                w.app,
+                w.app_port,
+                w.sidecar_port
             ));
         }
         for sa in &accounts {
@@ -1082,7 +1098,7 @@ async fn a_dead_endpoint_fails_fast_and_is_ejected() {
     // Now something accepts on the dead port (and hangs up). Had the endpoint not
     // been ejected, balancing would send it attempts that this listener counts.
     let dead = mesh.workload("pair-dead");
-    let listener = TcpListener::bind(("127.0.0.1", dead.sidecar_port))
+    let listener = TcpListener::bind((dead.ip(), dead.sidecar_port))
         .await
         .unwrap();
     let knocks = Arc::new(AtomicUsize::new(0));
