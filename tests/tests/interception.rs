@@ -232,7 +232,8 @@ fn cluster(name: &str, client_init: InitConfig, others: &[&str]) -> Result<Clust
         .chain(cluster.others.iter());
     for pod in meshed {
         cluster.eventually(&format!("the proxy in {} is ready", pod.name), || {
-            Ok(cluster.admin(pod, "/ready")?.contains("ready"))
+            // The status, not the body: "not ready" contains "ready".
+            Ok(cluster.admin(pod, "/ready")?.contains("HTTP 200"))
         })?;
     }
     Ok(cluster)
@@ -307,11 +308,14 @@ fn app_calls_a_service_by_name_over_mtls() -> Result<()> {
 
 fn plain_tcp_works_through_the_mesh() -> Result<()> {
     let c = default_cluster("tcp")?;
-    let out = c.bed.exec_ok(
-        &c.client,
-        APP,
-        &["tcp-send", "lines.default:9000", "a line of tcp"],
-    )?;
+    let out = c
+        .bed
+        .exec_ok(
+            &c.client,
+            APP,
+            &["tcp-send", "lines.default:9000", "a line of tcp"],
+        )
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", c.bed.logs()))?;
     if out.trim() != "a line of tcp" {
         bail!("unexpected answer: {out:?}\n{}", c.bed.logs());
     }

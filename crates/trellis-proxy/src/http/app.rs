@@ -20,6 +20,9 @@ use super::{Body, BoxError};
 
 /// Idle HTTP/1.1 connections kept per app port; more are closed when they finish.
 const MAX_IDLE_HTTP1: usize = 64;
+/// An idle connection unused this long is closed when the pool is next touched (the
+/// 90 s hyper-util's client used).
+const IDLE_HTTP1_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -77,7 +80,9 @@ pub struct AppPool {
     /// `addr` as a URI authority, made once.
     authority: Authority,
     connect_timeout: Duration,
-    idle_http1: Mutex<Vec<http1::SendRequest<Body>>>,
+    /// Oldest first: connections are taken from and returned to the end.
+    idle_http1: Mutex<Vec<(http1::SendRequest<Body>, std::time::Instant)>>,
+    idle_timeout: Duration,
     http2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -91,6 +96,7 @@ impl AppPool {
             authority,
             connect_timeout,
             idle_http1: Mutex::new(Vec::new()),
+            idle_timeout: IDLE_HTTP1_TIMEOUT,
             http2: Mutex::new(None),
         }
     }
@@ -175,7 +181,12 @@ impl AppPool {
     /// for: a stalled upload must not hold up the next request.
     fn idle_http1(&self) -> Option<http1::SendRequest<Body>> {
         let mut idle = lock(&self.idle_http1);
-        while let Some(sender) = idle.pop() {
+        while let Some((sender, since)) = idle.pop() {
+            // The newest is idle too long: so are all the others.
+            if since.elapsed() > self.idle_timeout {
+                idle.clear();
+                return None;
+            }
             if sender.is_ready() {
                 return Some(sender);
             }
@@ -187,9 +198,18 @@ impl AppPool {
         if sender.is_closed() {
             return;
         }
+        let now = std::time::Instant::now();
         let mut idle = lock(&self.idle_http1);
+        // The oldest sit at the front: drop those unused too long (rarely any).
+        let expired = idle
+            .iter()
+            .take_while(|(_, since)| now.duration_since(*since) > self.idle_timeout)
+            .count();
+        if expired > 0 {
+            idle.drain(..expired);
+        }
         if idle.len() < MAX_IDLE_HTTP1 {
-            idle.push(sender);
+            idle.push((sender, now));
         }
     }
 
@@ -347,6 +367,29 @@ mod tests {
             .header(http::header::HOST, "web.default")
             .body(full(Bytes::new()))
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let (addr, accepted) = app(16).await;
+        let mut pool = AppPool::new(addr, Duration::from_secs(1));
+        pool.idle_timeout = Duration::from_millis(50);
+        let pool = Arc::new(pool);
+        let send = |pool: Arc<AppPool>| async move {
+            let response = pool.send_http1(get("/")).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        };
+        // (Reuse while fresh is `http1_connections_are_reused_after_the_body_ends`.)
+        send(pool.clone()).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        send(pool.clone()).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "a new one after the timeout"
+        );
+        assert_eq!(lock(&pool.idle_http1).len(), 1);
     }
 
     #[tokio::test]
