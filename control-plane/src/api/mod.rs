@@ -30,7 +30,7 @@ pub mod traffic_policy;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 
 pub use authorization_policy::{AuthorizationPolicy, AuthorizationPolicySpec};
 pub use crd::{CRD_FILE_HEADER, crd_files, crds};
@@ -186,32 +186,6 @@ pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
 /// An HTTP header name (RFC 9110 token), as [`is_header_name`] checks it.
 pub const HEADER_NAME_PATTERN: &str = r"^[A-Za-z0-9!#$%&'*+.^_|~`-]+$";
-
-/// The `Accepted` condition for an object of `generation` that `result` judged.
-pub fn accepted_condition<T>(
-    generation: Option<i64>,
-    result: &Result<T, Vec<FieldError>>,
-) -> Condition {
-    let (status, reason, message) = match result {
-        Ok(_) => ("True", "Accepted", String::new()),
-        Err(errors) => {
-            let message = errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
-            ("False", "Invalid", message)
-        }
-    };
-    Condition {
-        type_: "Accepted".to_owned(),
-        status: status.to_owned(),
-        reason: reason.to_owned(),
-        message,
-        observed_generation: generation,
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
-    }
-}
 
 /// `metadata.namespace`, or `default`.
 pub(crate) fn namespace_of(meta: &ObjectMeta) -> &str {

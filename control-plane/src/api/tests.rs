@@ -645,27 +645,6 @@ fn objects_serialize_back_to_their_shape() {
 }
 
 #[test]
-fn accepted_condition_reports_errors() {
-    let ok: Result<(), Vec<FieldError>> = Ok(());
-    let c = accepted_condition(Some(3), &ok);
-    assert_eq!(
-        (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
-        ("Accepted", "True", "Accepted")
-    );
-    assert_eq!(c.observed_generation, Some(3));
-    let policy: AuthorizationPolicy =
-        yaml("metadata: {name: p}\nspec: {rules: [{to: [{operation: {methods: [get]}}]}]}\n");
-    let c = accepted_condition(None, &policy.validate());
-    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Invalid"));
-    assert!(
-        c.message
-            .starts_with("spec.rules[0].to[0].operation.methods[0]: "),
-        "{}",
-        c.message
-    );
-}
-
-#[test]
 fn missing_name_is_an_error() {
     let policy: PeerAuthentication = yaml("metadata: {namespace: demo}\nspec: {}\n");
     assert_eq!(errors(policy.validate()), ["metadata.name: is required"]);
