@@ -221,41 +221,46 @@ impl Outbound {
                 continue;
             }
             attempts += 1;
-            let peer_identity = endpoint
-                .identity
-                .as_ref()
-                .map_or_else(|| PLAINTEXT_PEER.to_owned(), ToString::to_string);
-            let labels = ServiceLabels {
+            let labels = || ServiceLabels {
                 service: service.service.clone(),
-                peer_identity,
+                peer_identity: endpoint
+                    .identity
+                    .as_ref()
+                    .map_or_else(|| PLAINTEXT_PEER.to_owned(), ToString::to_string),
             };
             let idle = policy.idle_timeout;
-            let connected = match &endpoint.identity {
-                Some(identity) => match self
-                    .connect_mtls(tls.as_deref(), identity, endpoint.dial)
+            let connected: Result<(), OutboundError> = match &endpoint.identity {
+                Some(identity) => {
+                    async {
+                        let mut upstream = self
+                            .connect_mtls(tls.as_deref(), identity, endpoint.dial)
+                            .await?;
+                        self.splice(&mut downstream, &mut upstream, &labels(), idle)
+                            .await;
+                        Ok(())
+                    }
                     .await
-                {
-                    Ok(mut upstream) => {
-                        self.splice(&mut downstream, &mut upstream, &labels, idle)
-                            .await;
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                },
+                }
                 // No sidecar there: the bytes go to the app as they are.
-                None => match self.connect(endpoint.dial).await {
-                    Ok(mut upstream) => {
-                        self.splice(&mut downstream, &mut upstream, &labels, idle)
+                None => {
+                    async {
+                        let mut upstream = self.connect(endpoint.dial).await?;
+                        self.splice(&mut downstream, &mut upstream, &labels(), idle)
                             .await;
                         Ok(())
                     }
-                    Err(e) => Err(e),
-                },
+                    .await
+                }
             };
             match connected {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::debug!(endpoint = %endpoint.dial, identity = %labels.peer_identity, error = %e, "endpoint failed");
+                    tracing::debug!(
+                        endpoint = %endpoint.dial,
+                        identity = endpoint.identity.as_ref().map(tracing::field::display),
+                        error = %e,
+                        "endpoint failed"
+                    );
                     failed.push(endpoint.dial);
                     last_error = e;
                 }

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -98,17 +98,10 @@ impl InboundConnection {
         let body = body.map_err(Into::into).boxed();
         let sent = match http1 {
             Some(proto) => {
-                parts.version = if proto.as_bytes() == b"HTTP/1.0" {
-                    Version::HTTP_10
-                } else {
-                    Version::HTTP_11
-                };
                 // HTTP/1 to the app: origin-form target, and the caller's authority
                 // (or else the app's address) as Host.
                 let host = uri.authority.as_ref().unwrap_or(self.app.authority());
-                if let Ok(host) = HeaderValue::from_str(host.as_str()) {
-                    parts.headers.insert(header::HOST, host);
-                }
+                super::restore_http1(&mut parts, &proto, host);
                 parts.uri = Uri::from(path);
                 self.app.send_http1(Request::from_parts(parts, body)).await
             }

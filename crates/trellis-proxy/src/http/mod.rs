@@ -20,3 +20,21 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub const ORIG_PROTO: http::HeaderName = http::HeaderName::from_static("trellis-orig-proto");
 /// The caller's verified identity for the app (Envoy's header).
 pub const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+
+/// Undoes, for a request the client-side sidecar carried as HTTP/2, what it did to an
+/// HTTP/1 caller's request (`proto` is the `trellis-orig-proto` value it set): the
+/// HTTP/1 version comes back, and `host` (the caller's authority) becomes `Host`.
+pub fn restore_http1(
+    parts: &mut http::request::Parts,
+    proto: &http::HeaderValue,
+    host: &http::uri::Authority,
+) {
+    parts.version = if proto.as_bytes() == b"HTTP/1.0" {
+        http::Version::HTTP_10
+    } else {
+        http::Version::HTTP_11
+    };
+    if let Ok(host) = http::HeaderValue::from_str(host.as_str()) {
+        parts.headers.insert(http::header::HOST, host);
+    }
+}

@@ -8,8 +8,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::uri::Authority;
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -66,24 +66,22 @@ impl PlainClients {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let authority = parts.uri.authority().cloned();
+        let dial = Authority::try_from(addr.to_string()).map_err(|_| PlainError::BadUri(addr))?;
+        // The caller's authority for Host, not the pod address we dial.
+        let host = parts
+            .uri
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| dial.clone());
         parts.uri = Uri::builder()
             .scheme("http")
-            .authority(addr.to_string().as_str())
+            .authority(dial)
             .path_and_query(path)
             .build()
             .map_err(|_| PlainError::BadUri(addr))?;
         let client = match http1 {
             Some(proto) => {
-                parts.version = if proto.as_bytes() == b"HTTP/1.0" {
-                    Version::HTTP_10
-                } else {
-                    Version::HTTP_11
-                };
-                // The caller's Host, not the pod address we dial.
-                if let Some(host) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-                    parts.headers.insert(header::HOST, host);
-                }
+                super::restore_http1(&mut parts, &proto, &host);
                 &self.http1
             }
             None => &self.http2,
