@@ -159,13 +159,7 @@ pub fn pod_patch(
     if pod_annotations.get(annotations::INJECT).map(String::as_str) == Some("false") {
         return Ok(Err(Skip::OptedOut));
     }
-    let has_proxy = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .any(|c| c.name == sidecar::PROXY_CONTAINER);
-    if pod_annotations.contains_key(annotations::STATUS) || has_proxy {
+    if pod_annotations.contains_key(annotations::STATUS) || sidecar::has_proxy(&spec) {
         return Ok(Err(Skip::AlreadyInjected));
     }
     if spec.host_network == Some(true) {

@@ -17,6 +17,16 @@ use crate::ca::TOKEN_AUDIENCE;
 
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
 pub const INIT_CONTAINER: &str = "trellis-init";
+
+/// Whether a Pod spec runs the Trellis proxy: as a native sidecar (an init container
+/// that keeps running) or as a plain container.
+pub fn has_proxy(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == PROXY_CONTAINER)
+}
 pub const PROXY_UID: i64 = 1337;
 /// The proxy's health port on the Pod IP (DESIGN.md).
 pub const HEALTH_PORT: i32 = 15020;

@@ -371,23 +371,9 @@ fn workload(p: &Pod, trust_domain: &str) -> Option<Workload> {
         labels: p.metadata.labels.clone().unwrap_or_default(),
         ports,
         sidecar_port: None,
-        sidecar: has_sidecar(p),
+        sidecar: crate::injector::sidecar::has_proxy(spec),
         weight: 1,
         zone: String::new(),
-    })
-}
-
-/// Whether the Pod runs the Trellis proxy: as a native sidecar (an init container
-/// that keeps running) or as a plain container.
-fn has_sidecar(p: &Pod) -> bool {
-    let proxy = crate::injector::sidecar::PROXY_CONTAINER;
-    p.spec.as_ref().is_some_and(|spec| {
-        spec.containers.iter().any(|c| c.name == proxy)
-            || spec
-                .init_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == proxy)
     })
 }
 
