@@ -63,6 +63,10 @@ impl EndpointStats {
 
     fn failure_rate(&self, now: u64) -> f64 {
         let rate = f64::from_bits(self.failure_rate.load(Ordering::Relaxed));
+        // The usual case on the request path: nothing failed, no decay to compute.
+        if rate == 0.0 {
+            return 0.0;
+        }
         let age = now.saturating_sub(self.stamp_us.load(Ordering::Relaxed)) as f64;
         // Like the latency, failures are forgotten while the endpoint is left alone.
         rate * (-age / EWMA_TAU.as_micros() as f64).exp()
@@ -89,6 +93,8 @@ impl EndpointStats {
         let current = self.ewma(now);
         let failure = if success { 0.0 } else { 1.0 };
         let rate = self.failure_rate(now) * (1.0 - FAILURE_ALPHA) + failure * FAILURE_ALPHA;
+        // Below 0.1 % it changes no choice; zero keeps `failure_rate` cheap.
+        let rate = if rate < 1e-3 { 0.0 } else { rate };
         self.failure_rate.store(rate.to_bits(), Ordering::Relaxed);
         // Peak-sensitive: a slow response raises the cost at once, recovery is gradual.
         let next = if sample > current {
