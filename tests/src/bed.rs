@@ -335,27 +335,37 @@ impl TestBed {
             .file_name()
             .and_then(|s| s.to_str())
             .unwrap_or("proc");
-        let log_path = self.dir().join(format!(
-            "{:02}-{}-{base}.log",
-            self.children.len(),
-            pod.name
-        ));
+        let mut cmd = netns_command(&pod.netns, uid, program, args);
+        cmd.envs(env.iter().copied());
+        let desc = format!("{}: {program} {}", pod.name, args.join(" "));
+        self.spawn_command(&format!("{}-{base}", pod.name), desc, cmd)
+    }
+
+    /// Starts a command built by the caller (e.g. `nsenter --net=...`, which keeps the
+    /// caller's mount namespace where `ip netns exec` would make a private one), output
+    /// to a log file `<n>-<label>.log` in [`TestBed::dir`]. Killed when the bed drops.
+    pub fn spawn_command(
+        &mut self,
+        label: &str,
+        description: String,
+        mut cmd: std::process::Command,
+    ) -> Result<ChildHandle> {
+        let log_path = self
+            .dir()
+            .join(format!("{:02}-{label}.log", self.children.len()));
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
-        let mut cmd = netns_command(&pod.netns, uid, program, args);
-        cmd.envs(env.iter().copied())
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd
             .spawn()
-            .with_context(|| format!("spawn {program} in {}", pod.name))?;
-        let desc = format!("{}: {program} {}", pod.name, args.join(" "));
-        tracing::debug!(pid = child.id(), %desc, "spawned");
-        let handle = ChildHandle::new(child, log_path, desc);
+            .with_context(|| format!("spawn {description}"))?;
+        tracing::debug!(pid = child.id(), desc = %description, "spawned");
+        let handle = ChildHandle::new(child, log_path, description);
         self.children.push(handle.clone());
         Ok(handle)
     }

@@ -24,6 +24,7 @@
 //! flows between namespaces the bed created.
 
 mod bed;
+pub mod kubelet;
 pub mod loopback;
 pub mod netns;
 mod process;
