@@ -64,6 +64,11 @@ impl Kubelet {
         })
     }
 
+    /// Where pod folders (`pods/<ns>_<name>_<uid>/`: container logs, volumes) live.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// The Node's name.
     pub fn node_name(&self) -> &str {
         &self.node_name
