@@ -141,3 +141,15 @@ pub fn kubelet_binary() -> Result<PathBuf> {
     }
     crate::target_binary("trellis-test-kubelet")
 }
+
+impl Kubelet {
+    /// Starts the kubelet for `cluster` (with its admin credentials: this kubelet is the
+    /// scheduler and kube-proxy too) and waits until its Node is Ready.
+    pub fn start(
+        bed: &mut TestBed,
+        cluster: &crate::kube::KubeCluster,
+        images: &[(&str, PathBuf)],
+    ) -> Result<Self> {
+        Self::start_with_kubeconfig(bed, cluster.kubeconfig_admin(), images)
+    }
+}
