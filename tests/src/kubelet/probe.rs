@@ -277,3 +277,175 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use super::*;
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use tokio::net::TcpListener;
+
+    const T: Duration = Duration::from_secs(2);
+
+    async fn listener() -> Result<(TcpListener, SocketAddr)> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        Ok((l, addr))
+    }
+
+    /// An HTTP/1 server answering `status` to everything, over TLS when `tls` is given.
+    async fn http_server(
+        status: u16,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Result<SocketAddr> {
+        let (l, addr) = listener().await?;
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = l.accept().await {
+                let svc =
+                    hyper::service::service_fn(move |_req: hyper::Request<Incoming>| async move {
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from_static(b"x")));
+                        *resp.status_mut() =
+                            hyper::StatusCode::from_u16(status).unwrap_or_default();
+                        Ok::<_, Infallible>(resp)
+                    });
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    fn http(addr: SocketAddr, https: bool) -> NetworkCheck {
+        NetworkCheck::Http {
+            addr,
+            https,
+            host: addr.to_string(),
+            path: "/ready".into(),
+            headers: vec![],
+        }
+    }
+
+    fn self_signed_acceptor() -> Result<tokio_rustls::TlsAcceptor> {
+        let cert = rcgen::generate_simple_self_signed(vec!["app.local".into()])?;
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_needs_a_listener() -> Result<()> {
+        let (l, addr) = listener().await?;
+        run_network(&NetworkCheck::Tcp(addr), T).await?;
+        drop(l);
+        assert!(run_network(&NetworkCheck::Tcp(addr), T).await.is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn http_probe_judges_the_status() -> Result<()> {
+        run_network(&http(http_server(200, None).await?, false), T).await?;
+        run_network(&http(http_server(302, None).await?, false), T).await?;
+        let err = run_network(&http(http_server(503, None).await?, false), T).await;
+        assert!(format!("{:#}", err.err().context("503 passed")?).contains("503"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn https_probe_speaks_tls_without_verifying() -> Result<()> {
+        let addr = http_server(200, Some(self_signed_acceptor()?)).await?;
+        run_network(&http(addr, true), T).await?;
+        // Plain HTTP to a TLS port fails, as the kubelet's would.
+        assert!(run_network(&http(addr, false), T).await.is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn http_probe_times_out_on_a_silent_server() -> Result<()> {
+        // Accepts, never answers.
+        let (l, addr) = listener().await?;
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let err = run_network(&http(addr, false), Duration::from_millis(300)).await;
+        assert!(format!("{:#}", err.err().context("silent server passed")?).contains("timed out"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn grpc_probe_asks_the_health_service() -> Result<()> {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("ready", tonic_health::ServingStatus::NotServing)
+            .await;
+        let (l, addr) = listener().await?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let check = |service: &str| NetworkCheck::Grpc {
+            addr,
+            service: service.into(),
+        };
+        run_network(&check(""), T).await?;
+        assert!(run_network(&check("ready"), T).await.is_err());
+        reporter
+            .set_service_status("ready", tonic_health::ServingStatus::Serving)
+            .await;
+        run_network(&check("ready"), T).await?;
+        Ok(())
+    }
+
+    #[test]
+    fn named_ports_and_defaults() -> Result<()> {
+        let container: Container = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "ports": [{ "name": "http", "containerPort": 8080 }],
+        }))?;
+        let probe: Probe = serde_json::from_value(serde_json::json!({
+            "httpGet": { "port": "http", "path": "healthz", "scheme": "HTTPS" },
+        }))?;
+        let ip = Ipv4Addr::new(10, 244, 128, 7);
+        let Check::Network(NetworkCheck::Http {
+            addr, https, path, ..
+        }) = Check::of(&probe, &container, ip)?
+        else {
+            bail!("not an HTTP check");
+        };
+        assert_eq!(
+            (addr, https, path.as_str()),
+            (SocketAddr::from((ip, 8080)), true, "/healthz")
+        );
+        let t = Timing::of(&probe);
+        assert_eq!(
+            (t.period, t.timeout, t.failure_threshold),
+            (Duration::from_secs(10), Duration::from_secs(1), 3)
+        );
+        let bad: Probe =
+            serde_json::from_value(serde_json::json!({ "tcpSocket": { "port": "nope" } }))?;
+        assert!(Check::of(&bad, &container, ip).is_err());
+        Ok(())
+    }
+}
