@@ -38,6 +38,47 @@ fn api_server_and_controller_manager_work() -> Result<()> {
             .unwrap_or("?")
     );
 
+    // The `kubernetes` Service: the first ClusterIP, endpoints at the advertised address.
+    let cluster_ip = cluster.kubectl(&[
+        "get",
+        "service",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    ensure!(
+        cluster_ip == "10.96.0.1",
+        "kubernetes ClusterIP: {cluster_ip}"
+    );
+    let endpoints = cluster.kubectl(&[
+        "get",
+        "endpointslices",
+        "-l",
+        "kubernetes.io/service-name=kubernetes",
+        "-o",
+        "jsonpath={.items[0].endpoints[0].addresses[0]}:{.items[0].ports[0].port}",
+    ])?;
+    ensure!(
+        endpoints == "10.244.0.1:6443",
+        "kubernetes endpoints: {endpoints}"
+    );
+
+    // The node's client certificate names the node, as a kubelet's does.
+    let whoami = cluster.kubectl_as(
+        cluster.kubeconfig_kubelet(),
+        &["auth", "whoami", "-o", "json"],
+        None,
+    )?;
+    let whoami: Value = serde_json::from_str(&whoami).context("whoami JSON")?;
+    let user = &whoami["status"]["userInfo"];
+    ensure!(
+        user["username"] == "system:node:trellis-node"
+            && user["groups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|x| x == "system:nodes")),
+        "node identity: {whoami}"
+    );
+
     cluster.kubectl(&["create", "namespace", "smoke"])?;
     cluster.kubectl(&["create", "serviceaccount", "app", "-n", "smoke"])?;
 
