@@ -126,14 +126,22 @@ impl KubeCluster {
             processes: Vec::new(),
         };
         let started = Instant::now();
-        cluster.start_etcd(bed)?;
-        cluster.start_api_server(bed)?;
-        cluster.wait_until("the API server's /readyz is ok", START_TIMEOUT, |c| {
+        cluster.start_processes(bed).with_context(|| {
+            format!("test cluster logs, last lines:\n{}", cluster.log_tails(30))
+        })?;
+        tracing::info!(took = ?started.elapsed(), bed = bed.id(), "test cluster ready");
+        Ok(cluster)
+    }
+
+    fn start_processes(&mut self, bed: &mut TestBed) -> Result<()> {
+        self.start_etcd(bed)?;
+        self.start_api_server(bed)?;
+        self.wait_until("the API server's /readyz is ok", START_TIMEOUT, |c| {
             Ok(c.kubectl(&["get", "--raw", "/readyz"])
                 .is_ok_and(|body| body.trim() == "ok"))
         })?;
-        cluster.start_controller_manager(bed)?;
-        cluster.wait_until(
+        self.start_controller_manager(bed)?;
+        self.wait_until(
             "the controller manager creates ServiceAccount default/default",
             START_TIMEOUT,
             |c| {
@@ -143,8 +151,7 @@ impl KubeCluster {
                 )
             },
         )?;
-        tracing::info!(took = ?started.elapsed(), bed = bed.id(), "test cluster ready");
-        Ok(cluster)
+        Ok(())
     }
 
     fn start_etcd(&mut self, bed: &mut TestBed) -> Result<()> {
@@ -383,6 +390,15 @@ impl KubeCluster {
         let mut s = String::new();
         for p in &self.processes {
             s += &format!("===== {} =====\n{}\n", p.description, p.log());
+        }
+        s
+    }
+
+    /// The last `lines` lines of each process's log, for error messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut s = String::new();
+        for p in &self.processes {
+            s += &format!("===== {} =====\n{}\n", p.description, tail(&p.log(), lines));
         }
         s
     }
