@@ -3,7 +3,8 @@
 # kube-apiserver, kube-controller-manager and kubectl (./kubernetes) and etcd (./etcd).
 #
 # Output: ${TRELLIS_K8S_CACHE:-$HOME/.cache/trellis-k8s}/<k8s-version>-<etcd-version>/bin/
-# The last line on stdout is that folder; progress goes to stderr.
+# The last line on stdout is that folder; progress goes to stderr. `build.sh --dir` only
+# prints the folder.
 #
 # Does nothing when all four binaries are there (a warm run takes well under a second).
 # Concurrent callers (several test binaries at once) wait on one flock instead of
@@ -28,6 +29,10 @@ fi
 
 out="${TRELLIS_K8S_CACHE:-$HOME/.cache/trellis-k8s}/${k8s_version}-${etcd_version}"
 bin="$out/bin"
+if [ "${1:-}" = "--dir" ]; then
+  echo "$bin"
+  exit 0
+fi
 
 all_built() {
   local b

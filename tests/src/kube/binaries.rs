@@ -30,8 +30,9 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 pub struct KubeBinaries {
     /// The folder holding [`BINARIES`].
     pub dir: PathBuf,
-    /// How long `build.sh` took when this process ran a real build; `None` when the
-    /// binaries were already there (or came from [`BIN_DIR_VAR`]).
+    /// How long this process waited for `build.sh` when the binaries were missing (its
+    /// own build, or another test process's that held the lock); `None` when they were
+    /// already there (or came from [`BIN_DIR_VAR`]).
     pub built_in: Option<Duration>,
 }
 
@@ -58,15 +59,19 @@ pub fn kube_skip_reason() -> Option<String> {
         }
         return Some(format!("{BIN_DIR_VAR}={} lacks {missing:?}", dir.display()));
     }
-    let go = Command::new("go")
+    match Command::new("go")
         .arg("version")
         .stdin(Stdio::null())
         .output()
-        .is_ok_and(|o| o.status.success());
-    if go {
-        None
-    } else {
-        Some("needs the go command to build kube-apiserver and etcd (not found)".into())
+    {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "needs the go command to build kube-apiserver and etcd (`go version` failed: {})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Some(format!(
+            "needs the go command to build kube-apiserver and etcd ({e})"
+        )),
     }
 }
 
@@ -88,33 +93,56 @@ fn find_or_build() -> Result<KubeBinaries> {
         });
     }
     let script = build_script();
+    let dir = run_script(&script, &["--dir"], Duration::from_secs(30))?;
+    if BINARIES.iter().all(|b| dir.join(b).is_file()) {
+        return Ok(KubeBinaries {
+            dir,
+            built_in: None,
+        });
+    }
+    // Said up front: the build is silent and long, and the test runner shows nothing else.
+    eprintln!(
+        "building the test cluster binaries into {} with {} (first time on this machine: \
+         about 20 minutes on 2 cores)",
+        dir.display(),
+        script.display()
+    );
     let start = Instant::now();
+    let dir = run_script(&script, &[], BUILD_TIMEOUT)?;
+    let built_in = start.elapsed();
+    eprintln!("built the test cluster binaries in {built_in:.0?}");
+    tracing::info!(dir = %dir.display(), took = ?built_in, "built the test cluster binaries");
+    Ok(KubeBinaries {
+        dir,
+        built_in: Some(built_in),
+    })
+}
+
+/// Runs `build.sh args`; returns the folder it prints last.
+fn run_script(script: &Path, args: &[&str], timeout: Duration) -> Result<PathBuf> {
     let mut cmd = Command::new("bash");
-    cmd.arg(&script);
-    let out = run_with_timeout(cmd, BUILD_TIMEOUT)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    cmd.arg(script).args(args);
+    let out = run_with_timeout(cmd, timeout)?;
     if !out.status.success() {
+        // Without the hundreds of "go: downloading" lines, the error is what is left.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.starts_with("go: downloading"))
+            .collect();
         return Err(anyhow!(
             "{} failed ({}): {}",
             script.display(),
             out.status,
-            stderr.trim()
+            errors.join("\n")
         ));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout
+    stdout
         .lines()
         .last()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .ok_or_else(|| anyhow!("{} printed no folder", script.display()))?;
-    // build.sh says "built in" only when it built something.
-    let built_in = stderr.contains("built in").then(|| start.elapsed());
-    if let Some(took) = built_in {
-        tracing::info!(dir, ?took, "built the test cluster binaries");
-    }
-    Ok(KubeBinaries {
-        dir: PathBuf::from(dir),
-        built_in,
-    })
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("{} printed no folder", script.display()))
 }
