@@ -112,7 +112,8 @@ impl KubeCluster {
     /// Builds the binaries if needed (first use on a machine: minutes), writes the PKI,
     /// starts etcd, the API server and the controller manager in `bed`'s node
     /// namespace, and waits until `/readyz` is ok and the controller manager has made
-    /// the `default` ServiceAccount.
+    /// the `default` ServiceAccount. One cluster per bed: the ports are fixed inside
+    /// the node namespace.
     pub fn start(bed: &mut TestBed) -> Result<Self> {
         let binaries = kube_binaries()?.clone();
         let node = bed.node().clone();
