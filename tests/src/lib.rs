@@ -24,13 +24,14 @@
 //! flows between namespaces the bed created.
 
 mod bed;
+pub mod kube;
 pub mod kubelet;
 pub mod loopback;
 pub mod netns;
 mod process;
 
 pub use bed::{EXEC_TIMEOUT, NODE_IP, POD_PREFIX_LEN, Pod, SERVICE_CIDR, Service, TestBed};
-pub use process::{ChildHandle, netns_command, run_with_timeout};
+pub use process::{ChildHandle, netns_command, run_with_input, run_with_timeout};
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -67,8 +68,13 @@ pub type RootTest = (&'static str, fn() -> Result<()>);
 /// with `--list`). Exits with the runner's
 /// status (`--ignored` / `--include-ignored` still force them to run).
 pub fn run_root_tests(tests: &[RootTest]) -> ! {
+    run_tests_unless(root_skip_reason(), tests)
+}
+
+/// The body of [`run_root_tests`] for any reason to skip: with `skip` set, prints
+/// `SKIPPED (reported as ignored): <skip>` and marks every test ignored.
+pub fn run_tests_unless(skip: Option<&str>, tests: &[RootTest]) -> ! {
     let args = libtest_mimic::Arguments::from_args();
-    let skip = root_skip_reason();
     // Not with `--list`: tools such as cargo-nextest parse that output.
     if let (Some(reason), false) = (skip, args.list) {
         println!("SKIPPED (reported as ignored): {reason}");

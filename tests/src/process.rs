@@ -1,7 +1,7 @@
 //! Processes inside pods: long-running ones with a log file, and one-shot commands with
 //! a time limit.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -36,14 +36,32 @@ pub fn netns_command(netns: &str, uid: Option<u32>, program: &str, args: &[&str]
 }
 
 /// Runs `cmd` to completion, killing it after `timeout`. Output is captured.
-pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output> {
+pub fn run_with_timeout(cmd: Command, timeout: Duration) -> Result<Output> {
+    run_with_input(cmd, None, timeout)
+}
+
+/// [`run_with_timeout`] with `input` written to the command's stdin (none: stdin is
+/// `/dev/null`).
+pub fn run_with_input(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> Result<Output> {
     let desc = format!("{cmd:?}");
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawn {desc}"))?;
+    if let (Some(input), Some(mut pipe)) = (input, child.stdin.take()) {
+        let input = input.to_vec();
+        // From a thread, so a child that stops reading cannot hold us past the deadline.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
     let stdout = reader(child.stdout.take());
     let stderr = reader(child.stderr.take());
     let deadline = Instant::now() + timeout;
