@@ -17,10 +17,16 @@ use trellis_tests::{TestBed, netns, testapp_path};
 const NS: &str = "shop";
 
 fn main() {
-    run_cluster_tests(&[(
-        "deployment_service_job_and_in_cluster_client_on_the_netns_kubelet",
-        deployment_service_job_and_in_cluster_client_on_the_netns_kubelet,
-    )]);
+    run_cluster_tests(&[
+        (
+            "deployment_service_job_and_in_cluster_client_on_the_netns_kubelet",
+            deployment_service_job_and_in_cluster_client_on_the_netns_kubelet,
+        ),
+        (
+            "init_containers_native_sidecar_users_and_restarts",
+            init_containers_native_sidecar_users_and_restarts,
+        ),
+    ]);
 }
 
 const APPS: &str = r#"
@@ -288,4 +294,162 @@ fn find_token(volumes: &Path) -> Result<String> {
         }
     }
     bail!("no token volume under {}", volumes.display())
+}
+
+/// `{APP_DIR}` is replaced by the folder of `trellis-testapp`, so `sh` finds it on PATH.
+const ORDERED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: ordered
+  namespace: shop
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      volumes:
+        - name: work
+          emptyDir: {}
+      initContainers:
+        - name: setup
+          image: ghcr.io/trellis-mesh/trellis-testapp:latest
+          command: ["sh", "-c", "echo setup-uid=$(id -u) > /mnt/work/setup"]
+          securityContext: { runAsUser: 1000 }
+          volumeMounts: [{ name: work, mountPath: /mnt/work }]
+        - name: side
+          image: ghcr.io/trellis-mesh/trellis-testapp:latest
+          restartPolicy: Always
+          args: ["tcp-echo", "--listen", "0.0.0.0:7000", "--name", "side"]
+          securityContext: { runAsUser: 1337, runAsGroup: 1337 }
+          startupProbe:
+            tcpSocket: { port: 7000 }
+            periodSeconds: 1
+      containers:
+        - name: main
+          image: ghcr.io/trellis-mesh/trellis-testapp:latest
+          command: ["sh", "-c"]
+          args:
+            - cat /mnt/work/setup; echo main-ids=$(id -u):$(id -g):$(id -G); exec trellis-testapp tcp-send 127.0.0.1:7000 ping
+          env:
+            - { name: PATH, value: "{APP_DIR}:/usr/bin:/bin" }
+          securityContext: { runAsUser: 2000, runAsGroup: 3000 }
+          volumeMounts: [{ name: work, mountPath: /mnt/work }]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: flaky
+  namespace: shop
+spec:
+  restartPolicy: OnFailure
+  volumes:
+    - name: work
+      emptyDir: {}
+  containers:
+    - name: flaky
+      image: busybox
+      command: ["sh", "-c", "if [ -e /mnt/work/once ]; then echo second-run; exit 0; fi; touch /mnt/work/once; echo first-run; exit 3"]
+      volumeMounts: [{ name: work, mountPath: /mnt/work }]
+"#;
+
+fn init_containers_native_sidecar_users_and_restarts() -> Result<()> {
+    let mut bed = TestBed::new("kubeinit")?;
+    let cluster = KubeCluster::start(&mut bed)?;
+    let app = testapp_path()?;
+    let app_dir = app
+        .parent()
+        .context("testapp has no folder")?
+        .display()
+        .to_string();
+    let kubelet = Kubelet::start(&mut bed, &cluster, &[("trellis-testapp", app.clone())])?;
+    let result = ordered_scenario(&cluster, &kubelet, &ORDERED.replace("{APP_DIR}", &app_dir));
+    if result.is_err() || std::env::var_os("TRELLIS_SHOW_LOGS").is_some() {
+        eprintln!("{}\n{}", kubelet.logs(), cluster.logs());
+    }
+    result
+}
+
+fn ordered_scenario(cluster: &KubeCluster, kubelet: &Kubelet, manifest: &str) -> Result<()> {
+    cluster.kubectl_apply_stdin(manifest)?;
+    cluster.wait_until("job ordered completes", Duration::from_secs(60), |c| {
+        let out = c.kubectl(&[
+            "get",
+            "job",
+            "ordered",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.conditions[*].type}",
+        ])?;
+        if out.contains("Failed") {
+            bail!("job ordered failed: {out}");
+        }
+        Ok(out.contains("Complete"))
+    })?;
+    // The sidecar answered, so it was started (startup probe) before `main`; each
+    // container ran as its securityContext says; the emptyDir was shared.
+    let main = container_log(kubelet, "ordered-", "main")?;
+    ensure!(main.contains("setup-uid=1000"), "main log:\n{main}");
+    ensure!(
+        main.contains("main-ids=2000:3000:3000"),
+        "main log:\n{main}"
+    );
+    ensure!(main.contains("side: ping"), "main log:\n{main}");
+    // The Job completed although the sidecar never exits by itself: it was stopped.
+    let side_state = cluster.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "job-name=ordered",
+        "-o",
+        "jsonpath={.items[0].status.initContainerStatuses[?(@.name==\"side\")].state}",
+    ])?;
+    ensure!(
+        side_state.contains("terminated"),
+        "sidecar state: {side_state}"
+    );
+
+    cluster.wait_until(
+        "pod flaky succeeds after a restart",
+        Duration::from_secs(60),
+        |c| {
+            let out = c.kubectl(&[
+                "get",
+                "pod",
+                "flaky",
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={.status.phase}",
+            ])?;
+            if out == "Failed" {
+                bail!("pod flaky failed");
+            }
+            Ok(out == "Succeeded")
+        },
+    )?;
+    let restarts = cluster.kubectl(&[
+        "get",
+        "pod",
+        "flaky",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].restartCount}",
+    ])?;
+    ensure!(restarts.trim() == "1", "restartCount {restarts}");
+    let flaky = container_log(kubelet, "flaky", "flaky")?;
+    ensure!(
+        flaky.contains("first-run") && flaky.contains("second-run"),
+        "flaky log:\n{flaky}"
+    );
+    Ok(())
 }
