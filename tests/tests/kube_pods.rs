@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use base64::Engine as _;
 use trellis_tests::kube::{KubeCluster, run_cluster_tests};
 use trellis_tests::kubelet::Kubelet;
-use trellis_tests::{TestBed, netns, testapp_path};
+use trellis_tests::{TestBed, netns, target_binary, testapp_path};
 
 const NS: &str = "shop";
 
@@ -356,6 +356,27 @@ spec:
       image: busybox
       command: ["sh", "-c", "if [ -e /mnt/work/once ]; then echo second-run; exit 0; fi; touch /mnt/work/once; echo first-run; exit 3"]
       volumeMounts: [{ name: work, mountPath: /mnt/work }]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: meshinit
+  namespace: shop
+spec:
+  restartPolicy: Never
+  volumes:
+    - name: trellis-run
+      emptyDir: { medium: Memory }
+  initContainers:
+    - name: trellis-init
+      image: ghcr.io/trellis-mesh/trellis-proxy-init:latest
+      args: ["init", "--proxy-uid", "1337"]
+      securityContext: { runAsUser: 0, runAsGroup: 0 }
+      volumeMounts: [{ name: trellis-run, mountPath: /run }]
+  containers:
+    - name: rules
+      image: debian
+      command: ["iptables-save", "-t", "nat"]
 "#;
 
 fn init_containers_native_sidecar_users_and_restarts() -> Result<()> {
@@ -367,7 +388,13 @@ fn init_containers_native_sidecar_users_and_restarts() -> Result<()> {
         .context("testapp has no folder")?
         .display()
         .to_string();
-    let kubelet = Kubelet::start(&mut bed, &cluster, &[("trellis-testapp", app.clone())])?;
+    let proxy = target_binary("trellis-proxy")?;
+    let images = [
+        ("trellis-testapp", app.clone()),
+        ("trellis-proxy-init", proxy.clone()),
+        ("trellis-proxy", proxy),
+    ];
+    let kubelet = Kubelet::start(&mut bed, &cluster, &images)?;
     let result = ordered_scenario(&cluster, &kubelet, &ORDERED.replace("{APP_DIR}", &app_dir));
     if result.is_err() || std::env::var_os("TRELLIS_SHOW_LOGS").is_some() {
         eprintln!("{}\n{}", kubelet.logs(), cluster.logs());
