@@ -360,6 +360,22 @@ spec:
 apiVersion: v1
 kind: Pod
 metadata:
+  name: liveness
+  namespace: shop
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: echo
+      image: ghcr.io/trellis-mesh/trellis-testapp:latest
+      args: ["tcp-echo", "--listen", "0.0.0.0:7000"]
+      livenessProbe:
+        tcpSocket: { port: 7001 }
+        periodSeconds: 1
+        failureThreshold: 2
+---
+apiVersion: v1
+kind: Pod
+metadata:
   name: meshinit
   namespace: shop
 spec:
@@ -477,6 +493,36 @@ fn ordered_scenario(cluster: &KubeCluster, kubelet: &Kubelet, manifest: &str) ->
     ensure!(
         flaky.contains("first-run") && flaky.contains("second-run"),
         "flaky log:\n{flaky}"
+    );
+
+    // A failing liveness probe gets the container killed (SIGTERM) and restarted.
+    cluster.wait_until("pod liveness is restarted by its probe", Duration::from_secs(60), |c| {
+        let out = c.kubectl(&["get", "pod", "liveness", "-n", NS, "-o", "jsonpath={.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].lastState.terminated.exitCode}"])?;
+        Ok(out.split_whitespace().nth(1) == Some("143"))
+    })?;
+
+    // The injected init container's image runs `trellis-proxy init` for real in the
+    // pod's namespace; its OUTPUT hook comes before the kube-proxy chain's, so a meshed
+    // pod's connections to a ClusterIP reach the sidecar before any DNAT.
+    cluster.wait_until("pod meshinit finishes", Duration::from_secs(60), |c| {
+        let out = c.kubectl(&[
+            "get",
+            "pod",
+            "meshinit",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.phase}",
+        ])?;
+        Ok(out == "Succeeded" || out == "Failed")
+    })?;
+    let rules = container_log(kubelet, "meshinit", "rules")?;
+    let position = |rule: &str| rules.lines().position(|l| l == rule);
+    let trellis_hook = position("-A OUTPUT -p tcp -j TRELLIS_OUTPUT");
+    let kube_hook = position("-A OUTPUT -j KUBE-SERVICES");
+    ensure!(
+        matches!((trellis_hook, kube_hook), (Some(t), Some(k)) if t < k),
+        "OUTPUT hooks out of order:\n{rules}"
     );
     Ok(())
 }
