@@ -319,9 +319,9 @@ spec:
       initContainers:
         - name: setup
           image: ghcr.io/trellis-mesh/trellis-testapp:latest
-          command: ["sh", "-c", "echo setup-uid=$(id -u) > /mnt/work/setup"]
+          command: ["sh", "-c", "echo setup-uid=$(id -u) > /data/work/setup"]
           securityContext: { runAsUser: 1000 }
-          volumeMounts: [{ name: work, mountPath: /mnt/work }]
+          volumeMounts: [{ name: work, mountPath: /data/work }]
         - name: side
           image: ghcr.io/trellis-mesh/trellis-testapp:latest
           restartPolicy: Always
@@ -335,11 +335,11 @@ spec:
           image: ghcr.io/trellis-mesh/trellis-testapp:latest
           command: ["sh", "-c"]
           args:
-            - cat /mnt/work/setup; echo main-ids=$(id -u):$(id -g):$(id -G); exec trellis-testapp tcp-send 127.0.0.1:7000 ping
+            - cat /data/work/setup; echo main-ids=$(id -u):$(id -g):$(id -G); exec trellis-testapp tcp-send 127.0.0.1:7000 ping
           env:
             - { name: PATH, value: "{APP_DIR}:/usr/bin:/bin" }
           securityContext: { runAsUser: 2000, runAsGroup: 3000 }
-          volumeMounts: [{ name: work, mountPath: /mnt/work }]
+          volumeMounts: [{ name: work, mountPath: /data/work }]
 ---
 apiVersion: v1
 kind: Pod

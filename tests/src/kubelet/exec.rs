@@ -8,6 +8,8 @@
 //! A mount path whose folders do not exist on the node is made on a tmpfs laid over its
 //! nearest existing ancestor, into which that ancestor's entries are bound first: the
 //! container sees the node's files plus its mounts, and nothing is made on the node.
+//! When that ancestor is `/`, the container gets a root of its own the same way
+//! (`pivot_root` to a tmpfs holding the node's top-level entries).
 
 use std::convert::Infallible;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -46,6 +48,10 @@ pub fn container_exec(plan_path: &Path) -> Result<Infallible> {
         .with_context(|| format!("read exec plan {}", plan_path.display()))?;
     let plan: ExecPlan = serde_json::from_str(&text).context("parse exec plan")?;
     let mut shadowed: Vec<PathBuf> = Vec::new();
+    let own = needs_own_root(&plan.mounts);
+    if own {
+        own_root(&plan.scratch.join("own-root")).context("give the container a root of its own")?;
+    }
     for (i, m) in plan.mounts.iter().enumerate() {
         let is_dir = m.source.is_dir();
         prepare_target(
@@ -53,6 +59,7 @@ pub fn container_exec(plan_path: &Path) -> Result<Infallible> {
             is_dir,
             &plan.scratch.join(i.to_string()),
             &mut shadowed,
+            own,
         )
         .with_context(|| format!("prepare mount point {}", m.target.display()))?;
         mount(&["--bind", path_str(&m.source)?, path_str(&m.target)?])?;
@@ -82,6 +89,7 @@ fn prepare_target(
     is_dir: bool,
     scratch: &Path,
     shadowed: &mut Vec<PathBuf>,
+    own_root: bool,
 ) -> Result<()> {
     if !target.is_absolute() {
         bail!("mount path must be absolute");
@@ -101,10 +109,15 @@ fn prepare_target(
         .find(|a| a.exists())
         .ok_or_else(|| anyhow!("no existing ancestor"))?;
     let real = std::fs::canonicalize(ancestor)?;
-    if !shadowed.iter().any(|s| real.starts_with(s)) {
-        if real == Path::new("/") {
-            bail!("will not lay a tmpfs over `/`: mount somewhere below an existing folder");
+    if real == Path::new("/") {
+        if !own_root {
+            bail!("no root of its own to make a folder in");
         }
+        // A root of our own is a tmpfs: what is made at its top is ours.
+        if let Some(top) = target.components().nth(1) {
+            shadowed.push(Path::new("/").join(top));
+        }
+    } else if !shadowed.iter().any(|s| real.starts_with(s)) {
         shadow(&real, scratch)?;
         shadowed.push(real);
     }
@@ -121,6 +134,12 @@ fn prepare_target(
 
 /// Lays a tmpfs over `dir` that holds `dir`'s entries (bound in from the original).
 fn shadow(dir: &Path, scratch: &Path) -> Result<()> {
+    populate(dir, scratch)?;
+    mount(&["--move", path_str(scratch)?, path_str(dir)?])
+}
+
+/// Mounts a tmpfs on `scratch` holding `dir`'s entries, each bound from the original.
+fn populate(dir: &Path, scratch: &Path) -> Result<()> {
     std::fs::create_dir_all(scratch)?;
     let mode = std::fs::metadata(dir)?.mode() & 0o7777;
     mount(&[
@@ -151,7 +170,54 @@ fn shadow(dir: &Path, scratch: &Path) -> Result<()> {
             eprintln!("container-exec: {} left out: {e:#}", from.display());
         }
     }
-    mount(&["--move", path_str(scratch)?, path_str(dir)?])
+    Ok(())
+}
+
+/// A mount point missing right under `/` cannot be made without writing to the node's
+/// root: the container then gets a root of its own, a tmpfs holding the node's
+/// top-level entries (bound), switched to with `pivot_root` (private mount namespace:
+/// nothing else sees it).
+fn needs_own_root(mounts: &[MountPlan]) -> bool {
+    mounts.iter().any(|m| {
+        !m.target.exists()
+            && m.target
+                .ancestors()
+                .skip(1)
+                .find(|a| a.exists())
+                .and_then(|a| std::fs::canonicalize(a).ok())
+                .is_some_and(|a| a == Path::new("/"))
+    })
+}
+
+fn own_root(scratch: &Path) -> Result<()> {
+    let root = scratch.join("root");
+    populate(Path::new("/"), &root)?;
+    let old = root.join(".node-root");
+    std::fs::create_dir(&old)?;
+    let out = Command::new("/usr/sbin/pivot_root")
+        .arg(&root)
+        .arg(&old)
+        .output()
+        .context("run pivot_root")?;
+    if !out.status.success() {
+        bail!(
+            "pivot_root failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::env::set_current_dir("/")?;
+    let out = Command::new("/usr/bin/umount")
+        .args(["-l", "/.node-root"])
+        .output()
+        .context("run umount")?;
+    if !out.status.success() {
+        bail!(
+            "umount of the old root failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::remove_dir("/.node-root")?;
+    Ok(())
 }
 
 fn mount(args: &[&str]) -> Result<()> {
