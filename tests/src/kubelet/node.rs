@@ -53,12 +53,15 @@ pub async fn register(client: &Client, cfg: &KubeletConfig) -> Result<()> {
 /// Writes the Ready condition and renews the Lease.
 pub async fn heartbeat_once(client: &Client, cfg: &KubeletConfig) -> Result<()> {
     let now = Timestamp::now().to_string();
+    // The conditions never change, so they last changed when this kubelet started.
+    static SINCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let since = SINCE.get_or_init(|| now.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let condition = |kind: &str, status: &str, reason: &str, message: &str| {
         json!({
             "type": kind, "status": status, "reason": reason, "message": message,
-            "lastHeartbeatTime": now, "lastTransitionTime": now,
+            "lastHeartbeatTime": now, "lastTransitionTime": since,
         })
     };
     let capacity = json!({ "cpu": cpus.to_string(), "memory": "16Gi", "pods": "110", "ephemeral-storage": "20Gi" });
