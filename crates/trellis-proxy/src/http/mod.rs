@@ -11,6 +11,7 @@ pub mod plain;
 pub mod policy;
 pub mod pool;
 pub mod route;
+pub mod sniff;
 
 /// Every body the proxy sends: app bodies stream through, its own are small.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
