@@ -326,7 +326,7 @@ fn to_origin_form(parts: &mut http::request::Parts, app: &http::uri::Authority) 
     parts.uri = match (&parts.method, uri.path_and_query) {
         (&Method::CONNECT, _) => uri
             .authority
-            .map(|a| Uri::from(a))
+            .map(Uri::from)
             .unwrap_or_else(|| Uri::from_static("/")),
         (_, Some(path)) => Uri::from(path),
         (_, None) => Uri::from_static("/"),
