@@ -24,8 +24,10 @@ const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
 const READY: Duration = Duration::from_secs(15);
 const WEB_VIP: &str = "10.96.0.20";
 const WEB: &str = "web.default.svc.cluster.local";
-const FORGED: &str = "By=spiffe://cluster.local/ns/default/sa/web;URI=spiffe://cluster.local/ns/default/sa/admin";
-const REAL: &str = "By=spiffe://cluster.local/ns/default/sa/web;URI=spiffe://cluster.local/ns/default/sa/client";
+const FORGED: &str =
+    "By=spiffe://cluster.local/ns/default/sa/web;URI=spiffe://cluster.local/ns/default/sa/admin";
+const REAL: &str =
+    "By=spiffe://cluster.local/ns/default/sa/web;URI=spiffe://cluster.local/ns/default/sa/client";
 
 fn main() {
     run_root_tests(&[
@@ -155,7 +157,12 @@ fn cluster(name: &str) -> Result<Cluster> {
     let root = state.join("root-cert.pem");
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755))?;
 
-    let app = bed.spawn(&web, None, APP, &["http-inspect", "--listen", "0.0.0.0:8080"])?;
+    let app = bed.spawn(
+        &web,
+        None,
+        APP,
+        &["http-inspect", "--listen", "0.0.0.0:8080"],
+    )?;
     app.wait_listening(READY)?;
     procs.push(app);
 
@@ -291,7 +298,10 @@ impl Cluster {
 
     /// An HTTP/1.1 request from a meshed pod to the web Service (over mTLS).
     fn mesh(&self, from: &Pod, target: &str, extra: &[&str]) -> Result<Answer> {
-        self.raw(from, &[&[&format!("{WEB}:80") as &str, target], extra].concat())
+        self.raw(
+            from,
+            &[&[&format!("{WEB}:80") as &str, target], extra].concat(),
+        )
     }
 
     /// An HTTP/1.1 request from the unmeshed pod straight to web's pod IP, in
@@ -334,7 +344,10 @@ fn path_bypasses_of_a_deny_policy_are_denied_or_refused() -> Result<()> {
     let c = cluster("ztpath")?;
     let mut wrong = Vec::new();
     for (how, ask) in [
-        ("mTLS from client", &(|t: &str| c.mesh(&c.client, t, &[])) as &dyn Fn(&str) -> Result<Answer>),
+        (
+            "mTLS from client",
+            &(|t: &str| c.mesh(&c.client, t, &[])) as &dyn Fn(&str) -> Result<Answer>,
+        ),
         ("plaintext from plain", &|t: &str| c.plaintext(t, &[])),
     ] {
         for (target, status, app_path) in PATHS {
@@ -345,7 +358,9 @@ fn path_bypasses_of_a_deny_policy_are_denied_or_refused() -> Result<()> {
             let query_ok = !target.contains('?')
                 || answer.seen("query") == [target.split_once('?').map_or("", |(_, q)| q)];
             if !ok || !query_ok {
-                wrong.push(format!("{how}: {target:?} -> {answer:?}, want {status} {app_path:?}"));
+                wrong.push(format!(
+                    "{how}: {target:?} -> {answer:?}, want {status} {app_path:?}"
+                ));
             } else {
                 println!("{how}: {target:?} -> {}", answer.status);
             }
@@ -387,7 +402,9 @@ fn forged_identity_headers_never_reach_the_app() -> Result<()> {
             answer.status == 200
         };
         if !status_ok || seen != want {
-            wrong.push(format!("{how}: app saw xfcc {seen:?}, want {want:?}: {answer:?}"));
+            wrong.push(format!(
+                "{how}: app saw xfcc {seen:?}, want {want:?}: {answer:?}"
+            ));
         } else {
             println!("{how}: app saw xfcc {seen:?}");
         }
@@ -400,7 +417,10 @@ fn forged_identity_headers_never_reach_the_app() -> Result<()> {
     );
     check(
         "HTTP/2 prior knowledge over mTLS",
-        c.raw(&c.client, &[&[&format!("{WEB}:80") as &str, "/public/x"], &h2[..]].concat())?,
+        c.raw(
+            &c.client,
+            &[&[&format!("{WEB}:80") as &str, "/public/x"], &h2[..]].concat(),
+        )?,
         &[REAL],
     );
     check(
@@ -416,7 +436,10 @@ fn forged_identity_headers_never_reach_the_app() -> Result<()> {
     );
     check(
         "HTTP/2 prior knowledge plaintext",
-        c.raw(&c.plain, &[&[web_ip.as_str(), "/public/x"], &h2[..]].concat())?,
+        c.raw(
+            &c.plain,
+            &[&[web_ip.as_str(), "/public/x"], &h2[..]].concat(),
+        )?,
         &[],
     );
     check(
@@ -427,7 +450,9 @@ fn forged_identity_headers_never_reach_the_app() -> Result<()> {
     // An upgrade is a request like any other: policy judges its path.
     let denied = c.plaintext("//admin/secret", &upgrade)?;
     if denied.status != 403 {
-        wrong.push(format!("an upgrade to //admin/secret was not denied: {denied:?}"));
+        wrong.push(format!(
+            "an upgrade to //admin/secret was not denied: {denied:?}"
+        ));
     }
     if !wrong.is_empty() {
         bail!("{}\n{}", wrong.join("\n"), c.bed.logs());

@@ -152,6 +152,7 @@ async fn main() {
     }
 }
 
+#[path = "trellis-testapp/inspect.rs"]
 mod inspect;
 
 async fn within(secs: u64, fut: impl Future<Output = Result<()>>) -> Result<()> {

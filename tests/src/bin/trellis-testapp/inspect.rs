@@ -21,9 +21,8 @@ pub async fn serve(listen: &str) -> Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(|req| async move {
-                Ok::<_, Infallible>(answer(req))
-            });
+            let svc =
+                hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(answer(req)) });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -58,7 +57,11 @@ fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
             let (read, mut write) = tokio::io::split(TokioIo::new(upgraded));
             let mut lines = BufReader::new(read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                if write
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -70,7 +73,8 @@ fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
             .header("x-seen-path", path.as_str())
             .header("x-seen-xfcc", xfcc.join(" | "))
             .body(Full::default());
-        return response.unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, String::new()));
+        return response
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, String::new()));
     }
     let mut body = format!(
         "path={path}\nraw={}\nquery={}\n",
@@ -204,7 +208,9 @@ pub async fn send_h2(request: &RawRequest) -> Result<()> {
         };
         builder = builder.header(name.trim(), value.trim());
     }
-    let response = sender.send_request(builder.body(Full::new(Bytes::new()))?).await?;
+    let response = sender
+        .send_request(builder.body(Full::new(Bytes::new()))?)
+        .await?;
     println!("HTTP {}", response.status().as_u16());
     for (name, value) in response.headers() {
         println!("< {name}: {}", String::from_utf8_lossy(value.as_bytes()));
