@@ -239,7 +239,10 @@ impl Answer {
         let mut body = String::new();
         for line in lines {
             match line.strip_prefix("< ") {
-                Some(h) if body.is_empty() => headers.push(h.to_ascii_lowercase()),
+                Some(h) if body.is_empty() => headers.push(match h.split_once(':') {
+                    Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+                    None => h.to_owned(),
+                }),
                 _ => {
                     body.push_str(line);
                     body.push('\n');
