@@ -39,6 +39,10 @@ fn main() {
             "forged_identity_headers_never_reach_the_app",
             forged_identity_headers_never_reach_the_app,
         ),
+        (
+            "a_real_nginx_behind_the_sidecar_is_not_bypassed",
+            a_real_nginx_behind_the_sidecar_is_not_bypassed,
+        ),
     ]);
 }
 
@@ -60,7 +64,9 @@ metadata: {{name: web, namespace: default}}
 spec:
   clusterIP: {WEB_VIP}
   selector: {{app: web}}
-  ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, appProtocol: http}}
+  - {{name: http-nginx, port: 81, targetPort: 8081, appProtocol: http}}
 ---
 apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
@@ -119,6 +125,56 @@ fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// nginx from Debian (`nginx-light`), if installed.
+fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Serves `/admin/secret` and `/public/x` as files on 8081, with the path nginx
+/// resolved and the raw one in response headers.
+fn nginx_config(dir: &Path) -> Result<PathBuf> {
+    let www = dir.join("www");
+    for (file, text) in [
+        ("admin/secret", "admin secret\n"),
+        ("public/x", "public x\n"),
+    ] {
+        let path = www.join(file);
+        std::fs::create_dir_all(path.parent().context("parent")?)?;
+        std::fs::write(path, text)?;
+    }
+    let d = dir.display();
+    let conf = format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    map $request_uri $raw_path {{ "~^(?<p>[^?]*)" $p; }}
+    server {{
+        listen 8081;
+        root {d}/www;
+        default_type text/plain;
+        add_header x-path $uri always;
+        add_header x-raw-path $raw_path always;
+    }}
+}}
+"#
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    Ok(path)
+}
+
 fn cluster(name: &str) -> Result<Cluster> {
     let proxy = target_binary("trellis-proxy")?;
     let control = target_binary("trellis-control")?;
@@ -165,6 +221,14 @@ fn cluster(name: &str) -> Result<Cluster> {
     )?;
     app.wait_listening(READY)?;
     procs.push(app);
+    if let Some(nginx) = nginx_binary() {
+        let dir = bed.dir().join("nginx");
+        std::fs::create_dir_all(&dir)?;
+        let conf = nginx_config(&dir)?;
+        let nginx = nginx.to_str().context("path")?;
+        let conf = conf.to_str().context("path")?;
+        procs.push(bed.spawn(&web, None, nginx, &["-e", "stderr", "-c", conf])?);
+    }
 
     for pod in [&web, &client] {
         let sa = pod.name.as_str();
@@ -305,6 +369,11 @@ impl Cluster {
             from,
             &[&[&format!("{WEB}:80") as &str, target], extra].concat(),
         )
+    }
+
+    /// An HTTP/1.1 request from a meshed pod to nginx through the web Service.
+    fn mesh_nginx(&self, from: &Pod, target: &str) -> Result<Answer> {
+        self.raw(from, &[&format!("{WEB}:81") as &str, target])
     }
 
     /// An HTTP/1.1 request from the unmeshed pod straight to web's pod IP, in
@@ -456,6 +525,55 @@ fn forged_identity_headers_never_reach_the_app() -> Result<()> {
         wrong.push(format!(
             "an upgrade to //admin/secret was not denied: {denied:?}"
         ));
+    }
+    if !wrong.is_empty() {
+        bail!("{}\n{}", wrong.join("\n"), c.bed.logs());
+    }
+    Ok(())
+}
+
+/// The same attacks against nginx itself: what it would serve from `/admin` is never
+/// served, and it receives the path policy judged.
+fn a_real_nginx_behind_the_sidecar_is_not_bypassed() -> Result<()> {
+    if nginx_binary().is_none() {
+        println!("SKIPPED nginx case: nginx is not installed (apt-get install nginx-light)");
+        return Ok(());
+    }
+    let c = cluster("ztnginx")?;
+    c.eventually("nginx answers on 8081", || {
+        Ok(c.mesh_nginx(&c.client, "/public/x")?.status == 200)
+    })?;
+    let nginx_ip = format!("{}:8081", c.web.ip);
+    let mut wrong = Vec::new();
+    for (target, status, app_path) in PATHS {
+        // nginx's filesystem is case-sensitive: /ADMIN/secret does not exist there.
+        let (status, app_path) = match *target {
+            "/ADMIN/secret" => (404, None),
+            _ => (*status, *app_path),
+        };
+        for (how, answer) in [
+            ("mTLS from client", c.mesh_nginx(&c.client, target)?),
+            (
+                "plaintext from plain",
+                c.raw(&c.plain, &[nginx_ip.as_str(), target])?,
+            ),
+        ] {
+            let served_admin = answer.body.contains("admin secret");
+            let ok = answer.status == status
+                && !served_admin
+                && app_path.is_none_or(|p| {
+                    answer.header("x-raw-path") == Some(p)
+                        && answer.header("x-path") == Some(p)
+                        && answer.body == "public x\n"
+                });
+            if ok {
+                println!("nginx, {how}: {target:?} -> {}", answer.status);
+            } else {
+                wrong.push(format!(
+                    "nginx, {how}: {target:?} -> {answer:?}, want {status} {app_path:?}"
+                ));
+            }
+        }
     }
     if !wrong.is_empty() {
         bail!("{}\n{}", wrong.join("\n"), c.bed.logs());
