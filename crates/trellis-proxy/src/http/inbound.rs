@@ -348,3 +348,74 @@ fn wants_upgrade(parts: &http::request::Parts) -> bool {
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: Method, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_query_survives_a_rewritten_path() {
+        let uri: Uri = "http://web.default//admin/./x?a=%2F&b=/../c"
+            .parse()
+            .unwrap();
+        let rewritten = with_path(uri, "/admin/x").unwrap();
+        assert_eq!(rewritten, "http://web.default/admin/x?a=%2F&b=/../c");
+        let rewritten = with_path(Uri::from_static("/a//b"), "/a/b").unwrap();
+        assert_eq!(rewritten, "/a/b");
+    }
+
+    #[test]
+    fn absolute_form_targets_are_judged_on_their_path_and_sent_in_origin_form() {
+        let level = PathNormalization::MergeSlashes;
+        let mut p = parts(
+            Method::GET,
+            "http://evil.example//admin/x?q=1",
+            &[("host", "web")],
+        );
+        assert_eq!(normalized_path(level, &p).unwrap(), "/admin/x");
+        to_origin_form(&mut p, &http::uri::Authority::from_static("127.0.0.1:8080"));
+        assert_eq!(p.uri, "//admin/x?q=1");
+        // The absolute form's authority overrides Host (RFC 9112, 3.2.2).
+        assert_eq!(p.headers[header::HOST], "evil.example");
+
+        let mut p = parts(Method::GET, "/x", &[]);
+        to_origin_form(&mut p, &http::uri::Authority::from_static("127.0.0.1:8080"));
+        assert_eq!(p.headers[header::HOST], "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn only_options_may_ask_for_star_and_paths_must_be_absolute() {
+        let level = PathNormalization::MergeSlashes;
+        assert_eq!(
+            normalized_path(level, &parts(Method::OPTIONS, "*", &[])).unwrap(),
+            "*"
+        );
+        assert!(normalized_path(level, &parts(Method::GET, "*", &[])).is_err());
+        let connect = parts(Method::CONNECT, "web.default:443", &[]);
+        assert_eq!(normalized_path(level, &connect).unwrap(), "");
+        assert!(wants_upgrade(&connect));
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_headers() {
+        let both = parts(
+            Method::GET,
+            "/",
+            &[
+                ("upgrade", "websocket"),
+                ("connection", "keep-alive, Upgrade"),
+            ],
+        );
+        assert!(wants_upgrade(&both));
+        let alone = parts(Method::GET, "/", &[("upgrade", "websocket")]);
+        assert!(!wants_upgrade(&alone));
+    }
+}
