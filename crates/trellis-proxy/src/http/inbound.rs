@@ -85,7 +85,8 @@ impl InboundConnection {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let this = Arc::new(Handler::new(self));
+        let handler = Arc::new(Handler::new(self));
+        let this = handler.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.handle(req, Downstream::Http1).await) }
@@ -98,6 +99,16 @@ impl InboundConnection {
         if let Err(e) = result {
             tracing::debug!(error = %e, "inbound HTTP/1 connection ended");
         }
+        // The connection lives on as an upgraded stream: the caller's drain and
+        // connection accounting cover it until it ends.
+        let tunnel = handler
+            .tunnel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(tunnel) = tunnel {
+            let _ = tunnel.await;
+        }
     }
 }
 
@@ -106,6 +117,8 @@ struct Handler {
     /// The caller's identity for the app, built once per connection; `None` for a
     /// plaintext caller, whose requests reach the app without one.
     xfcc: Option<HeaderValue>,
+    /// The byte stream an HTTP/1 connection became after an upgrade (one at most).
+    tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Handler {
@@ -113,7 +126,11 @@ impl Handler {
         let xfcc = conn.peer.as_ref().and_then(|peer| {
             HeaderValue::from_str(&format!("By={};URI={peer}", conn.own_identity)).ok()
         });
-        Handler { conn, xfcc }
+        Handler {
+            conn,
+            xfcc,
+            tunnel: std::sync::Mutex::new(None),
+        }
     }
 
     async fn handle(&self, req: Request<Incoming>, downstream: Downstream) -> Response<Body> {
@@ -250,7 +267,7 @@ impl Handler {
         if agreed {
             let app = hyper::upgrade::on(&mut response);
             let addr = self.conn.app.addr();
-            tokio::spawn(async move {
+            let tunnel = tokio::spawn(async move {
                 match tokio::join!(downstream, app) {
                     (Ok(downstream), Ok(app)) => {
                         let copied = tokio::io::copy_bidirectional(
@@ -268,6 +285,10 @@ impl Handler {
                     ),
                 }
             });
+            *self
+                .tunnel
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tunnel);
         }
         response.map(|b| b.map_err(Into::into).boxed())
     }
