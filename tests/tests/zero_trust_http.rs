@@ -67,6 +67,7 @@ spec:
   ports:
   - {{name: http, port: 80, targetPort: 8080, appProtocol: http}}
   - {{name: http-nginx, port: 81, targetPort: 8081, appProtocol: http}}
+  - {{name: undeclared, port: 8000, targetPort: 8080}}
 ---
 apiVersion: trellis.io/v1alpha1
 kind: AuthorizationPolicy
@@ -498,6 +499,27 @@ fn forged_identity_headers_never_reach_the_app() -> Result<()> {
     check(
         "upgrade over mTLS",
         c.mesh(&c.client, "/public/x", &upgrade)?,
+        &[REAL],
+    );
+    // A caller that outlasts detection on an undeclared port, or starts with an empty
+    // line, is carried to web's sidecar as an opaque mTLS stream; that sidecar still
+    // finds the request in it.
+    let delayed: Vec<&str> = [&forged[..], &["--delay-ms", "1500"]].concat();
+    check(
+        "late HTTP/1.1 over an opaque mTLS stream",
+        c.raw(
+            &c.client,
+            &[&[&format!("{WEB}:8000") as &str, "/public/x"], &delayed[..]].concat(),
+        )?,
+        &[REAL],
+    );
+    let crlf: Vec<&str> = [&forged[..], &["--leading-crlf"]].concat();
+    check(
+        "HTTP/1.1 after an empty line over an opaque mTLS stream",
+        c.raw(
+            &c.client,
+            &[&[&format!("{WEB}:8000") as &str, "/public/x"], &crlf[..]].concat(),
+        )?,
         &[REAL],
     );
     // Plaintext into web's PERMISSIVE port: no identity at all.

@@ -88,6 +88,12 @@ enum Cmd {
         /// HTTP/2 prior knowledge instead of HTTP/1.1.
         #[arg(long)]
         h2: bool,
+        /// Stay silent this long after connecting (outlasting protocol detection).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Send an empty line before the request line (lenient servers skip it).
+        #[arg(long)]
+        leading_crlf: bool,
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
@@ -115,6 +121,8 @@ async fn main() {
             headers,
             upgrade,
             h2,
+            delay_ms,
+            leading_crlf,
             timeout,
         } => {
             let request = inspect::RawRequest {
@@ -124,6 +132,8 @@ async fn main() {
                 method,
                 headers,
                 upgrade,
+                delay: Duration::from_millis(delay_ms),
+                leading_crlf,
             };
             within(timeout, async move {
                 if h2 {

@@ -139,6 +139,8 @@ pub struct RawRequest {
     pub method: String,
     pub headers: Vec<String>,
     pub upgrade: Option<String>,
+    pub delay: std::time::Duration,
+    pub leading_crlf: bool,
 }
 
 pub async fn send_http1(request: &RawRequest) -> Result<()> {
@@ -146,7 +148,9 @@ pub async fn send_http1(request: &RawRequest) -> Result<()> {
     let mut stream = TcpStream::connect(target)
         .await
         .with_context(|| format!("connect {} ({target})", request.addr))?;
-    let mut head = format!(
+    tokio::time::sleep(request.delay).await;
+    let mut head = String::from(if request.leading_crlf { "\r\n" } else { "" });
+    head += &format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\n",
         request.method, request.target, request.host
     );
