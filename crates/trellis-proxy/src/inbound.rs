@@ -172,18 +172,21 @@ impl Inbound {
         let sniffed = sniff(&mut downstream, app, self.config.connect_timeout, timeout)
             .await
             .map_err(InboundError::Handshake)?;
+        let http2 = matches!(sniffed, Sniffed::Http2(_));
         let (prefix, upstream) = match sniffed {
-            Sniffed::Http1(prefix) => {
-                let io = PrefixedIo::new(prefix, downstream);
-                self.http(app, port, peer).serve_http1(io).await;
-                return Ok(0);
-            }
-            Sniffed::Http2(prefix) => {
-                let io = PrefixedIo::new(prefix, downstream);
-                self.http(app, port, peer).serve(io).await;
-                return Ok(0);
-            }
             Sniffed::Opaque { prefix, app } => (prefix, app),
+            Sniffed::Http1(prefix) | Sniffed::Http2(prefix) => {
+                let io = PrefixedIo::new(prefix, downstream);
+                let http = self.http(app, port, peer);
+                self.metrics.active_connections.inc();
+                if http2 {
+                    http.serve(io).await;
+                } else {
+                    http.serve_http1(io).await;
+                }
+                self.metrics.active_connections.dec();
+                return Ok(0);
+            }
         };
         if let Err(e) = self.authorize_l4(peer.as_ref(), port) {
             let _ = downstream.shutdown().await;
