@@ -180,6 +180,8 @@ pub struct ProxyConfig {
     /// Outbound destination ports carried as opaque TCP without detection, unless
     /// the Service port declares a protocol.
     pub opaque_ports: PortSet,
+    /// How inbound request paths are normalized before policy and the app see them.
+    pub path_normalization: crate::http::normalize::PathNormalization,
 }
 
 impl ProxyConfig {
@@ -206,6 +208,7 @@ impl ProxyConfig {
             handshake_timeout: Duration::from_secs(5),
             detect_timeout: Duration::from_secs(1),
             opaque_ports: PortSet::default_opaque(),
+            path_normalization: Default::default(),
         }
     }
 }

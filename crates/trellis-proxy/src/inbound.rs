@@ -21,6 +21,7 @@ use crate::config::ProxyConfig;
 use crate::detect::PrefixedIo;
 use crate::discovery::MeshState;
 use crate::http::inbound::{AppClients, InboundConnection};
+use crate::http::sniff::{Sniffed, sniff};
 use crate::metrics::{Metrics, PeerLabels, PolicyLabels, ReasonLabels};
 use crate::orig_dst::original_dst;
 
@@ -107,11 +108,10 @@ impl Inbound {
             .ok_or(InboundError::NoCertificate)?;
         let acceptor = TlsAcceptor::from(tls.server_config());
         let io = PrefixedIo::new(prefix, stream);
-        let mut downstream =
-            tokio::time::timeout(self.config.handshake_timeout, acceptor.accept(io))
-                .await
-                .map_err(|_| InboundError::HandshakeTimeout)?
-                .map_err(InboundError::Handshake)?;
+        let downstream = tokio::time::timeout(self.config.handshake_timeout, acceptor.accept(io))
+            .await
+            .map_err(|_| InboundError::HandshakeTimeout)?
+            .map_err(InboundError::Handshake)?;
         let peer_cert = downstream
             .get_ref()
             .1
@@ -130,36 +130,80 @@ impl Inbound {
 
         if downstream.get_ref().1.alpn_protocol() == Some(trellis_identity::ALPN_H2) {
             self.metrics.active_connections.inc();
-            InboundConnection {
-                app: self.apps.pool(app),
-                port,
-                own_identity: Arc::new(self.config.identity.clone()),
-                peer: Arc::new(peer),
-                state: self.state.clone(),
-                metrics: self.metrics.clone(),
-            }
-            .serve(downstream)
-            .await;
+            self.http(app, port, Some(peer)).serve(downstream).await;
             self.metrics.active_connections.dec();
             return Ok(());
         }
-        if let Err(e) = self.authorize_l4(Some(&peer), port) {
-            let _ = downstream.shutdown().await;
-            return Err(e);
-        }
-        let upstream = match self.connect_app(app).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = downstream.shutdown().await;
-                return Err(e);
-            }
-        };
-        let bytes = self.carry(downstream, upstream, Some(&peer), port).await;
+        let bytes = self.stream(downstream, Some(peer), port, app).await?;
         self.metrics
             .inbound_bytes
             .get_or_create(&labels)
             .inc_by(bytes);
         Ok(())
+    }
+
+    fn http(&self, app: SocketAddr, port: u16, peer: Option<SpiffeId>) -> InboundConnection {
+        InboundConnection {
+            app: self.apps.pool(app),
+            port,
+            own_identity: Arc::new(self.config.identity.clone()),
+            peer: peer.map(Arc::new),
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
+            path_normalization: self.config.path_normalization,
+        }
+    }
+
+    /// A stream that is not the mesh's HTTP/2 (plaintext, or an mTLS upgrade or TCP
+    /// stream): HTTP in it goes through the HTTP stack, so identity headers and path
+    /// policy apply; only what cannot be HTTP is carried as bytes. Returns the bytes
+    /// carried.
+    async fn stream<D>(
+        &self,
+        mut downstream: D,
+        peer: Option<SpiffeId>,
+        port: u16,
+        app: SocketAddr,
+    ) -> Result<u64, InboundError>
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let timeout = self.config.detect_timeout;
+        let sniffed = sniff(&mut downstream, app, self.config.connect_timeout, timeout)
+            .await
+            .map_err(InboundError::Handshake)?;
+        let http2 = matches!(sniffed, Sniffed::Http2(_));
+        let (prefix, upstream) = match sniffed {
+            Sniffed::Opaque { prefix, app } => (prefix, app),
+            Sniffed::Http1(prefix) | Sniffed::Http2(prefix) => {
+                let io = PrefixedIo::new(prefix, downstream);
+                let http = self.http(app, port, peer);
+                self.metrics.active_connections.inc();
+                if http2 {
+                    http.serve(io).await;
+                } else {
+                    http.serve_http1(io).await;
+                }
+                self.metrics.active_connections.dec();
+                return Ok(0);
+            }
+        };
+        if let Err(e) = self.authorize_l4(peer.as_ref(), port) {
+            let _ = downstream.shutdown().await;
+            return Err(e);
+        }
+        let upstream = match upstream {
+            Some(upstream) => upstream,
+            None => match self.connect_app(app).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = downstream.shutdown().await;
+                    return Err(e);
+                }
+            },
+        };
+        let io = PrefixedIo::new(prefix, downstream);
+        Ok(self.carry(io, upstream, peer.as_ref(), port).await)
     }
 
     /// A plaintext caller on a PERMISSIVE or DISABLE port: no identity.
@@ -172,11 +216,9 @@ impl Inbound {
         app: SocketAddr,
     ) -> Result<(), InboundError> {
         tracing::debug!(%source, port, "plaintext inbound connection");
-        self.authorize_l4(None, port)?;
-        let upstream = self.connect_app(app).await?;
-        self.carry(PrefixedIo::new(prefix, stream), upstream, None, port)
-            .await;
-        Ok(())
+        self.stream(PrefixedIo::new(prefix, stream), None, port, app)
+            .await
+            .map(drop)
     }
 
     fn authorize_l4(&self, peer: Option<&SpiffeId>, port: u16) -> Result<(), InboundError> {

@@ -91,6 +91,18 @@ struct RunArgs {
     /// Comma-separated ports and ranges; empty for none.
     #[arg(long, env = "TRELLIS_OPAQUE_PORTS", default_value_t = PortSet::default_opaque())]
     opaque_ports: PortSet,
+    /// How inbound request paths are normalized before authorization (the app gets
+    /// the normalized path): NONE, BASE (RFC 3986: decode unreserved characters,
+    /// remove dot segments), MERGE_SLASHES (BASE and `//` to `/`), or
+    /// DECODE_AND_MERGE_SLASHES (also `%2F`, `%5C` and `\` to `/`). Ambiguous paths
+    /// get 400.
+    #[arg(
+        long,
+        env = "TRELLIS_PATH_NORMALIZATION",
+        value_enum,
+        default_value = "MERGE_SLASHES"
+    )]
+    path_normalization: trellis_proxy::http::normalize::PathNormalization,
     /// How long open connections may take to finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -155,6 +167,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.health_addr = args.health_addr;
     config.detect_timeout = args.detect_timeout;
     config.opaque_ports = args.opaque_ports;
+    config.path_normalization = args.path_normalization;
     if let Some(json) = &args.app_probes {
         config.app_probes =
             trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
@@ -222,5 +235,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"smtp\" is not a port number"), "{err}");
+    }
+
+    #[test]
+    fn path_normalization_defaults_to_merge_slashes_and_refuses_unknown_levels() {
+        use trellis_proxy::http::normalize::PathNormalization;
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.path_normalization, PathNormalization::MergeSlashes);
+        let args = run_args(&["--path-normalization", "DECODE_AND_MERGE_SLASHES"]).unwrap();
+        assert_eq!(
+            args.path_normalization,
+            PathNormalization::DecodeAndMergeSlashes
+        );
+        let err = run_args(&["--path-normalization", "SOMETIMES"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MERGE_SLASHES"), "{err}");
     }
 }

@@ -36,6 +36,16 @@ enum Cmd {
         #[arg(long, default_value = "http-echo")]
         name: String,
     },
+    /// HTTP/1.1 (with upgrades) and HTTP/2 prior knowledge server that treats paths
+    /// as nginx does (percent-decodes everything, `%2F` included, merges slashes,
+    /// resolves dot segments; 400 above the root) and answers 200 with
+    /// `path=<that path>`, `raw=<path as received>`, `query=<query>` and one `xfcc=<value>` line per x-forwarded-client-cert it
+    /// received. `Upgrade: trellis-echo` gets 101 (the same facts in `x-seen-path` and
+    /// `x-seen-xfcc` headers), then the stream is echoed.
+    HttpInspect {
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: String,
+    },
     /// TCP line echo: answers each line with the same line (`<name>: line` with --name).
     TcpEcho {
         #[arg(long, default_value = "0.0.0.0:7000")]
@@ -57,6 +67,36 @@ enum Cmd {
         #[arg(long, default_value = "GET")]
         method: String,
     },
+    /// One raw request, target and headers sent exactly as given (attacker forms
+    /// included); prints `HTTP <status>`, the headers as `< name: value`, the body.
+    RawHttp {
+        /// `host:port`; the host is resolved via /etc/hosts.
+        addr: String,
+        /// The request target, as sent.
+        target: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// `Name: value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Ask to upgrade to this protocol; after a 101 sends `ping` and prints the
+        /// echoed line as `echo: <line>`.
+        #[arg(long)]
+        upgrade: Option<String>,
+        /// HTTP/2 prior knowledge instead of HTTP/1.1.
+        #[arg(long)]
+        h2: bool,
+        /// Stay silent this long after connecting (outlasting protocol detection).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Send an empty line before the request line (lenient servers skip it).
+        #[arg(long)]
+        leading_crlf: bool,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
     /// Sends one line to a TCP server and prints the line it answers.
     TcpSend {
         addr: String,
@@ -72,6 +112,38 @@ async fn main() {
     let result = match cli.cmd {
         Cmd::HttpEcho { listen, name } => http_echo(&listen, name).await,
         Cmd::TcpEcho { listen, name } => tcp_echo(&listen, name).await,
+        Cmd::HttpInspect { listen } => inspect::serve(&listen).await,
+        Cmd::RawHttp {
+            addr,
+            target,
+            method,
+            host,
+            headers,
+            upgrade,
+            h2,
+            delay_ms,
+            leading_crlf,
+            timeout,
+        } => {
+            let request = inspect::RawRequest {
+                host: host.unwrap_or_else(|| addr.clone()),
+                addr,
+                target,
+                method,
+                headers,
+                upgrade,
+                delay: Duration::from_millis(delay_ms),
+                leading_crlf,
+            };
+            within(timeout, async move {
+                if h2 {
+                    inspect::send_h2(&request).await
+                } else {
+                    inspect::send_http1(&request).await
+                }
+            })
+            .await
+        }
         Cmd::HttpGet {
             url,
             count,
@@ -89,6 +161,9 @@ async fn main() {
         std::process::exit(1);
     }
 }
+
+#[path = "trellis-testapp/inspect.rs"]
+mod inspect;
 
 async fn within(secs: u64, fut: impl Future<Output = Result<()>>) -> Result<()> {
     tokio::time::timeout(Duration::from_secs(secs), fut)

@@ -176,6 +176,29 @@ impl AppPool {
         Ok(response.map(|b| Body::new(http_body_util::BodyExt::map_err(b, Into::into))))
     }
 
+    /// Sends an HTTP/1 upgrade request (or CONNECT) on a connection of its own, never
+    /// pooled: if the app agrees, that connection becomes the upgraded stream
+    /// (`hyper::upgrade::on` on the response).
+    pub async fn send_upgrade(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, AppError> {
+        let addr = self.addr;
+        let io = self.connect_tcp().await?;
+        let (mut sender, connection) = http1::handshake(io)
+            .await
+            .map_err(|source| AppError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "app upgrade connection ended");
+            }
+        });
+        sender
+            .send_request(request)
+            .await
+            .map_err(AppError::Request)
+    }
+
     /// An idle connection that can take a request now. One that is not ready (still
     /// sending an earlier request's body, or closing) is let go rather than waited
     /// for: a stalled upload must not hold up the next request.

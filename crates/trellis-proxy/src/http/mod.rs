@@ -5,11 +5,13 @@ pub mod app;
 pub mod errors;
 pub mod idle;
 pub mod inbound;
+pub mod normalize;
 pub mod outbound;
 pub mod plain;
 pub mod policy;
 pub mod pool;
 pub mod route;
+pub mod sniff;
 
 /// Every body the proxy sends: app bodies stream through, its own are small.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;

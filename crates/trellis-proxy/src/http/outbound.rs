@@ -220,7 +220,7 @@ fn prepare(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyE
 
 /// Removes the hop-by-hop headers (and `x-forwarded-client-cert`) in one pass over the
 /// names: they are almost never there, and a `remove` per name hashes each one.
-fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
+pub(super) fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
     const CONNECTION: u8 = 1;
     const KEEP_ALIVE: u8 = 1 << 1;
     const PROXY_CONNECTION: u8 = 1 << 2;
