@@ -454,7 +454,9 @@ async fn the_mesh_pool_never_shares_a_connection_across_identities() {
         pool.sender(addr, &b, &client, timeout, "svc", None),
     );
     assert!(for_a.is_ok(), "the server is `a`: {:?}", for_a.err());
-    let err = for_b.err().expect("the server is not `b`");
+    let Err(err) = for_b else {
+        panic!("the server is not `b`, yet a sender was handed out")
+    };
     assert!(err.to_string().contains("mTLS handshake"), "{err}");
     // Pooled now: `a` reuses its connection, `b` still gets none of it.
     assert!(
@@ -598,7 +600,9 @@ async fn discovery_streams_per_workload_are_capped() {
     let second = open().await;
     assert!(first.1.is_ok() && second.1.is_ok());
     let (_tx, third) = open().await;
-    let status = third.err().expect("a third stream is over the limit");
+    let Err(status) = third else {
+        panic!("a third stream is over the limit")
+    };
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
     let (_, metrics) = http_get(control.admin_addr, "/metrics").await;
     assert!(
