@@ -396,6 +396,7 @@ async fn serve(
         .timeout(grpc.request_timeout)
         .http2_keepalive_interval(Some(grpc.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(grpc.http2_keepalive_timeout))
+        .max_concurrent_streams(Some(grpc.max_streams_per_connection))
         .add_service(RateLimitedCa::new(ca_service, grpc, counters.clone()).into_server())
         .add_service(
             StreamLimitedDiscovery::new(discovery, grpc.streams_per_workload, counters.clone())

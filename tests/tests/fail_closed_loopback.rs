@@ -618,3 +618,19 @@ async fn discovery_streams_per_workload_are_capped() {
     );
     slot_back.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_cut_off_at_the_tls_handshake_deadline() {
+    let mut options = ServeOptions::default();
+    options.grpc.handshake_timeout = Duration::from_millis(300);
+    let (control, _dir) = control_plane(options).await;
+    // Connects and never says hello: the control plane must let go, not hold the
+    // connection (and its slot) forever.
+    let mut silent = TcpStream::connect(control.grpc_addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent connection is closed by the server: {closed:?}"
+    );
+}

@@ -25,6 +25,8 @@ pub struct GrpcLimits {
     pub http2_keepalive_timeout: Duration,
     /// Deadline for a unary call (certificate requests); streams are not cut by it.
     pub request_timeout: Duration,
+    /// Concurrent HTTP/2 streams on one connection (a proxy needs one or two).
+    pub max_streams_per_connection: u32,
     /// Concurrent discovery streams per (identity, source address): one pod's proxy
     /// needs one, a few more cover reconnects.
     pub streams_per_workload: usize,
@@ -41,6 +43,7 @@ impl Default for GrpcLimits {
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(20),
             request_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 32,
             streams_per_workload: 8,
             csr_burst: 20,
             csr_refill: Duration::from_millis(500),
