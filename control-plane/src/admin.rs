@@ -1,17 +1,21 @@
-//! The control plane's admin port: /ready, /live, /metrics, /registry, /proxies.
+//! The control plane's admin ports. Public (15014, on the pod IP): /ready, /live,
+//! /metrics. Debug (127.0.0.1 only): /registry and /proxies, which show the mesh's
+//! workloads and every connected proxy's identity and must not leave the host.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::discovery::ConnectedProxies;
+use crate::http_server::{ServerLimits, serve_http1};
+use crate::limits::LimitCounters;
 use crate::model::MeshSnapshot;
 use crate::registry::RegistryStatus;
 
@@ -20,29 +24,37 @@ pub struct AdminState {
     pub registry: watch::Receiver<RegistryStatus>,
     pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     pub connected: ConnectedProxies,
+    pub limits: Arc<LimitCounters>,
 }
 
-pub async fn serve(listener: TcpListener, state: AdminState) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+/// Health and metrics, for the kubelet and Prometheus.
+pub async fn serve(listener: TcpListener, state: AdminState, limits: ServerLimits) {
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let response = public_route(&req, &state);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    serve_http1("admin", listener, None, limits, service).await;
+}
+
+/// The debug views; the caller binds `listener` to loopback.
+pub async fn serve_debug(listener: TcpListener, state: AdminState, limits: ServerLimits) {
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let response = debug_route(&req, &state);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    serve_http1("debug", listener, None, limits, service).await;
+}
+
+fn public_route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/ready" | "/live" => text(StatusCode::OK, "ok\n".to_owned()),
+        "/metrics" => text(StatusCode::OK, metrics(state)),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
 }
 
-fn route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+fn debug_route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/ready" | "/live" => text(StatusCode::OK, "ok\n".to_owned()),
         "/registry" => json(&*state.registry.borrow()),
         "/proxies" => {
             let proxies: Vec<_> = state
@@ -52,7 +64,6 @@ fn route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<F
                 .unwrap_or_default();
             json(&proxies)
         }
-        "/metrics" => text(StatusCode::OK, metrics(state)),
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
 }
@@ -78,6 +89,30 @@ fn metrics(state: &AdminState) -> String {
     );
     let _ = writeln!(out, "# TYPE trellis_control_services gauge");
     let _ = writeln!(out, "trellis_control_services {}", snapshot.services.len());
+    let limited = state
+        .limits
+        .certificate_requests_limited
+        .load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# TYPE trellis_control_certificate_requests_limited counter"
+    );
+    let _ = writeln!(
+        out,
+        "trellis_control_certificate_requests_limited_total {limited}"
+    );
+    let refused = state
+        .limits
+        .discovery_streams_refused
+        .load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# TYPE trellis_control_discovery_streams_refused counter"
+    );
+    let _ = writeln!(
+        out,
+        "trellis_control_discovery_streams_refused_total {refused}"
+    );
     out
 }
 

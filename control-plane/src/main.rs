@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use trellis_control::ControlConfig;
 use trellis_control::injector::{FailurePolicy, InjectorSettings};
-use trellis_control::server::{KubeOptions, WebhookOptions, start_kube};
-use trellis_control::{ControlConfig, start};
+use trellis_control::server::{
+    DEFAULT_DEBUG_PORT, KubeOptions, ServeOptions, WebhookOptions, start_kube_with, start_with,
+};
 
 /// The Trellis control plane: registry, CA and discovery.
 #[derive(Parser, Debug)]
@@ -67,9 +69,12 @@ struct Args {
     /// Discovery and CA (gRPC over TLS).
     #[arg(long, default_value = "127.0.0.1:15010")]
     grpc_addr: SocketAddr,
-    /// Health, metrics and status.
+    /// Health and metrics.
     #[arg(long, default_value = "127.0.0.1:15014")]
     admin_addr: SocketAddr,
+    /// Debug views (/registry, /proxies): loopback only.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_DEBUG_PORT)))]
+    debug_addr: SocketAddr,
     /// Lifetime of workload certificates.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
@@ -133,6 +138,10 @@ async fn main() -> anyhow::Result<()> {
         cert_ttl: args.cert_ttl,
         server_names: args.server_names.clone(),
     };
+    let serve_options = ServeOptions {
+        debug_addr: args.debug_addr,
+        ..ServeOptions::default()
+    };
     let control = if args.kube {
         let client = kube::Client::try_default()
             .await
@@ -172,9 +181,9 @@ async fn main() -> anyhow::Result<()> {
             identity,
             webhook,
         };
-        start_kube(config, options).await?
+        start_kube_with(config, options, serve_options).await?
     } else {
-        start(config).await?
+        start_with(config, serve_options).await?
     };
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -7,20 +7,46 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use trellis_identity::SpiffeId;
 
 use crate::admin;
 use crate::ca::{CaService, CertificateAuthority, KubeTokenReviewer, TokenReviewer};
 use crate::discovery::DiscoveryServer;
+use crate::http_server::ServerLimits;
 use crate::injector::{InjectorSettings, webhook};
 use crate::leader::{LeaderElection, LeaseLock, LeaseSettings};
+use crate::limits::{GrpcLimits, LimitCounters, RateLimitedCa, StreamLimitedDiscovery};
 use crate::model::MeshSnapshot;
 use crate::registry::{self, RegistryStatus};
 
 /// How often the file registry looks at its folder.
 pub const REGISTRY_POLL: Duration = Duration::from_millis(200);
+
+/// Where the debug views (/registry, /proxies) listen when nothing else is said.
+pub const DEFAULT_DEBUG_PORT: u16 = 15016;
+
+/// How the control plane's listeners are bounded, and where its debug views are.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The debug views; must be a loopback address (port 0: any free port).
+    pub debug_addr: SocketAddr,
+    /// The admin, debug and webhook HTTP servers.
+    pub http: ServerLimits,
+    /// The gRPC port: handshake, keepalives, streams per workload, certificate rate.
+    pub grpc: GrpcLimits,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            debug_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: ServerLimits::default(),
+            grpc: GrpcLimits::default(),
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
@@ -55,12 +81,16 @@ pub enum StartError {
     KubeRegistryStopped,
     #[error("the injector webhook could not start: {0}")]
     Webhook(#[from] crate::injector::webhook::WebhookError),
+    #[error("the debug address {0} is not loopback: /registry and /proxies stay on the host")]
+    DebugNotLoopback(SocketAddr),
 }
 
 /// A control plane running in this process.
 pub struct RunningControlPlane {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The debug views (/registry, /proxies), on loopback.
+    pub debug_addr: SocketAddr,
     /// The injector webhook (kube mode with the injector on).
     pub webhook_addr: Option<SocketAddr>,
     /// The root certificate proxies trust for the control plane and each other.
@@ -98,6 +128,14 @@ impl Drop for RunningControlPlane {
 }
 
 pub async fn start(config: ControlConfig) -> Result<RunningControlPlane, StartError> {
+    start_with(config, ServeOptions::default()).await
+}
+
+/// [`start`] with explicit listener options.
+pub async fn start_with(
+    config: ControlConfig,
+    options: ServeOptions,
+) -> Result<RunningControlPlane, StartError> {
     let snapshot =
         registry::load_dir(&config.registry_dir, &config.trust_domain).map_err(|errors| {
             StartError::Registry {
@@ -119,7 +157,7 @@ pub async fn start(config: ControlConfig) -> Result<RunningControlPlane, StartEr
         &config.trust_domain,
         config.cert_ttl,
     )?);
-    let (running, _ca) = serve(config, ca, snapshot_rx, status_rx, tasks, None).await?;
+    let (running, _ca) = serve(config, options, ca, snapshot_rx, status_rx, tasks, None).await?;
     Ok(running)
 }
 
@@ -154,6 +192,16 @@ pub async fn start_kube(
     config: ControlConfig,
     kube_options: KubeOptions,
 ) -> Result<RunningControlPlane, StartError> {
+    start_kube_with(config, kube_options, ServeOptions::default()).await
+}
+
+/// [`start_kube`] with explicit listener options.
+pub async fn start_kube_with(
+    config: ControlConfig,
+    kube_options: KubeOptions,
+    options: ServeOptions,
+) -> Result<RunningControlPlane, StartError> {
+    let http_limits = options.http.clone();
     use crate::registry::kube as kube_registry;
     let (snapshot_tx, mut snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
     let (status_tx, mut status_rx) = watch::channel(RegistryStatus::default());
@@ -217,6 +265,7 @@ pub async fn start_kube(
         .await?;
         serve(
             config,
+            options,
             Arc::new(ca),
             snapshot_rx,
             status_rx,
@@ -272,9 +321,12 @@ pub async fn start_kube(
             settings: Arc::new(settings),
             namespaces: namespaces_rx,
         };
-        running
-            .tasks
-            .push(tokio::spawn(webhook::serve(listener, tls, state)));
+        running.tasks.push(tokio::spawn(webhook::serve(
+            listener,
+            tls,
+            state,
+            http_limits,
+        )));
         if let Some(name) = webhook.configuration {
             let root = running.root_pem.clone();
             running
@@ -290,6 +342,7 @@ pub async fn start_kube(
 /// The CA, discovery and admin, fed by any registry.
 async fn serve(
     config: ControlConfig,
+    options: ServeOptions,
     ca: Arc<CertificateAuthority>,
     snapshot_rx: watch::Receiver<Arc<MeshSnapshot>>,
     status_rx: watch::Receiver<RegistryStatus>,
@@ -325,22 +378,35 @@ async fn serve(
         })?;
     // Client certificates are optional here: a proxy asking for its first certificate
     // has none yet. The discovery service itself refuses streams without one.
+    let grpc = &options.grpc;
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(cert_pem, key_pem))
         .client_ca_root(Certificate::from_pem(&root_pem))
-        .client_auth_optional(true);
+        .client_auth_optional(true)
+        .timeout(grpc.handshake_timeout);
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let mut ca_service = CaService::new(ca.clone(), snapshot_rx.clone());
     if let Some(reviewer) = token_reviewer {
         ca_service = ca_service.with_token_reviewer(reviewer);
     }
+    let counters = Arc::new(LimitCounters::default());
     let router = Server::builder()
         .tls_config(tls)?
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(ca_service.into_server())
-        .add_service(discovery.into_server());
+        // For unary calls (certificates): a stream's call returns at once.
+        .timeout(grpc.request_timeout)
+        .http2_keepalive_interval(Some(grpc.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(grpc.http2_keepalive_timeout))
+        .max_concurrent_streams(Some(grpc.max_streams_per_connection))
+        .add_service(RateLimitedCa::new(ca_service, grpc, counters.clone()).into_server())
+        .add_service(
+            StreamLimitedDiscovery::new(discovery, grpc.streams_per_workload, counters.clone())
+                .into_server(),
+        );
+    // Set on the incoming stream: the builder's TCP options apply only to `serve`.
+    let incoming = TcpIncoming::from(grpc_listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(grpc.tcp_keepalive));
     tasks.push(tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(grpc_listener);
         let result = router
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
@@ -363,16 +429,42 @@ async fn serve(
             addr: config.admin_addr,
             source,
         })?;
+    if !options.debug_addr.ip().is_loopback() {
+        return Err(StartError::DebugNotLoopback(options.debug_addr));
+    }
+    let debug_listener = TcpListener::bind(options.debug_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: options.debug_addr,
+            source,
+        })?;
+    let debug_addr = debug_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: options.debug_addr,
+            source,
+        })?;
     let state = admin::AdminState {
         registry: status_rx,
         snapshots: snapshot_rx,
         connected,
+        limits: counters,
     };
-    tasks.push(tokio::spawn(admin::serve(admin_listener, state)));
-    tracing::info!(%grpc_addr, %admin_addr, trust_domain = config.trust_domain, "control plane started");
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        options.http.clone(),
+    )));
+    tasks.push(tokio::spawn(admin::serve_debug(
+        debug_listener,
+        state,
+        options.http.clone(),
+    )));
+    tracing::info!(%grpc_addr, %admin_addr, %debug_addr, trust_domain = config.trust_domain, "control plane started");
     let running = RunningControlPlane {
         grpc_addr,
         admin_addr,
+        debug_addr,
         webhook_addr: None,
         root_pem,
         // Until an election says otherwise, a control plane is alone and leads.

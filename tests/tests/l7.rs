@@ -287,7 +287,7 @@ impl MeshBuilder {
         while !complete(&client.admin.state.borrow()) {
             if started.elapsed() > Duration::from_secs(10) {
                 let s = client.admin.state.borrow().clone();
-                let (_, registry) = http_get(control.admin_addr, "/registry").await;
+                let (_, registry) = http_get(control.debug_addr, "/registry").await;
                 panic!(
                     "the client proxy lacks part of the mesh after 10 s: wanted endpoints \
                      {expected_endpoints:?}, routes {:?}, policies {:?}; has services {:?}, \

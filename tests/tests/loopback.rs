@@ -344,7 +344,7 @@ spec:
         "apiVersion: v1\nkind: Service\nmetadata: {name: x\n",
     )
     .unwrap();
-    let admin = mesh.control.admin_addr;
+    let admin = mesh.control.debug_addr;
     eventually(
         "the control plane reports the broken file",
         Duration::from_secs(3),

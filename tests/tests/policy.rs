@@ -225,7 +225,7 @@ async fn set_policies(mesh: &Mesh, proxy: &RunningProxy, yaml: &str, names: &[&s
             return;
         }
         if start.elapsed() > Duration::from_secs(5) {
-            let (_, registry) = http_get(mesh.control.admin_addr, "/registry").await;
+            let (_, registry) = http_get(mesh.control.debug_addr, "/registry").await;
             let (_, dump) = http_get(proxy.admin_addr, "/metrics").await;
             panic!(
                 "policies {names:?} not applied, holding {held:?}\nregistry: {registry}\nproxy: {dump}"
@@ -384,7 +384,7 @@ async fn an_invalid_policy_is_rejected_and_the_previous_stays() {
     assert_eq!(status(*http_c, "GET", "/").await, 403);
     let bad = DENY_C.replace("spiffe://cluster.local/ns/default/sa/c", "spiffe://a*b");
     std::fs::write(mesh.registry.join("policy.yaml"), bad).unwrap();
-    let admin = mesh.control.admin_addr;
+    let admin = mesh.control.debug_addr;
     let start = Instant::now();
     loop {
         let (_, body) = http_get(admin, "/registry").await;

@@ -140,6 +140,11 @@ pub fn proxy_container(
         field_env("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         field_env("TRELLIS_POD_NAME", "metadata.name"),
         field_env("TRELLIS_POD_IP", "status.podIP"),
+        // Opt-in for apps that listen only on localhost (empty when not annotated).
+        field_env(
+            "TRELLIS_INBOUND_TO_LOCALHOST",
+            "metadata.annotations['trellis.io/inbound-to-localhost']",
+        ),
     ];
     if let Some(probes) = app_probes {
         env.push(EnvVar {

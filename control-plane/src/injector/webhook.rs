@@ -11,7 +11,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -64,37 +63,20 @@ pub fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, We
     Ok(Arc::new(config))
 }
 
-/// Serves `POST /inject` (and `GET /ready`) until the task is dropped.
-pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, state: WebhookState) {
+/// Serves `POST /inject` (and `GET /ready`) until the task is dropped, within
+/// `limits` (handshake and header deadlines, connection caps).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    state: WebhookState,
+    limits: crate::http_server::ServerLimits,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let (acceptor, state) = (acceptor.clone(), state.clone());
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(
-                Duration::from_secs(10),
-                acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+    });
+    crate::http_server::serve_http1("webhook", listener, Some(acceptor), limits, service).await;
 }
 
 async fn handle(

@@ -7,7 +7,6 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -15,7 +14,7 @@ use trellis_identity::MeshTls;
 use trellis_proto::discovery::v1::resource::Kind;
 
 use crate::config::ProxyConfig;
-use crate::discovery::MeshState;
+use crate::discovery::{MeshState, SyncStatus};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -23,40 +22,53 @@ pub struct AdminState {
     pub config: Arc<ProxyConfig>,
     pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
     pub state: watch::Receiver<Arc<MeshState>>,
-    pub synced: watch::Receiver<bool>,
+    pub synced: watch::Receiver<SyncStatus>,
     pub metrics: Metrics,
 }
 
 impl AdminState {
-    /// Ready once it has a certificate and a first full config.
+    /// Ready once it has a certificate and has accepted a first full config.
     pub fn is_ready(&self) -> bool {
-        self.tls.borrow().is_some() && *self.synced.borrow()
+        self.readiness().is_ok()
+    }
+
+    /// `Err` says why the proxy is not ready.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.tls.borrow().is_none() {
+            return Err("no workload certificate yet".to_owned());
+        }
+        let sync = self.synced.borrow();
+        if !sync.synced {
+            return Err(sync.reason());
+        }
+        Ok(())
+    }
+
+    /// The `/ready` answer: 200, or 503 with the reason.
+    pub fn ready_response(&self) -> Response<Full<Bytes>> {
+        match self.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+        }
     }
 }
 
 pub async fn serve(listener: TcpListener, admin: AdminState) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(req.uri().path(), &admin)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let limits = admin.config.http_server_limits.clone();
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let response = route(req.uri().path(), &admin);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    crate::http_server::serve_http1("admin", listener, limits, service).await;
 }
 
 fn route(path: &str, admin: &AdminState) -> Response<Full<Bytes>> {
     match path {
         "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" if admin.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => admin.ready_response(),
         "/metrics" => {
             let mut response = text(StatusCode::OK, admin.metrics.encode());
             response.headers_mut().insert(
@@ -112,6 +124,12 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "services": services,
         "endpoints": endpoints,
         "versions": versions,
+        "inbound_policy": {
+            // Until true, every inbound connection is refused.
+            "accepted": state.inbound_policy.accepted,
+            "authorization_policies_rejected": state.inbound_policy.authorizer.rejected(),
+        },
+        "last_rejected_config": admin.synced.borrow().last_rejected,
     })
 }
 

@@ -158,8 +158,9 @@ pub struct ProxyConfig {
     pub cert_ttl: Option<Duration>,
     /// mTLS listener for traffic to this workload (15006).
     pub inbound_addr: SocketAddr,
-    /// Where inbound traffic goes: the app, on the original destination port, or on
-    /// `app_port` when the connection was not redirected.
+    /// Where inbound traffic goes when it was not redirected (on `app_port`), or
+    /// with `inbound_to_localhost`; redirected traffic goes to its original
+    /// destination (the pod address and port the caller dialed).
     pub app_host: std::net::IpAddr,
     pub app_port: Option<u16>,
     /// Transparent outbound listener (15001), when iptables redirects to it.
@@ -182,6 +183,15 @@ pub struct ProxyConfig {
     pub opaque_ports: PortSet,
     /// How inbound request paths are normalized before policy and the app see them.
     pub path_normalization: crate::http::normalize::PathNormalization,
+
+    // Inbound destination and the limits of the proxy's own servers.
+    /// Deliver redirected inbound traffic to the app on localhost instead of the pod
+    /// address the caller dialed. Off by default, so a port the app bound to
+    /// 127.0.0.1 only stays unreachable from the mesh (as in Istio 1.10+); the opt-in
+    /// is for apps that listen only on localhost.
+    pub inbound_to_localhost: bool,
+    /// Header deadline and connection caps of the admin and health servers.
+    pub http_server_limits: crate::http_server::ServerLimits,
 }
 
 impl ProxyConfig {
@@ -209,6 +219,8 @@ impl ProxyConfig {
             detect_timeout: Duration::from_secs(1),
             opaque_ports: PortSet::default_opaque(),
             path_normalization: Default::default(),
+            inbound_to_localhost: false,
+            http_server_limits: Default::default(),
         }
     }
 }

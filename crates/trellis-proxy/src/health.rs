@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminState;
@@ -54,27 +54,14 @@ pub async fn serve(
 ) {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    let limits = admin.config.http_server_limits.clone();
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let admin = admin.clone();
         let probes = probes.clone();
         let client = client.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let admin = admin.clone();
-                let probes = probes.clone();
-                let client = client.clone();
-                async move {
-                    Ok::<_, Infallible>(route(req.uri().path(), &admin, &probes, &client).await)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+        async move { Ok::<_, Infallible>(route(req.uri().path(), &admin, &probes, &client).await) }
+    });
+    crate::http_server::serve_http1("health", listener, limits, service).await;
 }
 
 async fn route(
@@ -85,8 +72,7 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     match path {
         "/live" | "/healthz" => text(StatusCode::OK, "live\n"),
-        "/ready" if admin.is_ready() => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => admin.ready_response(),
         "/metrics" => text(StatusCode::OK, admin.metrics.encode()),
         p if p.starts_with("/app-health/") => match probes.get(p) {
             Some(probe) => app_probe(probe, client).await,

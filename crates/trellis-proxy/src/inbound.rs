@@ -5,7 +5,7 @@
 //! relax a port to PERMISSIVE (TLS and plaintext told apart by the first byte) or
 //! DISABLE (plaintext, nothing terminated).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -74,12 +74,17 @@ impl Inbound {
 
     async fn handle(&self, mut stream: TcpStream, source: SocketAddr) -> Result<(), InboundError> {
         let _ = stream.set_nodelay(true);
-        let port = match original_dst(&stream) {
-            Some(dst) => dst.port(),
-            None => self.config.app_port.ok_or(InboundError::NoAppPort)?,
+        let app = self.app_address(original_dst(&stream))?;
+        let port = app.port();
+        let mode = {
+            let state = self.state.borrow();
+            // Fail closed: no policy accepted yet means nobody is allowed in.
+            if !state.inbound_policy.accepted {
+                tracing::info!(%source, port, "inbound connection refused: no policy accepted from the control plane yet");
+                return Err(InboundError::NoPolicyYet);
+            }
+            state.inbound_policy.peer_auth.mode(port)
         };
-        let app = SocketAddr::new(self.config.app_host, port);
-        let mode = self.state.borrow().inbound_policy.peer_auth.mode(port);
         let prefix = match mode {
             MtlsMode::Strict => Bytes::new(),
             MtlsMode::Disable => {
@@ -206,6 +211,24 @@ impl Inbound {
         Ok(self.carry(io, upstream, peer.as_ref(), port).await)
     }
 
+    /// Where the app is for a connection redirected to `original`: the pod address
+    /// the caller dialed, so a port the app bound to localhost only stays out of the
+    /// mesh's reach (the proxy's UID is exempt from redirection, so this does not
+    /// loop). With `inbound_to_localhost`, or without redirection, the app host.
+    fn app_address(&self, original: Option<SocketAddr>) -> Result<SocketAddr, InboundError> {
+        match original {
+            Some(dst) if self.config.inbound_to_localhost => Ok(SocketAddr::new(
+                localhost_for(self.config.app_host, dst),
+                dst.port(),
+            )),
+            Some(dst) => Ok(dst),
+            None => {
+                let port = self.config.app_port.ok_or(InboundError::NoAppPort)?;
+                Ok(SocketAddr::new(self.config.app_host, port))
+            }
+        }
+    }
+
     /// A plaintext caller on a PERMISSIVE or DISABLE port: no identity.
     async fn plaintext(
         &self,
@@ -286,6 +309,16 @@ impl Inbound {
     }
 }
 
+/// The app host for `inbound_to_localhost`: loopback in the destination's family
+/// when the configured host is loopback, else the configured host.
+fn localhost_for(app_host: IpAddr, dst: SocketAddr) -> IpAddr {
+    match (app_host.is_loopback(), dst) {
+        (true, SocketAddr::V6(_)) => Ipv6Addr::LOCALHOST.into(),
+        (true, SocketAddr::V4(_)) => Ipv4Addr::LOCALHOST.into(),
+        (false, _) => app_host,
+    }
+}
+
 /// Counts a decision; denials are logged with who, where and which policy.
 pub fn record(metrics: &Metrics, decision: &Decision, peer: Option<&SpiffeId>, port: u16) {
     match decision {
@@ -325,6 +358,8 @@ enum InboundError {
     Identity(#[from] trellis_identity::PeerIdentityError),
     #[error("no app port: the connection was not redirected and no --app-port is set")]
     NoAppPort,
+    #[error("no policy accepted from the control plane yet")]
+    NoPolicyYet,
     #[error("denied by {0}")]
     Denied(String),
     #[error("connecting to the app at {addr}: {source}")]
@@ -341,8 +376,25 @@ impl InboundError {
             InboundError::Handshake(_) | InboundError::HandshakeTimeout => "tls_handshake",
             InboundError::Identity(_) => "peer_identity",
             InboundError::NoAppPort => "no_app_port",
+            InboundError::NoPolicyYet => "no_policy_yet",
             InboundError::Denied(_) => "denied",
             InboundError::App { .. } => "app_unreachable",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localhost_follows_the_destination_family() {
+        let v4: SocketAddr = "10.244.0.5:8080".parse().unwrap();
+        let v6: SocketAddr = "[fd00::5]:8080".parse().unwrap();
+        let lo4: IpAddr = Ipv4Addr::LOCALHOST.into();
+        assert_eq!(localhost_for(lo4, v4), lo4);
+        assert_eq!(localhost_for(lo4, v6), IpAddr::from(Ipv6Addr::LOCALHOST));
+        let custom: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(localhost_for(custom, v6), custom);
     }
 }

@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod drain;
 pub mod health;
 pub mod http;
+pub mod http_server;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;

@@ -106,9 +106,30 @@ struct RunArgs {
     /// How long open connections may take to finish after SIGTERM.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: Duration,
+    /// Deliver inbound traffic to the app on localhost instead of the pod address
+    /// the caller dialed: for apps that listen only on 127.0.0.1 (the injector sets
+    /// it from the annotation `trellis.io/inbound-to-localhost: "true"`).
+    #[arg(
+        long,
+        env = "TRELLIS_INBOUND_TO_LOCALHOST",
+        action = clap::ArgAction::SetTrue,
+        value_parser = parse_opt_in
+    )]
+    inbound_to_localhost: bool,
     /// Worker threads (0: one per core).
     #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 1)]
     workers: usize,
+}
+
+/// A flag that may also come from an env var the injector fills from an annotation
+/// (empty when the annotation is absent): empty means off, and a value that is not
+/// clearly yes or no is refused rather than guessed.
+fn parse_opt_in(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "false" | "no" | "off" | "0" => Ok(false),
+        "true" | "yes" | "on" | "1" => Ok(true),
+        other => Err(format!("{other:?} is neither true nor false")),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -168,6 +189,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.detect_timeout = args.detect_timeout;
     config.opaque_ports = args.opaque_ports;
     config.path_normalization = args.path_normalization;
+    config.inbound_to_localhost = args.inbound_to_localhost;
     if let Some(json) = &args.app_probes {
         config.app_probes =
             trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
@@ -251,5 +273,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("MERGE_SLASHES"), "{err}");
+    }
+
+    #[test]
+    fn inbound_to_localhost_is_off_unless_asked_for() {
+        assert!(!run_args(&[]).unwrap().inbound_to_localhost);
+        assert!(
+            run_args(&["--inbound-to-localhost"])
+                .unwrap()
+                .inbound_to_localhost
+        );
+        assert_eq!(parse_opt_in(""), Ok(false));
+        assert_eq!(parse_opt_in("True"), Ok(true));
+        assert!(parse_opt_in("maybe").is_err());
     }
 }

@@ -62,7 +62,7 @@ impl RunningProxy {
     /// Waits until the proxy has a certificate and a first config.
     pub async fn ready(&self) {
         let mut synced = self.admin.synced.clone();
-        let _ = synced.wait_for(|s| *s).await;
+        let _ = synced.wait_for(|s| s.synced).await;
     }
 }
 
@@ -84,7 +84,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let (tls_tx, tls_rx) = watch::channel(None);
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::default()));
     let (bundle_tx, bundle_rx) = watch::channel(None);
-    let (synced_tx, synced_rx) = watch::channel(false);
+    let (synced_tx, synced_rx) = watch::channel(discovery::SyncStatus::default());
 
     let (drain_trigger, drain) = crate::drain::channel();
     let admin_listener = bind("admin", config.admin_addr).await?;

@@ -56,9 +56,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await
     .context("starting the control plane")?;
     println!(
-        "  control plane   discovery+CA {}  admin http://{}/proxies   registry {}",
+        "  control plane   discovery+CA {}  debug http://{}/proxies   registry {}",
         control.grpc_addr,
-        control.admin_addr,
+        control.debug_addr,
         args.registry.display()
     );
 

@@ -97,6 +97,16 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Slowloris: keeps `--connections` connections to ADDR sending an HTTP request's
+    /// headers a line per second, reopening any the server closes (after 500 ms), for
+    /// `--seconds`. Prints `slow-headers: N opened` once each has connected once.
+    SlowHeaders {
+        addr: String,
+        #[arg(long, default_value_t = 100)]
+        connections: u32,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Sends one line to a TCP server and prints the line it answers.
     TcpSend {
         addr: String,
@@ -155,6 +165,11 @@ async fn main() {
             line,
             timeout,
         } => within(timeout, tcp_send(&addr, &line)).await,
+        Cmd::SlowHeaders {
+            addr,
+            connections,
+            seconds,
+        } => slow_headers(&addr, connections, seconds).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -304,6 +319,66 @@ async fn tcp_send(addr: &str, line: &str) -> Result<()> {
     }
     print!("{reply}");
     Ok(())
+}
+
+async fn slow_headers(addr: &str, connections: u32, seconds: u64) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let target = resolve(addr)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let opened = Arc::new(AtomicU32::new(0));
+    let first = Arc::new(AtomicU32::new(0));
+    for _ in 0..connections {
+        tokio::spawn(slow_client(target, deadline, opened.clone(), first.clone()));
+    }
+    while first.load(Ordering::Relaxed) < connections {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "only {} of {connections} connected",
+                first.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("slow-headers: {connections} opened");
+    tokio::time::sleep_until(deadline).await;
+    println!(
+        "slow-headers: {} connections made in all",
+        opened.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+async fn slow_client(
+    target: SocketAddr,
+    deadline: tokio::time::Instant,
+    opened: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    first: std::sync::Arc<std::sync::atomic::AtomicU32>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    let mut counted = false;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(mut stream) = TcpStream::connect(target).await {
+            opened.fetch_add(1, Ordering::Relaxed);
+            if !counted {
+                counted = true;
+                first.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut sent = stream.write_all(b"GET /ready HTTP/1.1\r\n").await.is_ok();
+            let mut buf = [0u8; 256];
+            while sent && tokio::time::Instant::now() < deadline {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        sent = stream.write_all(b"x-slow: 1\r\n").await.is_ok();
+                    }
+                    // Closed or answered (408): the server let go.
+                    _ = stream.read(&mut buf) => break,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[cfg(test)]

@@ -49,7 +49,12 @@ async fn serves_reviews_over_tls_with_a_certificate_from_the_mesh_ca() {
         settings: Arc::new(crate::injector::InjectorSettings::default()),
         namespaces,
     };
-    let server = tokio::spawn(serve(listener, tls_config(&cert, &key).unwrap(), state));
+    let server = tokio::spawn(serve(
+        listener,
+        tls_config(&cert, &key).unwrap(),
+        state,
+        Default::default(),
+    ));
 
     // The API server's view: it trusts the caBundle, i.e. the mesh root.
     let mut roots = rustls::RootCertStore::empty();

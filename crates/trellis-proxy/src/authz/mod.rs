@@ -146,98 +146,190 @@ impl Rule {
     }
 }
 
+/// A policy that did not compile. It is not dropped: it denies every request on the
+/// ports it governs, so a typo never turns into allow-all.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RejectedPolicy {
+    /// `namespace/name`
+    pub name: String,
+    pub reason: String,
+    /// The ports its rules name, when every rule names some; `None`: all ports.
+    pub ports: Option<Vec<u16>>,
+    /// What is reported as the deciding policy of a denial.
+    #[serde(skip)]
+    denial: String,
+}
+
+impl RejectedPolicy {
+    fn governs(&self, port: u16) -> bool {
+        self.ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&port))
+    }
+}
+
 /// The policies that select this workload, compiled.
 #[derive(Debug, Default)]
 pub struct Authorizer {
     policies: Vec<Policy>,
+    rejected: Vec<RejectedPolicy>,
+}
+
+/// The ports a policy's rules are about, if every rule names ports that are valid.
+fn governed_ports(p: &pb::AuthorizationPolicy) -> Option<Vec<u16>> {
+    if p.rules.is_empty() || p.rules.iter().any(|r| r.ports.is_empty()) {
+        return None;
+    }
+    let mut ports = Vec::new();
+    for port in p.rules.iter().flat_map(|r| &r.ports) {
+        ports.push(u16::try_from(*port).ok()?);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Some(ports)
+}
+
+fn compile_policy(p: &pb::AuthorizationPolicy, name: String) -> Result<Policy, AuthzError> {
+    let err = |reason: String| AuthzError {
+        policy: name.clone(),
+        reason,
+    };
+    let action = match pb::authorization_policy::Action::try_from(p.action) {
+        Ok(pb::authorization_policy::Action::Allow) => Action::Allow,
+        Ok(pb::authorization_policy::Action::Deny) => Action::Deny,
+        Err(_) => return Err(err(format!("unknown action {}", p.action))),
+    };
+    let mut rules = Vec::new();
+    for r in &p.rules {
+        let principals = r
+            .principals
+            .iter()
+            .map(|s| Pattern::parse(s))
+            .collect::<Result<_, _>>()
+            .map_err(&err)?;
+        let paths = r
+            .paths
+            .iter()
+            .map(|s| Pattern::parse(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(&err)?;
+        if paths.iter().any(|p| matches!(p, Pattern::Suffix(_))) {
+            return Err(err("paths are exact or prefix (trailing *)".into()));
+        }
+        let ports = r
+            .ports
+            .iter()
+            .map(|p| u16::try_from(*p).map_err(|_| err(format!("port {p}"))))
+            .collect::<Result<_, _>>()?;
+        let methods = r
+            .methods
+            .iter()
+            .map(|m| Method::from_bytes(m.as_bytes()).map_err(|_| err(format!("method {m:?}"))))
+            .collect::<Result<_, _>>()?;
+        let mut headers = Vec::new();
+        for h in &r.headers {
+            let header = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| err(format!("header {:?}", h.name)))?;
+            let want = if h.regex {
+                HeaderMatch::Regex(
+                    Regex::new(&format!("^(?:{})$", h.value))
+                        .map_err(|e| err(format!("header regex {:?}: {e}", h.value)))?,
+                )
+            } else {
+                HeaderMatch::Exact(h.value.clone())
+            };
+            headers.push((header, want));
+        }
+        rules.push(Rule {
+            principals,
+            namespaces: r.namespaces.clone(),
+            ports,
+            methods,
+            paths,
+            headers,
+        });
+    }
+    Ok(Policy {
+        name,
+        action,
+        rules,
+    })
 }
 
 impl Authorizer {
+    /// Compiles every policy; the first that does not compile is the error. For
+    /// enforcement use [`Authorizer::compile_each`], which keeps the others.
     pub fn compile<'a>(
         policies: impl IntoIterator<Item = &'a pb::AuthorizationPolicy>,
     ) -> Result<Self, AuthzError> {
+        let authorizer = Self::compile_each(policies);
+        match authorizer.rejected.first() {
+            Some(r) => Err(AuthzError {
+                policy: r.name.clone(),
+                reason: r.reason.clone(),
+            }),
+            None => Ok(authorizer),
+        }
+    }
+
+    /// Compiles each policy on its own. One that does not compile is kept as a
+    /// [`RejectedPolicy`]: it denies every request on the ports it governs (all ports
+    /// when they cannot be told), and a rejected ALLOW policy still counts as an ALLOW
+    /// policy that matches nothing. Fail closed: never allow-all by accident.
+    pub fn compile_each<'a>(
+        policies: impl IntoIterator<Item = &'a pb::AuthorizationPolicy>,
+    ) -> Self {
         let mut compiled = Vec::new();
+        let mut rejected = Vec::new();
         for p in policies {
             let name = format!("{}/{}", p.namespace, p.name);
-            let err = |reason: String| AuthzError {
-                policy: name.clone(),
-                reason,
-            };
-            let action = match pb::authorization_policy::Action::try_from(p.action) {
-                Ok(pb::authorization_policy::Action::Allow) => Action::Allow,
-                Ok(pb::authorization_policy::Action::Deny) => Action::Deny,
-                Err(_) => return Err(err(format!("unknown action {}", p.action))),
-            };
-            let mut rules = Vec::new();
-            for r in &p.rules {
-                let principals = r
-                    .principals
-                    .iter()
-                    .map(|s| Pattern::parse(s))
-                    .collect::<Result<_, _>>()
-                    .map_err(&err)?;
-                let paths = r
-                    .paths
-                    .iter()
-                    .map(|s| Pattern::parse(s))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(&err)?;
-                if paths.iter().any(|p| matches!(p, Pattern::Suffix(_))) {
-                    return Err(err("paths are exact or prefix (trailing *)".into()));
+            match compile_policy(p, name.clone()) {
+                Ok(policy) => compiled.push(policy),
+                Err(e) => {
+                    // Any action but an explicit DENY may have been an ALLOW: keep
+                    // its presence so requests must still match another ALLOW.
+                    if p.action != pb::authorization_policy::Action::Deny as i32 {
+                        compiled.push(Policy {
+                            name: name.clone(),
+                            action: Action::Allow,
+                            rules: Vec::new(),
+                        });
+                    }
+                    rejected.push(RejectedPolicy {
+                        denial: format!("{name} (rejected: does not compile)"),
+                        name,
+                        reason: e.reason,
+                        ports: governed_ports(p),
+                    });
                 }
-                let ports = r
-                    .ports
-                    .iter()
-                    .map(|p| u16::try_from(*p).map_err(|_| err(format!("port {p}"))))
-                    .collect::<Result<_, _>>()?;
-                let methods = r
-                    .methods
-                    .iter()
-                    .map(|m| {
-                        Method::from_bytes(m.as_bytes()).map_err(|_| err(format!("method {m:?}")))
-                    })
-                    .collect::<Result<_, _>>()?;
-                let mut headers = Vec::new();
-                for h in &r.headers {
-                    let header = HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| err(format!("header {:?}", h.name)))?;
-                    let want = if h.regex {
-                        HeaderMatch::Regex(
-                            Regex::new(&format!("^(?:{})$", h.value))
-                                .map_err(|e| err(format!("header regex {:?}: {e}", h.value)))?,
-                        )
-                    } else {
-                        HeaderMatch::Exact(h.value.clone())
-                    };
-                    headers.push((header, want));
-                }
-                rules.push(Rule {
-                    principals,
-                    namespaces: r.namespaces.clone(),
-                    ports,
-                    methods,
-                    paths,
-                    headers,
-                });
             }
-            compiled.push(Policy {
-                name: name.clone(),
-                action,
-                rules,
-            });
         }
         // Deterministic order: the first matching DENY is the one reported.
         compiled.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Authorizer { policies: compiled })
+        rejected.sort_by(|a, b| a.name.cmp(&b.name));
+        Authorizer {
+            policies: compiled,
+            rejected,
+        }
+    }
+
+    /// The policies that did not compile, and why.
+    pub fn rejected(&self) -> &[RejectedPolicy] {
+        &self.rejected
     }
 
     pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
+        self.policies.is_empty() && self.rejected.is_empty()
     }
 
-    /// DENY policies first; then, if any ALLOW policy selects the workload, the
-    /// request must match one of them.
+    /// Rejected policies first (they deny on their ports), then DENY policies; then,
+    /// if any ALLOW policy selects the workload, the request must match one of them.
     pub fn decide(&self, req: &RequestInfo<'_>) -> Decision {
+        if let Some(r) = self.rejected.iter().find(|r| r.governs(req.port)) {
+            return Decision::Deny {
+                policy: r.denial.clone(),
+            };
+        }
         for p in self.policies.iter().filter(|p| p.action == Action::Deny) {
             if p.rules.iter().any(|r| r.matches(req, Action::Deny)) {
                 return Decision::Deny {
@@ -329,6 +421,10 @@ impl PeerAuth {
 pub struct InboundPolicy {
     pub authorizer: Arc<Authorizer>,
     pub peer_auth: PeerAuth,
+    /// Whether discovery has answered both AuthorizationPolicy and PeerAuthentication
+    /// with a response the proxy accepted. Until then the inbound listener refuses
+    /// every connection: no policy yet means deny, not allow.
+    pub accepted: bool,
 }
 
 #[cfg(test)]

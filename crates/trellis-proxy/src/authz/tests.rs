@@ -205,3 +205,112 @@ fn peer_authentication_by_port() {
     assert_eq!(pa.mode(9000), MtlsMode::Strict);
     assert_eq!(PeerAuth::default().mode(1), MtlsMode::Strict);
 }
+
+mod fail_closed {
+    use super::*;
+    use pb::authorization_policy::Action::{Allow, Deny};
+
+    fn on_port(authz: &Authorizer, peer: &SpiffeId, port: u16) -> Decision {
+        authz.decide(&RequestInfo {
+            peer: Some(peer),
+            port,
+            http: None,
+        })
+    }
+
+    fn with_ports(mut r: pb::AuthorizationRule, ports: &[u32]) -> pb::AuthorizationRule {
+        r.ports = ports.to_vec();
+        r
+    }
+
+    #[test]
+    fn a_policy_that_does_not_compile_denies_its_ports_and_spares_the_rest() {
+        let bad = policy(
+            "bad-deny",
+            Deny,
+            vec![with_ports(rule(&["spiffe://*/sa/*"], &[], &[]), &[8080])],
+        );
+        let authz = Authorizer::compile_each([&bad]);
+        assert!(!authz.is_empty());
+        let [rejected] = authz.rejected() else {
+            panic!("one rejection: {:?}", authz.rejected());
+        };
+        assert_eq!(rejected.name, "default/bad-deny");
+        assert_eq!(rejected.ports, Some(vec![8080]));
+        assert!(rejected.reason.contains("wildcard"), "{}", rejected.reason);
+        assert!(matches!(
+            on_port(&authz, &id("a"), 8080),
+            Decision::Deny { policy } if policy.contains("default/bad-deny")
+        ));
+        // No ALLOW policy and the broken DENY is only about 8080.
+        assert_eq!(on_port(&authz, &id("a"), 9090), Decision::Allow);
+        // The strict compile still reports the same error.
+        let err = Authorizer::compile(&[bad]).unwrap_err();
+        assert_eq!(err.policy, "default/bad-deny");
+    }
+
+    #[test]
+    fn a_broken_policy_without_ports_denies_everything() {
+        let bad = policy("bad", Deny, vec![rule(&["a*b*"], &[], &[])]);
+        let good = policy("good", Allow, vec![rule(&["*"], &[], &[])]);
+        let authz = Authorizer::compile_each(&[bad, good]);
+        assert_eq!(authz.rejected()[0].ports, None);
+        for port in [80, 8080, 9090] {
+            assert!(matches!(
+                on_port(&authz, &id("a"), port),
+                Decision::Deny { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_broken_allow_policy_still_requires_a_matching_allow() {
+        // Only about port 8080, but as an ALLOW it made every other port need a
+        // match too; losing it must not open 9090.
+        let bad = policy(
+            "bad-allow",
+            Allow,
+            vec![with_ports(rule(&["*"], &["NOT A METHOD"], &[]), &[8080])],
+        );
+        let authz = Authorizer::compile_each([&bad]);
+        assert!(matches!(
+            on_port(&authz, &id("a"), 8080),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            on_port(&authz, &id("a"), 9090),
+            Decision::Deny { .. }
+        ));
+        // With a good ALLOW that matches, other ports follow it; 8080 stays denied.
+        let good = policy("good", Allow, vec![rule(&["*/sa/a"], &[], &[])]);
+        let authz = Authorizer::compile_each(&[bad, good]);
+        assert_eq!(on_port(&authz, &id("a"), 9090), Decision::Allow);
+        assert!(matches!(
+            on_port(&authz, &id("b"), 9090),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            on_port(&authz, &id("a"), 8080),
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn an_unknown_action_is_rejected_and_denies() {
+        let mut odd = policy("odd", Allow, vec![rule(&["*"], &[], &[])]);
+        odd.action = 7;
+        let authz = Authorizer::compile_each(&[odd]);
+        assert!(authz.rejected()[0].reason.contains("unknown action"));
+        assert!(matches!(
+            on_port(&authz, &id("a"), 80),
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn good_policies_compile_without_rejections() {
+        let good = policy("good", Allow, vec![rule(&["*/sa/a"], &["GET"], &["/x*"])]);
+        let authz = Authorizer::compile_each(&[good]);
+        assert!(authz.rejected().is_empty());
+    }
+}

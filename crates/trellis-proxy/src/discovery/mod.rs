@@ -31,13 +31,60 @@ const TYPES: [&str; 7] = [
     type_url::PEER_AUTHENTICATION,
 ];
 
+/// How far discovery has got, for `/ready`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Every kind has been answered with a response the proxy accepted (ACKed) at
+    /// least once. A rejected (NACKed) answer does not count.
+    pub synced: bool,
+    /// The kinds still waiting for an accepted answer.
+    pub waiting_for: Vec<&'static str>,
+    /// The last response the proxy rejected: `type: reason`.
+    pub last_rejected: Option<String>,
+}
+
+impl Default for SyncStatus {
+    fn default() -> Self {
+        SyncStatus {
+            synced: false,
+            waiting_for: TYPES.to_vec(),
+            last_rejected: None,
+        }
+    }
+}
+
+impl SyncStatus {
+    fn of(state: &MeshState, last_rejected: Option<String>) -> Self {
+        let waiting_for: Vec<&'static str> = TYPES
+            .iter()
+            .copied()
+            .filter(|t| !state.resources.by_type.contains_key(*t))
+            .collect();
+        SyncStatus {
+            synced: waiting_for.is_empty(),
+            waiting_for,
+            last_rejected,
+        }
+    }
+
+    /// Why the proxy is not ready yet, in a line.
+    pub fn reason(&self) -> String {
+        let mut reason = format!("waiting for {}", self.waiting_for.join(", "));
+        if let Some(rejected) = &self.last_rejected {
+            reason.push_str("; last rejected: ");
+            reason.push_str(rejected);
+        }
+        reason
+    }
+}
+
 /// Runs forever: keeps `state` current from the control plane.
 pub async fn run(
     config: Arc<ProxyConfig>,
     mut tls: watch::Receiver<Option<Arc<MeshTls>>>,
     state: watch::Sender<Arc<MeshState>>,
     bundles: watch::Sender<Option<TrustBundle>>,
-    synced: watch::Sender<bool>,
+    synced: watch::Sender<SyncStatus>,
     metrics: Metrics,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -80,7 +127,7 @@ async fn stream_once(
     tls: &MeshTls,
     state: &watch::Sender<Arc<MeshState>>,
     bundles: &watch::Sender<Option<TrustBundle>>,
-    synced: &watch::Sender<bool>,
+    synced: &watch::Sender<SyncStatus>,
     metrics: &Metrics,
 ) -> Result<(), StreamError> {
     let channel = control::channel(
@@ -122,9 +169,9 @@ async fn stream_once(
         .await?
         .into_inner();
     tracing::info!(control = config.control_addr, "discovery stream open");
-    let mut seen = std::collections::HashSet::new();
     while let Some(response) = responses.message().await? {
         let current = state.borrow().clone();
+        let mut last_rejected = synced.borrow().last_rejected.clone();
         let reply = match current.apply(&response) {
             Ok(next) => {
                 tracing::debug!(
@@ -143,16 +190,20 @@ async fn stream_once(
             Err(e) => {
                 tracing::warn!(type_url = response.type_url, error = %e, "config rejected (NACK); keeping the last good one");
                 count(metrics, &response.type_url, "nack");
+                last_rejected = Some(format!("{}: {e}", response.type_url));
                 Some(pb::ErrorDetail {
                     code: tonic::Code::InvalidArgument as i32,
                     message: e.to_string(),
                 })
             }
         };
-        seen.insert(response.type_url.clone());
-        if TYPES.iter().all(|t| seen.contains(*t)) {
-            synced.send_replace(true);
-        }
+        // Readiness follows what was accepted, so a NACK never makes the proxy ready.
+        let status = SyncStatus::of(&state.borrow(), last_rejected);
+        synced.send_if_modified(|old| {
+            let changed = *old != status;
+            *old = status;
+            changed
+        });
         tx.send(DeltaDiscoveryRequest {
             type_url: response.type_url,
             response_nonce: response.nonce,

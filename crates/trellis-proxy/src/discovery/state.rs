@@ -76,7 +76,18 @@ impl MeshState {
             validate(&response.type_url, resource)?;
             held.insert(resource.name.clone(), resource.clone());
         }
-        build(resources, self)
+        let next = build(resources, self)?;
+        if response.type_url == type_url::AUTHORIZATION_POLICY {
+            for rejected in next.inbound_policy.authorizer.rejected() {
+                tracing::warn!(
+                    policy = rejected.name,
+                    reason = rejected.reason,
+                    ports = ?rejected.ports,
+                    "authorization policy does not compile; denying the ports it governs"
+                );
+            }
+        }
+        Ok(next)
     }
 
     /// One port of a service, by `name.namespace` and port.
@@ -136,11 +147,10 @@ fn validate(type_url: &str, resource: &pb::Resource) -> Result<(), InvalidResour
         (type_url::TRAFFIC_POLICY, Some(Kind::TrafficPolicy(p))) => TrafficPolicy::compile(p)
             .map(|_| ())
             .map_err(|e| invalid(name, e.to_string())),
-        (type_url::AUTHORIZATION_POLICY, Some(Kind::AuthorizationPolicy(p))) => {
-            Authorizer::compile([p])
-                .map(|_| ())
-                .map_err(|e| invalid(name, e.to_string()))
-        }
+        // A policy that does not compile is accepted and enforced as a denial (see
+        // `Authorizer::compile_each`): refusing the response would leave the proxy
+        // on its previous policies, which at start means none.
+        (type_url::AUTHORIZATION_POLICY, Some(Kind::AuthorizationPolicy(_))) => Ok(()),
         (type_url::PEER_AUTHENTICATION, Some(Kind::PeerAuthentication(_))) => Ok(()),
         _ => Err(invalid(
             name,
@@ -315,8 +325,13 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
             Some(Kind::AuthorizationPolicy(p)) => Some(p),
             _ => None,
         });
-    state.inbound_policy.authorizer =
-        Arc::new(Authorizer::compile(authorization).map_err(|e| invalid(&e.policy, e.reason))?);
+    state.inbound_policy.authorizer = Arc::new(Authorizer::compile_each(authorization));
+    state.inbound_policy.accepted = resources
+        .by_type
+        .contains_key(type_url::AUTHORIZATION_POLICY)
+        && resources
+            .by_type
+            .contains_key(type_url::PEER_AUTHENTICATION);
     // The control plane sends the one effective PeerAuthentication for this workload.
     if let Some(Kind::PeerAuthentication(p)) = by_type(type_url::PEER_AUTHENTICATION)
         .values()
@@ -465,5 +480,70 @@ mod tests {
             ..plain
         };
         assert!(MeshState::default().apply(&endpoints(neither)).is_err());
+    }
+
+    fn typed(type_url: &str, resources: Vec<pb::Resource>) -> pb::DeltaDiscoveryResponse {
+        let mut r = response(resources, vec![]);
+        r.type_url = type_url.to_owned();
+        r
+    }
+
+    fn authorization(name: &str, principal: &str) -> pb::Resource {
+        pb::Resource {
+            name: format!("{name}.default"),
+            version: "1".to_owned(),
+            kind: Some(Kind::AuthorizationPolicy(pb::AuthorizationPolicy {
+                name: name.to_owned(),
+                namespace: "default".to_owned(),
+                action: pb::authorization_policy::Action::Allow as i32,
+                rules: vec![pb::AuthorizationRule {
+                    principals: vec![principal.to_owned()],
+                    ..Default::default()
+                }],
+            })),
+        }
+    }
+
+    #[test]
+    fn inbound_policy_is_accepted_only_once_both_policy_types_are() {
+        let state = MeshState::default();
+        assert!(!state.inbound_policy.accepted, "fail closed from the start");
+        let state = state
+            .apply(&typed(type_url::AUTHORIZATION_POLICY, vec![]))
+            .unwrap();
+        assert!(!state.inbound_policy.accepted);
+        // Other kinds do not count.
+        let state = state.apply(&response(vec![], vec![])).unwrap();
+        assert!(!state.inbound_policy.accepted);
+        let state = state
+            .apply(&typed(type_url::PEER_AUTHENTICATION, vec![]))
+            .unwrap();
+        assert!(state.inbound_policy.accepted);
+    }
+
+    #[test]
+    fn a_policy_that_does_not_compile_is_accepted_as_a_denial() {
+        let state = MeshState::default()
+            .apply(&typed(
+                type_url::AUTHORIZATION_POLICY,
+                vec![
+                    authorization("good", "*/sa/a"),
+                    authorization("bad", "*/sa/*"),
+                ],
+            ))
+            .unwrap();
+        let authz = &state.inbound_policy.authorizer;
+        let names: Vec<_> = authz.rejected().iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["default/bad"]);
+        let a = SpiffeId::new("cluster.local", "default", "a").unwrap();
+        let decision = authz.decide(&crate::authz::RequestInfo {
+            peer: Some(&a),
+            port: 8080,
+            http: None,
+        });
+        assert!(
+            matches!(&decision, crate::authz::Decision::Deny { policy } if policy.contains("default/bad")),
+            "{decision:?}"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! HTTP/2 over mutual TLS between sidecars: one multiplexed connection per peer
-//! endpoint, made on first use and replaced when it breaks. With an idle timeout, a
+//! endpoint and the identity it must prove, made on first use and replaced when it
+//! breaks. Never by address alone: two endpoints at one address with different
+//! identities (an address reused by another workload) never share a connection. With an idle timeout, a
 //! connection no request has taken for that long leaves the pool; hyper then closes
 //! it once its last stream ends.
 
@@ -49,15 +51,19 @@ struct Pooled {
     last_used_us: Arc<AtomicU64>,
 }
 
-type Conns = DashMap<SocketAddr, Pooled>;
+/// Per dial address, one connection per expected identity (almost always one): the
+/// request path looks up by address and compares identities, without allocating.
+type Conns = DashMap<SocketAddr, Vec<Pooled>>;
 /// A connect in progress, and its outcome for those who waited on it.
 type Connecting = tokio::sync::OnceCell<Result<SendRequest<Body>, Arc<PoolError>>>;
 
-/// Connections by dial address. The map is sharded; lookups on the request path take
-/// a shard read lock and clone a handle.
+/// Connections by dial address and expected identity. The map is sharded; lookups on
+/// the request path take a shard read lock and clone a handle.
 pub struct MeshPool {
     conns: Arc<Conns>,
-    connecting: DashMap<SocketAddr, Arc<Connecting>>,
+    /// Keyed like the connections: a request never waits on, and takes, a connect
+    /// made for another identity.
+    connecting: DashMap<(SocketAddr, SpiffeId), Arc<Connecting>>,
     epoch: tokio::time::Instant,
     metrics: crate::metrics::Metrics,
 }
@@ -92,7 +98,8 @@ impl MeshPool {
         }
         // Requests that find no connection wait for one connect to the endpoint
         // instead of each making their own, and share its outcome.
-        let connecting = self.connecting.entry(addr).or_default().clone();
+        let key = (addr, identity.clone());
+        let connecting = self.connecting.entry(key.clone()).or_default().clone();
         let result = connecting
             .get_or_init(|| async {
                 // Another request may have pooled one since our lookup.
@@ -106,7 +113,7 @@ impl MeshPool {
             .await
             .clone();
         self.connecting
-            .remove_if(&addr, |_, cell| Arc::ptr_eq(cell, &connecting));
+            .remove_if(&key, |_, cell| Arc::ptr_eq(cell, &connecting));
         result
     }
 
@@ -116,9 +123,9 @@ impl MeshPool {
         identity: &SpiffeId,
         tls: &Arc<MeshTls>,
     ) -> Option<SendRequest<Body>> {
-        let pooled = self.conns.get(&addr)?;
-        if &pooled.identity == identity && Arc::ptr_eq(&pooled.tls, tls) && pooled.sender.is_ready()
-        {
+        let at_addr = self.conns.get(&addr)?;
+        let pooled = at_addr.iter().find(|p| &p.identity == identity)?;
+        if Arc::ptr_eq(&pooled.tls, tls) && pooled.sender.is_ready() {
             pooled.last_used_us.store(self.now_us(), Ordering::Relaxed);
             return Some(pooled.sender.clone());
         }
@@ -152,21 +159,33 @@ impl MeshPool {
                 idle,
             ));
         }
-        self.conns.insert(
-            addr,
-            Pooled {
-                identity: identity.clone(),
-                tls: tls.clone(),
-                sender: sender.clone(),
-                last_used_us,
-            },
-        );
+        let pooled = Pooled {
+            identity: identity.clone(),
+            tls: tls.clone(),
+            sender: sender.clone(),
+            last_used_us,
+        };
+        let mut at_addr = self.conns.entry(addr).or_default();
+        match at_addr.iter_mut().find(|p| &p.identity == identity) {
+            Some(old) => *old = pooled,
+            None => at_addr.push(pooled),
+        }
         Ok(sender)
     }
 
-    /// Forgets a connection that failed, so the next request makes a new one.
+    /// Forgets the connections to an address after one failed, so the next request
+    /// makes a new one.
     pub fn evict(&self, addr: SocketAddr) {
         self.conns.remove(&addr);
+    }
+
+    /// How many connections are pooled (for tests and the admin page).
+    pub fn len(&self) -> usize {
+        self.conns.iter().map(|at_addr| at_addr.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -190,10 +209,14 @@ async fn remove_when_idle(
         if last + idle > tokio::time::Instant::now() {
             continue;
         }
-        let removed = conns.remove_if(&addr, |_, pooled| {
-            Arc::ptr_eq(&pooled.last_used_us, &last_used_us)
-        });
-        if removed.is_some() {
+        let mut removed = false;
+        if let Some(mut at_addr) = conns.get_mut(&addr) {
+            let before = at_addr.len();
+            at_addr.retain(|pooled| !Arc::ptr_eq(&pooled.last_used_us, &last_used_us));
+            removed = at_addr.len() < before;
+        }
+        conns.remove_if(&addr, |_, at_addr| at_addr.is_empty());
+        if removed {
             tracing::debug!(%addr, ?idle, "closing an idle mesh connection");
         }
         return;
