@@ -13,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod listen;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
