@@ -84,7 +84,12 @@ pub struct Service {
 pub struct Workload {
     pub namespace: String,
     pub name: String,
+    /// The primary address (a Pod's `status.podIP`).
     pub address: IpAddr,
+    /// Every address of a dual-stack workload besides or including `address` (a Pod's
+    /// `status.podIPs`); empty for a single-address one. See [`Workload::all_addresses`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
     pub identity: SpiffeId,
     pub labels: BTreeMap<String, String>,
     /// Named ports of the app (for named target ports and loopback deployments).
@@ -96,6 +101,20 @@ pub struct Workload {
     pub sidecar: bool,
     pub weight: u32,
     pub zone: String,
+}
+
+impl Workload {
+    /// The primary address, then every other one (each once): what callers may reach
+    /// this workload at, over either family.
+    pub fn all_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.address).chain(
+            self.addresses
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| **a != self.address && !self.addresses[..*i].contains(a))
+                .map(|(_, a)| *a),
+        )
+    }
 }
 
 /// One backend of one service port.
@@ -174,11 +193,14 @@ impl<'a> WorkloadIndex<'a> {
         };
         for w in workloads {
             index.by_name.insert((&w.namespace, &w.name), w);
-            index
-                .by_address
-                .entry((&w.namespace, w.address))
-                .or_default()
-                .push(w);
+            // Every address: an IPv6 EndpointSlice names the dual-stack pod's IPv6 one.
+            for address in w.all_addresses() {
+                index
+                    .by_address
+                    .entry((&w.namespace, address))
+                    .or_default()
+                    .push(w);
+            }
         }
         index
     }

@@ -2,7 +2,7 @@
 //! `/etc/hosts` names, kube-proxy-like DNAT, and processes inside pods.
 
 use std::fs::OpenOptions;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +18,11 @@ use crate::process::{ChildHandle, netns_command, read_log, run_with_timeout};
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 /// The pod network.
 pub const POD_PREFIX_LEN: u8 = 16;
+/// The bridge's IPv6 address in the node namespace, for dual-stack pods
+/// ([`TestBed::add_dual_stack_pod`]): a unique-local network, fd00:10:244::/64.
+pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1);
+/// The IPv6 pod network's prefix length.
+pub const POD_IPV6_PREFIX_LEN: u8 = 64;
 /// Where service VIPs come from (10.96.0.0/12, as in Kubernetes).
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
 /// Time limit of [`TestBed::exec`].
@@ -34,6 +39,8 @@ pub struct Pod {
     pub netns: String,
     /// Its address on the pod network.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, for a dual-stack pod ([`TestBed::add_dual_stack_pod`]).
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 /// A service known by name in every pod's `/etc/hosts`.
@@ -104,6 +111,7 @@ impl TestBed {
             name: "node".into(),
             netns: format!("{id}-node"),
             ip: NODE_IP,
+            ipv6: None,
         };
         // Built before anything exists, so Drop cleans up a half-built bed.
         let mut bed = Self {
@@ -194,6 +202,7 @@ impl TestBed {
             name: name.to_string(),
             netns: format!("{}-{name}", self.id),
             ip: Ipv4Addr::from(u32::from(NODE_IP) - 1 + host),
+            ipv6: None,
         };
         let (node, ns) = (self.node.netns.as_str(), pod.netns.as_str());
         netns::add(ns)?;
@@ -214,6 +223,54 @@ impl TestBed {
         self.pods.push(pod.clone());
         self.write_hosts()?;
         tracing::info!(bed = %self.id, pod = %pod.name, ip = %pod.ip, "pod added");
+        Ok(pod)
+    }
+
+    /// Like [`TestBed::add_pod`], plus an IPv6 address on the same `eth0`: the pod's
+    /// host number in fd00:10:244::/64 (10.244.0.5 gets fd00:10:244::5), default IPv6
+    /// route via the node's fd00:10:244::1. The first call gives the node's bridge that
+    /// address and turns IPv6 forwarding on in the node namespace; the root namespace
+    /// still gets nothing.
+    pub fn add_dual_stack_pod(&mut self, name: &str) -> Result<Pod> {
+        let node = self.node.netns.clone();
+        if self.node.ipv6.is_none() {
+            let cidr = format!("{NODE_IPV6}/{POD_IPV6_PREFIX_LEN}");
+            // nodad: usable at once, not after duplicate address detection.
+            ip(&["-n", &node, "addr", "add", &cidr, "dev", "br0", "nodad"])?;
+            netns::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &node,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.forwarding=1",
+                ],
+            )?;
+            self.node.ipv6 = Some(NODE_IPV6);
+        }
+        let mut pod = self.add_pod(name)?;
+        let host = u32::from(pod.ip) - u32::from(NODE_IP) + 1;
+        let v6 = Ipv6Addr::from(u128::from(NODE_IPV6) - 1 + u128::from(host));
+        let ns = pod.netns.as_str();
+        let addr = format!("{v6}/{POD_IPV6_PREFIX_LEN}");
+        ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IPV6.to_string(),
+        ])?;
+        pod.ipv6 = Some(v6);
+        if let Some(stored) = self.pods.iter_mut().find(|p| p.name == pod.name) {
+            stored.ipv6 = Some(v6);
+        }
+        tracing::info!(bed = %self.id, pod = %pod.name, ipv6 = %v6, "pod is dual-stack");
         Ok(pod)
     }
 

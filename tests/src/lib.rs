@@ -30,7 +30,10 @@ pub mod loopback;
 pub mod netns;
 mod process;
 
-pub use bed::{EXEC_TIMEOUT, NODE_IP, POD_PREFIX_LEN, Pod, SERVICE_CIDR, Service, TestBed};
+pub use bed::{
+    EXEC_TIMEOUT, NODE_IP, NODE_IPV6, POD_IPV6_PREFIX_LEN, POD_PREFIX_LEN, Pod, SERVICE_CIDR,
+    Service, TestBed,
+};
 pub use process::{ChildHandle, netns_command, run_with_input, run_with_timeout};
 
 use std::path::PathBuf;

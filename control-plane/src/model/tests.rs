@@ -175,6 +175,7 @@ fn workload(name: &str, sa: &str, pairs: &[(&str, &str)]) -> Workload {
         namespace: "demo".into(),
         name: name.into(),
         address: "10.0.0.1".parse().unwrap(),
+        addresses: Vec::new(),
         identity: SpiffeId::new("cluster.local", "demo", sa).unwrap(),
         labels: labels(pairs),
         ports: BTreeMap::new(),

@@ -2,7 +2,8 @@
 
 use std::process::Output;
 
-use crate::plan::{NAT, OWN_CHAINS, RuleKind, plan};
+use crate::plan::{IpFamily, NAT, OWN_CHAINS, RuleKind, plan_for};
+use crate::pod_ipv6::{IF_INET6, routable_addresses};
 use crate::runner::{Backend, CommandRunner, Iptables, SystemRunner};
 use crate::{InitConfig, InitError};
 
@@ -17,18 +18,80 @@ pub fn apply(cfg: &InitConfig) -> Result<(), InitError> {
 }
 
 /// Writes the rules for `cfg` through `runner` (for example inside a network namespace),
-/// and returns the iptables binary that was used.
+/// for IPv4 and IPv6, and returns the IPv4 iptables binary that was used (its
+/// [`Iptables::ip6_counterpart`] wrote the IPv6 rules, if any).
 ///
 /// Idempotent: Trellis's own chains are (re)written in one `iptables-restore
-/// --noflush` transaction, which creates or flushes each declared chain and fills it
-/// atomically, so a re-apply never leaves a moment without redirection and a failed
-/// one changes nothing. Then the jumps from PREROUTING and OUTPUT are inserted at the
-/// top only when `-C` does not find them (extra copies are removed). Running it twice
-/// leaves one set.
+/// --noflush` transaction per family, which creates or flushes each declared chain and
+/// fills it atomically, so a re-apply never leaves a moment without redirection and a
+/// failed one changes nothing. Then the jumps from PREROUTING and OUTPUT are inserted at
+/// the top only when `-C` does not find them (extra copies are removed). Running it
+/// twice leaves one set.
+///
+/// IPv6 fails closed: the ip6tables matching the IPv4 backend writes the same rules;
+/// if it does not work and the Pod has a global or unique-local IPv6 address, nothing
+/// is written and [`InitError::NoIp6tables`] says why. Without such an address (or
+/// without IPv6 in the kernel) the IPv6 rules are skipped with a log line.
 pub fn apply_in(cfg: &InitConfig, runner: &dyn CommandRunner) -> Result<Iptables, InitError> {
     cfg.validate()?;
-    let ipt = Ipt::new(runner, cfg.backend.resolve(runner)?);
-    let rules = plan(cfg);
+    let v4 = cfg.backend.resolve(runner)?;
+    // Decided before anything is written, so a refusal leaves the Pod untouched.
+    let v6 = ipv6_binary(&v4, runner)?;
+    write_family(cfg, IpFamily::V4, &Ipt::new(runner, v4.clone()))?;
+    if let Some(v6) = v6 {
+        write_family(cfg, IpFamily::V6, &Ipt::new(runner, v6))?;
+    }
+    Ok(v4)
+}
+
+/// The ip6tables to write IPv6 rules with, `None` when IPv6 needs none, or the refusal.
+fn ipv6_binary(v4: &Iptables, runner: &dyn CommandRunner) -> Result<Option<Iptables>, InitError> {
+    let addresses = match runner.read_file(IF_INET6) {
+        Ok(text) => Ok(routable_addresses(&text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(
+                file = IF_INET6,
+                "IPv6 is disabled in this kernel: no ip6tables rules"
+            );
+            return Ok(None);
+        }
+        // Unknown counts as present: fail closed.
+        Err(e) => Err(format!("unknown: {e}")),
+    };
+    let v6 = v4.ip6_counterpart();
+    let detail = match v6.probe(runner) {
+        Ok(()) => return Ok(Some(v6)),
+        Err(detail) => detail,
+    };
+    match addresses {
+        Ok(list) if list.is_empty() => {
+            tracing::warn!(
+                binary = %v6.binary,
+                %detail,
+                "ip6tables does not work and the pod has no global IPv6 address: IPv6 rules skipped"
+            );
+            Ok(None)
+        }
+        Ok(list) => Err(InitError::NoIp6tables {
+            binary: v6.binary,
+            addresses: list
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            detail,
+        }),
+        Err(unknown) => Err(InitError::NoIp6tables {
+            binary: v6.binary,
+            addresses: unknown,
+            detail,
+        }),
+    }
+}
+
+/// One family's chains in one transaction, then its hooks.
+fn write_family(cfg: &InitConfig, family: IpFamily, ipt: &Ipt<'_>) -> Result<(), InitError> {
+    let rules = plan_for(cfg, family);
     ipt.restore(&restore_input(&rules))?;
     for rule in rules.iter().filter(|r| r.kind == RuleKind::Hook) {
         let mut check = vec!["-C", rule.chain.as_str()];
@@ -55,13 +118,14 @@ pub fn apply_in(cfg: &InitConfig, runner: &dyn CommandRunner) -> Result<Iptables
     }
     tracing::info!(
         binary = %ipt.ipt.binary,
+        %family,
         rules = rules.len(),
         outbound_port = cfg.outbound_port,
         inbound_port = cfg.inbound_port,
         proxy_uid = cfg.proxy_uid,
         "traffic redirection rules applied"
     );
-    Ok(ipt.ipt)
+    Ok(())
 }
 
 /// Removes Trellis's jumps and chains from the current network namespace. See [`cleanup_in`].
@@ -70,9 +134,20 @@ pub fn cleanup(backend: Backend) -> Result<(), InitError> {
 }
 
 /// Removes every jump from PREROUTING/OUTPUT into a `TRELLIS_*` chain, then flushes and
-/// deletes Trellis's chains, through `runner`. Succeeds when there is nothing to remove.
+/// deletes Trellis's chains, through `runner`, for IPv4 and (when its ip6tables works)
+/// IPv6. Succeeds when there is nothing to remove. Returns the IPv4 binary.
 pub fn cleanup_in(backend: Backend, runner: &dyn CommandRunner) -> Result<Iptables, InitError> {
-    let ipt = Ipt::new(runner, backend.resolve(runner)?);
+    let v4 = backend.resolve(runner)?;
+    cleanup_family(&Ipt::new(runner, v4.clone()))?;
+    let v6 = v4.ip6_counterpart();
+    match v6.probe(runner) {
+        Ok(()) => cleanup_family(&Ipt::new(runner, v6))?,
+        Err(detail) => tracing::debug!(%detail, "no ip6tables: no IPv6 rules to remove"),
+    }
+    Ok(v4)
+}
+
+fn cleanup_family(ipt: &Ipt<'_>) -> Result<(), InitError> {
     let mut deleted = 0usize;
     for chain in HOOK_CHAINS {
         for line in ipt.list(chain)? {
@@ -109,7 +184,7 @@ pub fn cleanup_in(backend: Backend, runner: &dyn CommandRunner) -> Result<Iptabl
         chains_removed = ours.len(),
         "traffic redirection rules removed"
     );
-    Ok(ipt.ipt)
+    Ok(())
 }
 
 /// The nat table as `iptables-save -t nat` prints it, through `runner`.

@@ -34,6 +34,21 @@ pub enum InitError {
         /// What the last attempt said.
         detail: String,
     },
+    /// The Pod can be reached over IPv6 but no ip6tables works: writing only the IPv4
+    /// rules would leave IPv6 traffic to and from the app unredirected.
+    #[error(
+        "the pod has IPv6 address(es) {addresses} but `{binary}` does not work ({detail}): \
+         refusing to leave IPv6 traffic unredirected; install ip6tables (with the nat table) \
+         in the init image or disable IPv6 in the pod"
+    )]
+    NoIp6tables {
+        /// The ip6tables binary matching the IPv4 backend.
+        binary: String,
+        /// The Pod's routable IPv6 addresses, comma-separated (or why they are unknown).
+        addresses: String,
+        /// What trying the binary said.
+        detail: String,
+    },
     /// A CIDR such as `10.0.0.0/8` could not be parsed.
     #[error("bad IPv4 CIDR `{text}`: {reason}")]
     BadCidr {

@@ -1,4 +1,5 @@
-//! A tiny in-memory imitation of `iptables -t nat`, enough to test apply/cleanup logic.
+//! A tiny in-memory imitation of `iptables -t nat` and `ip6tables -t nat` (one table
+//! each), enough to test apply/cleanup logic.
 
 use std::cell::RefCell;
 use std::os::unix::process::ExitStatusExt;
@@ -8,12 +9,18 @@ use crate::CommandRunner;
 
 const BUILTIN: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
 
+type Chains = Vec<(String, Vec<String>)>;
+
 #[derive(Default)]
 pub struct FakeIptables {
     /// Binaries that "work"; others fail as if missing.
     pub working: Vec<&'static str>,
-    /// (chain, rules) in creation order; built-ins first.
-    chains: RefCell<Vec<(String, Vec<String>)>>,
+    /// IPv4: (chain, rules) in creation order; built-ins first.
+    chains: RefCell<Chains>,
+    /// IPv6, the same.
+    chains6: RefCell<Chains>,
+    /// What `/proc/net/if_inet6` holds; `None`: the file is missing (no IPv6 kernel).
+    pub if_inet6: Option<String>,
     pub log: RefCell<Vec<String>>,
 }
 
@@ -27,16 +34,42 @@ fn out(code: i32, stdout: String, stderr: &str) -> std::io::Result<Output> {
 
 impl FakeIptables {
     pub fn new(working: &[&'static str]) -> Self {
+        let builtin = || RefCell::new(BUILTIN.iter().map(|c| (c.to_string(), vec![])).collect());
         Self {
             working: working.to_vec(),
-            chains: RefCell::new(BUILTIN.iter().map(|c| (c.to_string(), vec![])).collect()),
+            chains: builtin(),
+            chains6: builtin(),
+            if_inet6: None,
             log: RefCell::default(),
         }
     }
 
-    /// Everything, as `-S` prints it.
+    /// The same fake, with `/proc/net/if_inet6` holding `text`.
+    pub fn with_if_inet6(mut self, text: &str) -> Self {
+        self.if_inet6 = Some(text.to_string());
+        self
+    }
+
+    /// The table `program` writes: ip6tables* the IPv6 one.
+    fn table(&self, program: &str) -> &RefCell<Chains> {
+        if program.starts_with("ip6tables") {
+            &self.chains6
+        } else {
+            &self.chains
+        }
+    }
+
+    /// Everything in the IPv4 table, as `-S` prints it.
     pub fn dump(&self) -> String {
-        let chains = self.chains.borrow();
+        Self::dump_chains(&self.chains.borrow())
+    }
+
+    /// Everything in the IPv6 table, as `ip6tables -S` prints it.
+    pub fn dump6(&self) -> String {
+        Self::dump_chains(&self.chains6.borrow())
+    }
+
+    fn dump_chains(chains: &Chains) -> String {
         let mut s = String::new();
         for (c, _) in chains.iter() {
             if BUILTIN.contains(&c.as_str()) {
@@ -73,18 +106,17 @@ impl CommandRunner for FakeIptables {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let rest = match args.as_slice() {
             ["-w", "-t", "nat", rest @ ..] => rest,
-            ["-t", "nat", ..] if program.ends_with("-save") => return out(0, self.dump(), ""),
+            ["-t", "nat", ..] if program.ends_with("-save") => {
+                return out(0, Self::dump_chains(&self.table(program).borrow()), "");
+            }
             _ => return out(2, String::new(), "unsupported"),
         };
-        let mut chains = self.chains.borrow_mut();
+        let mut chains = self.table(program).borrow_mut();
         let find = |chains: &Vec<(String, Vec<String>)>, name: &str| {
             chains.iter().position(|(c, _)| c == name)
         };
         match rest {
-            ["-S"] => {
-                drop(chains);
-                out(0, self.dump(), "")
-            }
+            ["-S"] => out(0, Self::dump_chains(&chains), ""),
             ["-S", chain] => match find(&chains, chain) {
                 Some(i) => {
                     let (c, rules) = &chains[i];
@@ -183,7 +215,7 @@ impl CommandRunner for FakeIptables {
         if args != ["-w", "--noflush"] {
             return out(2, String::new(), "unsupported");
         }
-        let mut next = self.chains.borrow().clone();
+        let mut next = self.table(program).borrow().clone();
         let text = String::from_utf8_lossy(input);
         let mut committed = false;
         for line in text.lines() {
@@ -221,7 +253,17 @@ impl CommandRunner for FakeIptables {
         if !committed {
             return out(1, String::new(), "no COMMIT");
         }
-        *self.chains.borrow_mut() = next;
+        *self.table(program).borrow_mut() = next;
         out(0, String::new(), "")
+    }
+
+    fn read_file(&self, path: &str) -> std::io::Result<String> {
+        match (&self.if_inet6, path) {
+            (Some(text), crate::IF_INET6) => Ok(text.clone()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file",
+            )),
+        }
     }
 }

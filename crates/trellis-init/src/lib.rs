@@ -17,15 +17,20 @@
 //! run through a [`CommandRunner`], e.g. [`SystemRunner::in_netns`] for a named network
 //! namespace.
 //!
-//! Trellis's chains are rewritten atomically (see [`apply_in`]). Gaps: IPv4 only —
-//! IPv6 traffic is not redirected (no ip6tables rules are written); UDP is never
-//! redirected.
+//! The same rules are written for IPv6 with the matching `ip6tables` (loopback `::1`
+//! instead of 127.0.0.1). A Pod with a global or unique-local IPv6 address whose
+//! ip6tables does not work is refused ([`InitError::NoIp6tables`]) rather than left with
+//! IPv6 open.
+//!
+//! Trellis's chains are rewritten atomically (see [`apply_in`]). Gaps: UDP is never
+//! redirected; the excluded CIDRs are IPv4 networks only.
 
 mod apply;
 mod args;
 mod cidr;
 mod error;
 mod plan;
+mod pod_ipv6;
 mod runner;
 
 pub use apply::{apply, apply_in, cleanup, cleanup_in, save_nat_in};
@@ -33,9 +38,10 @@ pub use args::InitArgs;
 pub use cidr::{Ipv4Cidr, parse_cidrs, parse_port, parse_ports};
 pub use error::InitError;
 pub use plan::{
-    CHAIN_IN_REDIRECT, CHAIN_INBOUND, CHAIN_OUTPUT, CHAIN_REDIRECT, NAT, OWN_CHAINS, Rule,
-    RuleKind, dry_run_text, plan,
+    CHAIN_IN_REDIRECT, CHAIN_INBOUND, CHAIN_OUTPUT, CHAIN_REDIRECT, IpFamily, NAT, OWN_CHAINS,
+    Rule, RuleKind, dry_run_text, plan, plan_for,
 };
+pub use pod_ipv6::{IF_INET6, PodIpv6, routable_addresses};
 pub use runner::{Backend, CommandRunner, Iptables, SystemRunner};
 
 /// The proxy's UID: its own traffic is never redirected.

@@ -22,6 +22,34 @@ pub const OWN_CHAINS: [&str; 4] = [
     CHAIN_REDIRECT,
 ];
 
+/// The address family a rule set is for: `iptables` writes IPv4, `ip6tables` IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    /// IPv4, written with `iptables`.
+    V4,
+    /// IPv6, written with `ip6tables`.
+    V6,
+}
+
+impl IpFamily {
+    /// The loopback address as a `-d` network: connections to it are never redirected.
+    fn loopback(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "127.0.0.1/32",
+            IpFamily::V6 => "::1/128",
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
 /// How a rule is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuleKind {
@@ -103,16 +131,23 @@ fn dedup(ports: &[u16]) -> Vec<u16> {
     out
 }
 
-/// The rules for `cfg`, in the order they are written: own chains first (each in rule
-/// order), then the hooks from PREROUTING and OUTPUT.
+/// The IPv4 rules for `cfg`; see [`plan_for`].
+pub fn plan(cfg: &InitConfig) -> Vec<Rule> {
+    plan_for(cfg, IpFamily::V4)
+}
+
+/// The rules for `cfg` in one address family, in the order they are written: own chains
+/// first (each in rule order), then the hooks from PREROUTING and OUTPUT.
+///
+/// Both families get the same rules, except that loopback is `127.0.0.1` or `::1` and
+/// the excluded CIDRs (IPv4 networks) only appear in the IPv4 set.
 ///
 /// Inbound (nat PREROUTING, TCP only): connections to the proxy's own ports and to
 /// excluded inbound ports are left alone; every other one is redirected to
 /// `inbound_port`. Outbound (nat OUTPUT, TCP only): connections made by the proxy's UID
 /// (and GID, if set), connections over loopback or to 127.0.0.1, to excluded ports and
 /// to excluded CIDRs are left alone; every other one is redirected to `outbound_port`.
-/// IPv4 only: IPv6 traffic is not redirected.
-pub fn plan(cfg: &InitConfig) -> Vec<Rule> {
+pub fn plan_for(cfg: &InitConfig, family: IpFamily) -> Vec<Rule> {
     let mut rules = Vec::new();
     let inbound_to = cfg.inbound_port.to_string();
     let outbound_to = cfg.outbound_port.to_string();
@@ -156,7 +191,7 @@ pub fn plan(cfg: &InitConfig) -> Vec<Rule> {
     rules.push(Rule::own(CHAIN_OUTPUT, &["-o", "lo", "-j", "RETURN"]));
     rules.push(Rule::own(
         CHAIN_OUTPUT,
-        &["-d", "127.0.0.1/32", "-j", "RETURN"],
+        &["-d", family.loopback(), "-j", "RETURN"],
     ));
     for p in dedup(&cfg.exclude_outbound_ports) {
         let port = p.to_string();
@@ -166,7 +201,11 @@ pub fn plan(cfg: &InitConfig) -> Vec<Rule> {
         ));
     }
     let mut cidrs = Vec::with_capacity(cfg.exclude_outbound_cidrs.len());
-    for c in &cfg.exclude_outbound_cidrs {
+    let v4_cidrs = match family {
+        IpFamily::V4 => cfg.exclude_outbound_cidrs.as_slice(),
+        IpFamily::V6 => &[],
+    };
+    for c in v4_cidrs {
         if !cidrs.contains(c) {
             cidrs.push(*c);
         }
@@ -190,10 +229,11 @@ pub fn plan(cfg: &InitConfig) -> Vec<Rule> {
     rules
 }
 
-/// The plan as iptables-restore-like text, for `--dry-run`.
+/// The plan as iptables-restore-like text, for `--dry-run`: the IPv4 set (for
+/// `iptables-restore`), then the IPv6 set (for `ip6tables-restore`).
 pub fn dry_run_text(cfg: &InitConfig) -> String {
     let mut out = String::new();
-    out.push_str("# trellis-init: redirection rules (IPv4 only; IPv6 is not redirected)\n");
+    out.push_str("# trellis-init: redirection rules for IPv4 and IPv6\n");
     out.push_str(&format!(
         "# backend: {}; proxy uid {}{}; outbound -> {}, inbound -> {}\n",
         cfg.backend,
@@ -207,14 +247,23 @@ pub fn dry_run_text(cfg: &InitConfig) -> String {
     out.push_str(
         "# apply flushes the TRELLIS_* chains and inserts each -I hook only if it is missing\n",
     );
-    out.push_str("*nat\n");
-    for chain in OWN_CHAINS {
-        out.push_str(&format!(":{chain} - [0:0]\n"));
+    out.push_str(
+        "# IPv6 rules are required when the pod has a global IPv6 address; \
+         without ip6tables init then fails\n",
+    );
+    for (family, tool) in [
+        (IpFamily::V4, "iptables-restore"),
+        (IpFamily::V6, "ip6tables-restore"),
+    ] {
+        out.push_str(&format!("# {family} ({tool})\n*nat\n"));
+        for chain in OWN_CHAINS {
+            out.push_str(&format!(":{chain} - [0:0]\n"));
+        }
+        for rule in plan_for(cfg, family) {
+            out.push_str(&rule.to_string());
+            out.push('\n');
+        }
+        out.push_str("COMMIT\n");
     }
-    for rule in plan(cfg) {
-        out.push_str(&rule.to_string());
-        out.push('\n');
-    }
-    out.push_str("COMMIT\n");
     out
 }

@@ -56,23 +56,15 @@ impl Backend {
     pub fn resolve(self, runner: &dyn CommandRunner) -> Result<Iptables, InitError> {
         let mut detail = String::from("nothing tried");
         for bin in self.candidates() {
-            let args = ["-w", "-t", "nat", "-S"].map(String::from);
-            match runner.run(bin, &args) {
-                Ok(out) if out.status.success() => {
+            let ipt = Iptables {
+                binary: (*bin).to_string(),
+            };
+            match ipt.probe(runner) {
+                Ok(()) => {
                     tracing::debug!(binary = %bin, backend = %self, "iptables backend chosen");
-                    return Ok(Iptables {
-                        binary: (*bin).to_string(),
-                    });
+                    return Ok(ipt);
                 }
-                Ok(out) => {
-                    detail = format!(
-                        "`{}`: {} {}",
-                        runner.command_line(bin, &args),
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
-                Err(e) => detail = format!("`{}`: {e}", runner.command_line(bin, &args)),
+                Err(why) => detail = why,
             }
             tracing::debug!(binary = %bin, %detail, "iptables binary not usable");
         }
@@ -91,6 +83,35 @@ pub struct Iptables {
 }
 
 impl Iptables {
+    /// The IPv6 binary of the same backend: `iptables-nft` gives `ip6tables-nft`, so
+    /// both families live in the same kernel API.
+    pub fn ip6_counterpart(&self) -> Iptables {
+        let binary = match self.binary.strip_prefix("iptables") {
+            Some(rest) => format!("ip6tables{rest}"),
+            None => self.binary.clone(),
+        };
+        Iptables { binary }
+    }
+
+    /// Whether the binary runs here and has a nat table (`-w -t nat -S` succeeds);
+    /// else what it said.
+    pub fn probe(&self, runner: &dyn CommandRunner) -> Result<(), String> {
+        let args = ["-w", "-t", "nat", "-S"].map(String::from);
+        match runner.run(&self.binary, &args) {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
+                "`{}`: {} {}",
+                runner.command_line(&self.binary, &args),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!(
+                "`{}`: {e}",
+                runner.command_line(&self.binary, &args)
+            )),
+        }
+    }
+
     /// The matching `*-save` binary (`iptables-nft-save`, ...).
     pub fn save_binary(&self) -> String {
         format!("{}-save", self.binary)
@@ -117,6 +138,12 @@ pub trait CommandRunner {
         args: &[String],
         input: &[u8],
     ) -> std::io::Result<Output>;
+
+    /// The contents of a kernel file such as `/proc/net/if_inet6`, as seen from where
+    /// the commands run. `NotFound` when the file does not exist there.
+    fn read_file(&self, path: &str) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
 
     /// The full command line as it would be run (for logs and errors).
     fn command_line(&self, program: &str, args: &[String]) -> String {
@@ -191,6 +218,29 @@ impl CommandRunner for SystemRunner {
             stdin.write_all(input)?;
         }
         child.wait_with_output()
+    }
+
+    fn read_file(&self, path: &str) -> std::io::Result<String> {
+        let Some(ns) = &self.netns else {
+            return std::fs::read_to_string(path);
+        };
+        // /proc/net is per network namespace: read it from inside.
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "cat", path])
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false if stderr.contains("No such file") => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{path}: {}", stderr.trim()),
+            )),
+            false => Err(std::io::Error::other(format!(
+                "reading {path} in netns {ns}: {}",
+                stderr.trim()
+            ))),
+        }
     }
 
     fn command_line(&self, program: &str, args: &[String]) -> String {

@@ -75,17 +75,32 @@ fn exclusions_gid_and_dedup() {
 #[test]
 fn dry_run_text_is_restore_like() {
     let text = dry_run_text(&InitConfig::default());
-    assert!(text.contains("IPv4 only"));
-    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-    assert_eq!(body.first(), Some(&"*nat"));
-    assert_eq!(body.last(), Some(&"COMMIT"));
-    for chain in OWN_CHAINS {
-        assert!(
-            body.contains(&format!(":{chain} - [0:0]").as_str()),
-            "{chain}"
+    assert!(text.contains("# IPv4 (iptables-restore)"), "{text}");
+    assert!(text.contains("# IPv6 (ip6tables-restore)"), "{text}");
+    let (v4, v6) = text.split_once("# IPv6 (").unwrap();
+    for (part, family) in [(v4, IpFamily::V4), (v6, IpFamily::V6)] {
+        let body: Vec<&str> = part
+            .lines()
+            .skip_while(|l| *l != "*nat")
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        assert_eq!(body.first(), Some(&"*nat"));
+        assert_eq!(body.last(), Some(&"COMMIT"));
+        for chain in OWN_CHAINS {
+            assert!(
+                body.contains(&format!(":{chain} - [0:0]").as_str()),
+                "{chain}"
+            );
+        }
+        assert_eq!(
+            body.len(),
+            1 + 4 + plan_for(&InitConfig::default(), family).len() + 1
         );
     }
-    assert_eq!(body.len(), 1 + 4 + plan(&InitConfig::default()).len() + 1);
+    assert!(
+        v6.contains("-A TRELLIS_OUTPUT -d ::1/128 -j RETURN"),
+        "{v6}"
+    );
 }
 
 #[test]
@@ -206,6 +221,10 @@ impl CommandRunner for FailingRestore {
         })
     }
 
+    fn read_file(&self, path: &str) -> std::io::Result<String> {
+        self.0.read_file(path)
+    }
+
     fn command_line(&self, program: &str, args: &[String]) -> String {
         format!("ip netns exec test {program} {}", args.join(" "))
     }
@@ -296,4 +315,203 @@ fn cli_args_build_the_config() {
         .unwrap()
         .to_string();
     assert!(err.contains("port 0"), "{err}");
+}
+
+/// `/proc/net/if_inet6` of a dual-stack pod: a unique-local address on eth0, plus the
+/// link-local and loopback ones every IPv6 interface has.
+const DUAL_STACK_IF_INET6: &str = "\
+fd00001002440000000000000000000a 02 40 00 80     eth0
+fe80000000000000a8c1abfffe3e5f0a 02 40 20 80     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+";
+
+/// The same pod without a routable IPv6 address.
+const LINK_LOCAL_ONLY_IF_INET6: &str = "\
+fe80000000000000a8c1abfffe3e5f0a 02 40 20 80     eth0
+00000000000000000000000000000001 01 80 10 80       lo
+";
+
+#[test]
+fn ipv6_plan_mirrors_ipv4_with_its_own_loopback() {
+    let cfg = InitConfig {
+        proxy_gid: Some(1337),
+        exclude_inbound_ports: vec![22],
+        exclude_outbound_ports: vec![5432],
+        exclude_outbound_cidrs: parse_cidrs("169.254.169.254").unwrap(),
+        ..InitConfig::default()
+    };
+    let v4: Vec<String> = plan_for(&cfg, IpFamily::V4)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let v6: Vec<String> = plan_for(&cfg, IpFamily::V6)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    // IPv4 CIDRs have no place in ip6tables; everything else is the same rule.
+    let expected: Vec<String> = v4
+        .iter()
+        .filter(|l| !l.contains("169.254.169.254"))
+        .map(|l| l.replace("127.0.0.1/32", "::1/128"))
+        .collect();
+    assert_eq!(v6, expected);
+    assert_eq!(v6.len() + 1, v4.len());
+    for needle in [
+        "-A TRELLIS_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A TRELLIS_OUTPUT -d ::1/128 -j RETURN",
+        "-A TRELLIS_OUTPUT -p tcp --dport 5432 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp --dport 22 -j RETURN",
+        "-A TRELLIS_INBOUND -p tcp --dport 15008 -j RETURN",
+        "-A TRELLIS_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        "-A TRELLIS_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+    ] {
+        assert!(v6.contains(&needle.to_string()), "{needle} in {v6:?}");
+    }
+    assert_eq!(plan(&cfg), plan_for(&cfg, IpFamily::V4));
+}
+
+#[test]
+fn routable_ipv6_addresses_are_global_and_unique_local_off_loopback() {
+    let got = routable_addresses(DUAL_STACK_IF_INET6);
+    assert_eq!(
+        got,
+        vec![PodIpv6 {
+            addr: "fd00:10:244::a".parse().unwrap(),
+            interface: "eth0".into(),
+        }]
+    );
+    assert!(routable_addresses(LINK_LOCAL_ONLY_IF_INET6).is_empty());
+    // A global address on lo does not make the pod reachable; junk is skipped.
+    let odd = "20010db8000000000000000000000001 01 80 00 80 lo\nnot a line\nzz 1 2 3 4 eth0\n";
+    assert!(routable_addresses(odd).is_empty());
+    assert_eq!(
+        routable_addresses("20010db8000000000000000000000002 03 40 00 00 net1\n")[0].to_string(),
+        "2001:db8::2 on net1"
+    );
+}
+
+#[test]
+fn ip6tables_matches_the_ipv4_backend() {
+    for (v4, v6) in [
+        ("iptables-nft", "ip6tables-nft"),
+        ("iptables-legacy", "ip6tables-legacy"),
+        ("iptables", "ip6tables"),
+    ] {
+        let ipt = Iptables { binary: v4.into() };
+        assert_eq!(ipt.ip6_counterpart().binary, v6);
+        assert_eq!(
+            ipt.ip6_counterpart().restore_binary(),
+            format!("{v6}-restore")
+        );
+    }
+}
+
+#[test]
+fn dual_stack_pod_gets_the_same_rules_in_ip6tables_and_cleanup_removes_both() {
+    for (backend, v4, v6) in [
+        (Backend::Nft, "iptables-nft", "ip6tables-nft"),
+        (Backend::Legacy, "iptables-legacy", "ip6tables-legacy"),
+    ] {
+        let fake = FakeIptables::new(&[v4, v6]).with_if_inet6(DUAL_STACK_IF_INET6);
+        let cfg = InitConfig {
+            backend,
+            ..InitConfig::default()
+        };
+        apply_in(&cfg, &fake).unwrap();
+        let once = fake.dump6();
+        assert!(
+            fake.log
+                .borrow()
+                .contains(&format!("{v6}-restore -w --noflush")),
+            "one transaction: {:?}",
+            fake.log.borrow()
+        );
+        for rule in plan_for(&cfg, IpFamily::V6) {
+            let line = format!("-A {} {}", rule.chain, rule.spec());
+            assert_eq!(once.matches(&line).count(), 1, "{line} in\n{once}");
+        }
+        assert!(
+            !fake.dump().contains("::1"),
+            "IPv6 rules stay out of iptables"
+        );
+        apply_in(&cfg, &fake).unwrap();
+        assert_eq!(fake.dump6(), once, "second apply changed ip6tables");
+
+        cleanup_in(backend, &fake).unwrap();
+        assert!(!fake.dump().contains("TRELLIS"));
+        assert!(!fake.dump6().contains("TRELLIS"), "{}", fake.dump6());
+    }
+}
+
+#[test]
+fn missing_ip6tables_on_a_pod_with_ipv6_fails_and_writes_nothing() {
+    let fake = FakeIptables::new(&["iptables-nft"]).with_if_inet6(DUAL_STACK_IF_INET6);
+    let before = fake.dump();
+    let err = apply_in(&InitConfig::default(), &fake).unwrap_err();
+    assert!(matches!(err, InitError::NoIp6tables { .. }), "{err}");
+    let text = err.to_string();
+    for needle in [
+        "fd00:10:244::a on eth0",
+        "ip6tables-nft",
+        "refusing",
+        "not found",
+    ] {
+        assert!(text.contains(needle), "`{needle}` in {text}");
+    }
+    assert_eq!(fake.dump(), before, "IPv4 rules must not be written alone");
+    assert!(
+        !fake.log.borrow().iter().any(|c| c.contains("-restore")),
+        "{:?}",
+        fake.log.borrow()
+    );
+
+    // ip6tables present but without a nat table counts as missing.
+    struct NoNat6(FakeIptables);
+    impl CommandRunner for NoNat6 {
+        fn run(&self, program: &str, args: &[String]) -> std::io::Result<std::process::Output> {
+            use std::os::unix::process::ExitStatusExt;
+            if program.starts_with("ip6tables") {
+                return Ok(std::process::Output {
+                    status: std::process::ExitStatus::from_raw(3 << 8),
+                    stdout: vec![],
+                    stderr: b"ip6tables v1.8.9 (nf_tables): table 'nat' does not exist".to_vec(),
+                });
+            }
+            self.0.run(program, args)
+        }
+        fn run_with_input(
+            &self,
+            program: &str,
+            args: &[String],
+            input: &[u8],
+        ) -> std::io::Result<std::process::Output> {
+            self.0.run_with_input(program, args, input)
+        }
+        fn read_file(&self, path: &str) -> std::io::Result<String> {
+            self.0.read_file(path)
+        }
+    }
+    let runner = NoNat6(FakeIptables::new(&["iptables-nft"]).with_if_inet6(DUAL_STACK_IF_INET6));
+    let err = apply_in(&InitConfig::default(), &runner).unwrap_err();
+    assert!(
+        err.to_string().contains("table 'nat' does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_routable_ipv6_missing_ip6tables_only_skips_ipv6() {
+    // IPv6 in the kernel but only link-local addresses: IPv4 rules, no failure.
+    let fake = FakeIptables::new(&["iptables-nft"]).with_if_inet6(LINK_LOCAL_ONLY_IF_INET6);
+    apply_in(&InitConfig::default(), &fake).unwrap();
+    assert!(fake.dump().contains("TRELLIS_REDIRECT"));
+    // No IPv6 in the kernel at all: the same.
+    let fake = FakeIptables::new(&["iptables-nft"]);
+    apply_in(&InitConfig::default(), &fake).unwrap();
+    assert!(fake.dump().contains("TRELLIS_REDIRECT"));
+    // With a working ip6tables the rules are written even without an address yet.
+    let fake = FakeIptables::new(&["iptables-nft", "ip6tables-nft"])
+        .with_if_inet6(LINK_LOCAL_ONLY_IF_INET6);
+    apply_in(&InitConfig::default(), &fake).unwrap();
+    assert!(fake.dump6().contains("TRELLIS_REDIRECT"));
 }

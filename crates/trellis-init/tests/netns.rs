@@ -101,6 +101,24 @@ fn apply_twice_is_identical_and_cleanup_removes_everything() {
                 "{bin}: `{needle}` missing in\n{twice}"
             );
         }
+        // The same rules in ip6tables, with ::1 for loopback.
+        let v6 = ipt.ip6_counterpart();
+        let six = normalized_nat(&ns.name, &v6.save_binary());
+        for needle in [
+            "-A PREROUTING -p tcp -j TRELLIS_INBOUND",
+            "-A OUTPUT -p tcp -j TRELLIS_OUTPUT",
+            "-A TRELLIS_OUTPUT -d ::1/128 -j RETURN",
+            "--uid-owner 1337",
+            "--dport 22 -j RETURN",
+            "--to-ports 15001",
+            "--to-ports 15006",
+        ] {
+            assert!(six.contains(needle), "{bin}: `{needle}` missing in\n{six}");
+        }
+        assert!(
+            !six.contains("169.254"),
+            "{bin}: IPv4 CIDR in ip6tables:\n{six}"
+        );
         // The library's own save helper sees the same table.
         let saved = save_nat_in(&ipt, &runner).expect("save");
         assert!(saved.contains("TRELLIS_INBOUND"));
@@ -126,6 +144,8 @@ fn apply_twice_is_identical_and_cleanup_removes_everything() {
         cleanup_in(backend, &runner).expect("cleanup");
         let after = normalized_nat(&ns.name, &ipt.save_binary());
         assert!(!after.contains("TRELLIS"), "{bin}: left over:\n{after}");
+        let after6 = normalized_nat(&ns.name, &v6.save_binary());
+        assert!(!after6.contains("TRELLIS"), "{bin}: left over:\n{after6}");
         cleanup_in(backend, &runner).expect("cleanup of nothing is fine");
         eprintln!("{bin}: apply x2 + cleanup ok");
     }

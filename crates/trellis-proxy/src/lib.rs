@@ -14,6 +14,7 @@ pub mod http;
 pub mod http_server;
 pub mod identity;
 pub mod inbound;
+pub mod listen;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;

@@ -72,8 +72,19 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// The listeners for a pod-facing address: a wildcard binds IPv4 and IPv6 (see
+/// [`crate::listen`]), so IPv6 traffic redirected by ip6tables finds the proxy.
+fn bind_every_family(what: &'static str, addr: SocketAddr) -> Result<Vec<TcpListener>, StartError> {
+    crate::listen::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
+}
+
 fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(fallback)
+}
+
+/// The first (IPv4, for a wildcard) listener's address.
+fn first_local(listeners: &[TcpListener], fallback: SocketAddr) -> SocketAddr {
+    listeners.first().map_or(fallback, |l| local(l, fallback))
 }
 
 /// Binds every listener (so ports are known, and taken, at once), then fetches the
@@ -88,10 +99,10 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 
     let (drain_trigger, drain) = crate::drain::channel();
     let admin_listener = bind("admin", config.admin_addr).await?;
-    let inbound_listener = bind("inbound", config.inbound_addr).await?;
-    let outbound_listener = match config.outbound_addr {
-        Some(addr) => Some(bind("outbound", addr).await?),
-        None => None,
+    let inbound_listeners = bind_every_family("inbound", config.inbound_addr)?;
+    let outbound_listeners = match config.outbound_addr {
+        Some(addr) => bind_every_family("outbound", addr)?,
+        None => Vec::new(),
     };
     let mut upstream_listeners = Vec::new();
     for upstream in &config.upstreams {
@@ -107,10 +118,10 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     };
     let mut running = RunningProxy {
         admin_addr: local(&admin_listener, config.admin_addr),
-        inbound_addr: local(&inbound_listener, config.inbound_addr),
-        outbound_addr: outbound_listener
-            .as_ref()
-            .map(|l| local(l, config.inbound_addr)),
+        inbound_addr: first_local(&inbound_listeners, config.inbound_addr),
+        outbound_addr: config
+            .outbound_addr
+            .map(|addr| first_local(&outbound_listeners, addr)),
         upstream_addrs: upstream_listeners
             .iter()
             .map(|(l, u)| local(l, u.listen))
@@ -121,13 +132,16 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tasks: Vec::new(),
     };
     if let Some(addr) = config.health_addr {
-        let listener = bind("health", addr).await?;
-        running.health_addr = Some(local(&listener, addr));
-        running.tasks.push(tokio::spawn(crate::health::serve(
-            listener,
-            admin.clone(),
-            Arc::new(config.app_probes.clone()),
-        )));
+        let listeners = bind_every_family("health", addr)?;
+        running.health_addr = Some(first_local(&listeners, addr));
+        let probes = Arc::new(config.app_probes.clone());
+        for listener in listeners {
+            running.tasks.push(tokio::spawn(crate::health::serve(
+                listener,
+                admin.clone(),
+                probes.clone(),
+            )));
+        }
     }
     running
         .tasks
@@ -161,9 +175,11 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         )),
         drain: drain.clone(),
     };
-    running
-        .tasks
-        .push(tokio::spawn(inbound.serve(inbound_listener)));
+    for listener in inbound_listeners {
+        running
+            .tasks
+            .push(tokio::spawn(inbound.clone().serve(listener)));
+    }
     let http = Arc::new(crate::http::outbound::HttpOutbound {
         tls: tls_rx.clone(),
         state: state_rx.clone(),
@@ -180,7 +196,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         http,
         drain,
     };
-    if let Some(listener) = outbound_listener {
+    for listener in outbound_listeners {
         running
             .tasks
             .push(tokio::spawn(outbound.clone().serve_transparent(listener)));

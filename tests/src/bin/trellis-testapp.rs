@@ -187,6 +187,10 @@ async fn within(secs: u64, fut: impl Future<Output = Result<()>>) -> Result<()> 
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
+    // An address literal, IPv6 ones (`[fd00::1]:80`) included, is used as given.
+    if let Ok(literal) = addr.parse::<SocketAddr>() {
+        return Ok(literal);
+    }
     addr.to_socket_addrs()
         .with_context(|| format!("resolve {addr}"))?
         .find(SocketAddr::is_ipv4)
@@ -262,7 +266,7 @@ fn parse_url(url: &str) -> Result<(String, String, String)> {
     if authority.is_empty() {
         bail!("no host in {url}");
     }
-    let addr = if authority.contains(':') {
+    let addr = if authority.contains(':') && !authority.ends_with(']') {
         authority.to_string()
     } else {
         format!("{authority}:80")

@@ -183,10 +183,20 @@ fn workload(o: &WorkloadEntryObject, trust_domain: &str) -> Result<Workload, Str
     }
     let mut labels = meta.labels.clone();
     labels.extend(spec.labels.clone());
+    let addresses: Vec<IpAddr> = spec.addresses.iter().map(|a| a.0).collect();
+    let Some(address) = spec
+        .address
+        .as_ref()
+        .map(|a| a.0)
+        .or(addresses.first().copied())
+    else {
+        return Err("give address or addresses".into());
+    };
     Ok(Workload {
         namespace,
         name: meta.name.clone(),
-        address: spec.address.0,
+        address,
+        addresses,
         identity,
         labels,
         ports: spec
@@ -394,6 +404,12 @@ fn selector_endpoints(
                 .iter()
                 .all(|(k, v)| w.labels.get(k) == Some(v))
     });
+    // A dual-stack Service (an IPv6 VIP too) reaches its workloads at every address,
+    // so a direct call to a pod's IPv6 address still finds its identity; a
+    // single-family one only at addresses of its family (headless: every address).
+    let serves = |a: &IpAddr| {
+        service.vips.is_empty() || service.vips.iter().any(|v| v.is_ipv4() == a.is_ipv4())
+    };
     for w in selected {
         for sp in &service.ports {
             let port = match &sp.target_port {
@@ -403,9 +419,10 @@ fn selector_endpoints(
                     None => continue,
                 },
             };
-            out.entry((service.key.clone(), sp.port))
-                .or_default()
-                .push(endpoint(w, w.address, port, true, None));
+            let list = out.entry((service.key.clone(), sp.port)).or_default();
+            for address in w.all_addresses().filter(serves) {
+                list.push(endpoint(w, address, port, true, None));
+            }
         }
     }
 }

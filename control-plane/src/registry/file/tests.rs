@@ -364,3 +364,87 @@ fn display_names_file_and_line() {
 }
 
 mod errors;
+
+#[test]
+fn dual_stack_workloads_are_found_at_every_address() {
+    let yaml = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIPs: [10.96.0.30, fd00:10:96::30]
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web4, namespace: demo}
+spec:
+  clusterIP: 10.96.0.31
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: demo}
+spec:
+  clusterIP: fd00:10:96::32
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-v6, namespace: demo, labels: {kubernetes.io/service-name: api}}
+addressType: IPv6
+endpoints:
+- addresses: [fd00:10:244::8]
+ports: [{port: 8080}]
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {name: web-0, namespace: demo, labels: {app: web}}
+spec: {address: 10.244.0.7, addresses: [10.244.0.7, fd00:10:244::7], serviceAccount: web}
+---
+apiVersion: trellis.io/v1alpha1
+kind: WorkloadEntry
+metadata: {name: api-0, namespace: demo}
+spec: {addresses: [10.244.0.8, fd00:10:244::8], serviceAccount: api}
+";
+    let snap = load(&[("mesh.yaml", yaml)]).unwrap();
+    let api = snap.workloads.iter().find(|w| w.name == "api-0").unwrap();
+    assert_eq!(
+        api.address,
+        ip("10.244.0.8"),
+        "the first of addresses is primary"
+    );
+    let web = snap.workloads.iter().find(|w| w.name == "web-0").unwrap();
+    assert_eq!(
+        web.all_addresses().collect::<Vec<_>>(),
+        [ip("10.244.0.7"), ip("fd00:10:244::7")]
+    );
+    let addrs = |name: &str| -> Vec<(IpAddr, Option<SpiffeId>)> {
+        snap.endpoints[&(key("demo", name), 80)]
+            .iter()
+            .map(|e| (e.address, e.identity.clone()))
+            .collect()
+    };
+    // Dual-stack Service: both addresses carry the workload's identity.
+    assert_eq!(
+        addrs("web"),
+        [
+            (ip("10.244.0.7"), Some(id("demo", "web"))),
+            (ip("fd00:10:244::7"), Some(id("demo", "web")))
+        ]
+    );
+    // IPv4-only Service: the IPv4 address only.
+    assert_eq!(addrs("web4"), [(ip("10.244.0.7"), Some(id("demo", "web")))]);
+    // An IPv6 slice without targetRef finds its workload by the IPv6 address.
+    assert_eq!(
+        addrs("api"),
+        [(ip("fd00:10:244::8"), Some(id("demo", "api")))]
+    );
+    let err = one_error(&[(
+        "w.yaml",
+        "apiVersion: trellis.io/v1alpha1\nkind: WorkloadEntry\nmetadata: {name: x, namespace: demo}\nspec: {serviceAccount: x}\n",
+    )]);
+    assert!(err.2.contains("address"), "{err:?}");
+}

@@ -207,7 +207,13 @@ pub(super) struct SlicePort {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct WorkloadEntrySpec {
-    pub address: Ip,
+    /// The primary address; may be left out when `addresses` is given.
+    #[serde(default)]
+    pub address: Option<Ip>,
+    /// Every address of a dual-stack workload (the first is the primary when
+    /// `address` is not given).
+    #[serde(default)]
+    pub addresses: Vec<Ip>,
     pub service_account: String,
     #[serde(default, deserialize_with = "nullable")]
     pub ports: BTreeMap<String, NonZeroU16>,

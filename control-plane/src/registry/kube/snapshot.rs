@@ -345,6 +345,13 @@ fn workload(p: &Pod, trust_domain: &str) -> Option<Workload> {
         return None;
     }
     let address: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+    // Dual-stack: podIPs holds podIP and the other family's address.
+    let addresses: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
     let sa = spec
         .service_account_name
         .as_deref()
@@ -367,6 +374,7 @@ fn workload(p: &Pod, trust_domain: &str) -> Option<Workload> {
         namespace,
         name,
         address,
+        addresses,
         identity,
         labels: p.metadata.labels.clone().unwrap_or_default(),
         ports,

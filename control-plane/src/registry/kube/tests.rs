@@ -341,3 +341,30 @@ fn http_routes_are_served_through_the_same_path() {
     // Route statuses (per parent) are not written yet.
     assert!(report.targets.is_empty());
 }
+
+#[test]
+fn dual_stack_pods_are_workloads_at_every_pod_ip() {
+    use k8s_openapi::api::core::v1::PodIP;
+    let mut pods = items::<Pod>("pods-list.json");
+    let name = pods[0].metadata.name.clone().unwrap();
+    let status = pods[0].status.as_mut().unwrap();
+    let v4 = status.pod_ip.clone().unwrap();
+    status.pod_ips = Some(vec![
+        PodIP { ip: v4.clone() },
+        PodIP {
+            ip: "fd00:10:244::7".into(),
+        },
+    ]);
+    let mut state = listed_state();
+    state.pods = KindStore::listed(pods);
+    let snapshot = snapshot_from(&state, "cluster.local");
+    let w = snapshot.workloads.iter().find(|w| w.name == name).unwrap();
+    assert_eq!(w.address, ip(&v4));
+    assert_eq!(
+        w.all_addresses().collect::<Vec<_>>(),
+        [ip(&v4), ip("fd00:10:244::7")]
+    );
+    let index = crate::model::WorkloadIndex::new(&snapshot.workloads);
+    let found = index.find(&w.namespace, None, ip("fd00:10:244::7"));
+    assert_eq!(found.map(|f| &f.name), Some(&name));
+}
