@@ -16,7 +16,8 @@ pub use opaque_port_rules::L7RulesOnOpaquePort;
 pub use policy::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Backoff, ConnectionLimits,
     EffectivePeerAuthentication, HashKey, LoadBalancer, MtlsMode, OutlierDetection,
-    PeerAuthentication, Ratio, RetryBudget, RetryOn, RetryPolicy, Timeouts, TrafficPolicy,
+    PeerAuthentication, PolicyScope, Ratio, RetryBudget, RetryOn, RetryPolicy, Timeouts,
+    TrafficPolicy, UNKNOWN_WORKLOAD_POLICY, UnknownWorkload,
 };
 pub use route::{
     HeaderModifier, HttpMatch, HttpRouteRule, PathMatch, RouteOrigin, StringMatch, ValueMatch,
@@ -122,6 +123,20 @@ pub struct BootstrapToken {
     /// SHA-256 of the token; tokens themselves are never kept.
     pub token_sha256: [u8; 32],
     pub identity: SpiffeId,
+    /// The WorkloadEntry (in the identity's namespace) the token is bound to: the
+    /// proxy holding it gets that workload's policies. `None`: the workload is
+    /// unknown and the proxy gets the fail-closed view of its identity.
+    pub workload: Option<String>,
+}
+
+impl BootstrapToken {
+    pub fn workload_name(&self) -> Option<trellis_identity::WorkloadName> {
+        let name = self.workload.as_deref()?;
+        Some(trellis_identity::WorkloadName::new(
+            self.identity.namespace(),
+            name,
+        ))
+    }
 }
 
 /// Everything the registry knows at one moment. Replaced whole on every change.
@@ -144,15 +159,14 @@ pub struct MeshSnapshot {
 }
 
 impl MeshSnapshot {
-    /// The identity a bootstrap token proves, if any.
-    pub fn identity_for_token(&self, token: &str) -> Option<&SpiffeId> {
+    /// The bootstrap token `token` is, if the registry knows it.
+    pub fn bootstrap_token(&self, token: &str) -> Option<&BootstrapToken> {
         use sha2::Digest;
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         // Compare digests, not tokens: the digest comparison leaks nothing useful.
         self.bootstrap_tokens
             .iter()
             .find(|t| t.token_sha256 == digest)
-            .map(|t| &t.identity)
     }
 }
 

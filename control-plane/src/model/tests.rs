@@ -85,7 +85,7 @@ fn routes_sort_by_gateway_api_precedence() {
     );
 }
 
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+pub(super) fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| ((*k).into(), (*v).into()))
@@ -170,7 +170,7 @@ fn peer_authentication_precedence() {
     );
 }
 
-fn workload(name: &str, sa: &str, pairs: &[(&str, &str)]) -> Workload {
+pub(super) fn workload(name: &str, sa: &str, pairs: &[(&str, &str)]) -> Workload {
     Workload {
         namespace: "demo".into(),
         name: name.into(),
@@ -201,14 +201,15 @@ fn a_shared_identity_gets_the_strictest_peer_authentication() {
         ..MeshSnapshot::default()
     };
     let id = SpiffeId::new("cluster.local", "demo", "shared").unwrap();
+    let unknown = || UnknownWorkload::NotNamed;
     assert_eq!(
-        snapshot.peer_authentication_for(&id),
+        snapshot.peer_authentication_for(&snapshot.identity_scope(&id, unknown())),
         effective(Permissive, &[(9100, Strict)])
     );
     // An identity without workloads: its namespace, no labels.
     let lone = SpiffeId::new("cluster.local", "demo", "lone").unwrap();
     assert_eq!(
-        snapshot.peer_authentication_for(&lone),
+        snapshot.peer_authentication_for(&snapshot.identity_scope(&lone, unknown())),
         effective(Strict, &[])
     );
 }
