@@ -197,20 +197,72 @@ impl<'a> WorkloadIndex<'a> {
         index
     }
 
-    /// The workload a targetRef (namespace, name) names, or else the one workload in
-    /// `namespace` with `address`.
+    /// The workload behind an endpoint at `address` of an EndpointSlice in
+    /// `namespace`: the one its targetRef (namespace, name) names, or else the one
+    /// workload in `namespace` with `address`. `Ok(None)`: no workload is known there.
+    /// Refused, so that no slice can give a meshed address another identity or take
+    /// its mTLS away: a targetRef into another namespace, a targetRef to a workload
+    /// that does not own `address`, and an address no workload of `namespace` owns
+    /// but a meshed workload elsewhere does.
     pub fn find(
         &self,
         namespace: &str,
         target: Option<(&str, &str)>,
         address: IpAddr,
-    ) -> Option<&'a Workload> {
-        // The endpoint controller's targetRef is authoritative; the address is the
-        // fallback for slices written by hand or by other controllers.
-        let by_ref = target.and_then(|(ns, name)| self.by_name.get(&(ns, name)).copied());
-        by_ref.or_else(|| match self.by_address.get(&(namespace, address)) {
-            Some(list) if list.len() == 1 => Some(list[0]),
-            _ => None,
-        })
+    ) -> Result<Option<&'a Workload>, EndpointRefused> {
+        let here = self.by_address.get(&(namespace, address));
+        if let Some((ref_namespace, name)) = target {
+            if ref_namespace != namespace {
+                return Err(EndpointRefused::CrossNamespaceRef {
+                    target: format!("{ref_namespace}/{name}"),
+                });
+            }
+            // The endpoint controller's targetRef is authoritative, if its workload
+            // owns the address.
+            if let Some(&w) = self.by_name.get(&(ref_namespace, name)) {
+                let owns = here.is_some_and(|list| list.iter().any(|o| std::ptr::eq(*o, w)));
+                return match owns {
+                    true => Ok(Some(w)),
+                    false => Err(EndpointRefused::NotItsAddress {
+                        target: format!("{ref_namespace}/{name}"),
+                        address,
+                    }),
+                };
+            }
+        }
+        // The address is the fallback for slices written by hand or by other
+        // controllers.
+        match here {
+            Some(list) if list.len() == 1 => return Ok(Some(list[0])),
+            Some(_) => return Ok(None),
+            None => {}
+        }
+        let meshed_elsewhere = self
+            .by_address
+            .iter()
+            .filter(|((_, a), _)| *a == address)
+            .flat_map(|(_, list)| list)
+            .find(|w| w.sidecar);
+        match meshed_elsewhere {
+            Some(w) => Err(EndpointRefused::MeshedElsewhere {
+                address,
+                owner: format!("{}/{}", w.namespace, w.name),
+            }),
+            None => Ok(None),
+        }
     }
+}
+
+/// Why an EndpointSlice endpoint is dropped (see [`WorkloadIndex::find`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointRefused {
+    #[error("its targetRef names {target}, in another namespace than the EndpointSlice")]
+    CrossNamespaceRef { target: String },
+    #[error("its targetRef names {target}, which does not have address {address}")]
+    NotItsAddress { target: String, address: IpAddr },
+    #[error(
+        "address {address} belongs to meshed workload {owner} of another namespace; \
+         it would reach it without its identity"
+    )]
+    MeshedElsewhere { address: IpAddr, owner: String },
 }

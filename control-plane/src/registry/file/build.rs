@@ -395,12 +395,19 @@ fn slice_endpoints(
                 ));
                 continue;
             }
-            let Some(w) = workloads.find(namespace, target, address) else {
-                errors.push(format!(
-                    "no WorkloadEntry for endpoint address {address}: give a targetRef, or \
-                     declare exactly one WorkloadEntry with that address in namespace {namespace}"
-                ));
-                continue;
+            let w = match workloads.find(namespace, target, address) {
+                Ok(Some(w)) => w,
+                Ok(None) => {
+                    errors.push(format!(
+                        "no WorkloadEntry for endpoint address {address}: give a targetRef, or \
+                         declare exactly one WorkloadEntry with that address in namespace {namespace}"
+                    ));
+                    continue;
+                }
+                Err(refused) => {
+                    errors.push(format!("endpoint address {address} refused: {refused}"));
+                    continue;
+                }
             };
             let zone = e.zone.as_deref().filter(|z| !z.is_empty());
             for &(service_port, port) in &ports {
