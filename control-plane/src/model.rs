@@ -16,7 +16,8 @@ pub use opaque_port_rules::L7RulesOnOpaquePort;
 pub use policy::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Backoff, ConnectionLimits,
     EffectivePeerAuthentication, HashKey, LoadBalancer, MtlsMode, OutlierDetection,
-    PeerAuthentication, Ratio, RetryBudget, RetryOn, RetryPolicy, Timeouts, TrafficPolicy,
+    PeerAuthentication, PolicyScope, Ratio, RetryBudget, RetryOn, RetryPolicy, Timeouts,
+    TrafficPolicy, UNKNOWN_WORKLOAD_POLICY, UnknownWorkload,
 };
 pub use route::{
     HeaderModifier, HttpMatch, HttpRouteRule, PathMatch, RouteOrigin, StringMatch, ValueMatch,
@@ -141,6 +142,20 @@ pub struct BootstrapToken {
     /// SHA-256 of the token; tokens themselves are never kept.
     pub token_sha256: [u8; 32],
     pub identity: SpiffeId,
+    /// The WorkloadEntry (in the identity's namespace) the token is bound to: the
+    /// proxy holding it gets that workload's policies. `None`: the workload is
+    /// unknown and the proxy gets the fail-closed view of its identity.
+    pub workload: Option<String>,
+}
+
+impl BootstrapToken {
+    pub fn workload_name(&self) -> Option<trellis_identity::WorkloadName> {
+        let name = self.workload.as_deref()?;
+        Some(trellis_identity::WorkloadName::new(
+            self.identity.namespace(),
+            name,
+        ))
+    }
 }
 
 /// Everything the registry knows at one moment. Replaced whole on every change.
@@ -163,15 +178,14 @@ pub struct MeshSnapshot {
 }
 
 impl MeshSnapshot {
-    /// The identity a bootstrap token proves, if any.
-    pub fn identity_for_token(&self, token: &str) -> Option<&SpiffeId> {
+    /// The bootstrap token `token` is, if the registry knows it.
+    pub fn bootstrap_token(&self, token: &str) -> Option<&BootstrapToken> {
         use sha2::Digest;
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         // Compare digests, not tokens: the digest comparison leaks nothing useful.
         self.bootstrap_tokens
             .iter()
             .find(|t| t.token_sha256 == digest)
-            .map(|t| &t.identity)
     }
 }
 
@@ -205,20 +219,72 @@ impl<'a> WorkloadIndex<'a> {
         index
     }
 
-    /// The workload a targetRef (namespace, name) names, or else the one workload in
-    /// `namespace` with `address`.
+    /// The workload behind an endpoint at `address` of an EndpointSlice in
+    /// `namespace`: the one its targetRef (namespace, name) names, or else the one
+    /// workload in `namespace` with `address`. `Ok(None)`: no workload is known there.
+    /// Refused, so that no slice can give a meshed address another identity or take
+    /// its mTLS away: a targetRef into another namespace, a targetRef to a workload
+    /// that does not own `address`, and an address no workload of `namespace` owns
+    /// but a meshed workload elsewhere does.
     pub fn find(
         &self,
         namespace: &str,
         target: Option<(&str, &str)>,
         address: IpAddr,
-    ) -> Option<&'a Workload> {
-        // The endpoint controller's targetRef is authoritative; the address is the
-        // fallback for slices written by hand or by other controllers.
-        let by_ref = target.and_then(|(ns, name)| self.by_name.get(&(ns, name)).copied());
-        by_ref.or_else(|| match self.by_address.get(&(namespace, address)) {
-            Some(list) if list.len() == 1 => Some(list[0]),
-            _ => None,
-        })
+    ) -> Result<Option<&'a Workload>, EndpointRefused> {
+        let here = self.by_address.get(&(namespace, address));
+        if let Some((ref_namespace, name)) = target {
+            if ref_namespace != namespace {
+                return Err(EndpointRefused::CrossNamespaceRef {
+                    target: format!("{ref_namespace}/{name}"),
+                });
+            }
+            // The endpoint controller's targetRef is authoritative, if its workload
+            // owns the address.
+            if let Some(&w) = self.by_name.get(&(ref_namespace, name)) {
+                let owns = here.is_some_and(|list| list.iter().any(|o| std::ptr::eq(*o, w)));
+                return match owns {
+                    true => Ok(Some(w)),
+                    false => Err(EndpointRefused::NotItsAddress {
+                        target: format!("{ref_namespace}/{name}"),
+                        address,
+                    }),
+                };
+            }
+        }
+        // The address is the fallback for slices written by hand or by other
+        // controllers.
+        match here {
+            Some(list) if list.len() == 1 => return Ok(Some(list[0])),
+            Some(_) => return Ok(None),
+            None => {}
+        }
+        let meshed_elsewhere = self
+            .by_address
+            .iter()
+            .filter(|((_, a), _)| *a == address)
+            .flat_map(|(_, list)| list)
+            .find(|w| w.sidecar);
+        match meshed_elsewhere {
+            Some(w) => Err(EndpointRefused::MeshedElsewhere {
+                address,
+                owner: format!("{}/{}", w.namespace, w.name),
+            }),
+            None => Ok(None),
+        }
     }
+}
+
+/// Why an EndpointSlice endpoint is dropped (see [`WorkloadIndex::find`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointRefused {
+    #[error("its targetRef names {target}, in another namespace than the EndpointSlice")]
+    CrossNamespaceRef { target: String },
+    #[error("its targetRef names {target}, which does not have address {address}")]
+    NotItsAddress { target: String, address: IpAddr },
+    #[error(
+        "address {address} belongs to meshed workload {owner} of another namespace; \
+         it would reach it without its identity"
+    )]
+    MeshedElsewhere { address: IpAddr, owner: String },
 }

@@ -3,6 +3,7 @@
 //! [`ROOT_SECRET`] shared by the replicas in kube mode): only signed certificates
 //! and the root certificate go to proxies, and the key is never logged.
 
+mod csr_key;
 mod root_secret;
 mod service;
 mod token_review;
@@ -16,14 +17,23 @@ use rcgen::{
     PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
-use trellis_identity::SpiffeId;
+use trellis_identity::{SpiffeId, WorkloadName};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub use root_secret::{ROOT_SECRET, load_or_create_in_secret};
 pub use service::CaService;
 pub use token_review::{
-    KubeTokenReviewer, TOKEN_AUDIENCE, TokenReviewError, TokenReviewer, identity_from_review,
+    KubeTokenReviewer, TOKEN_AUDIENCE, TokenReviewError, TokenReviewer, proven_by_review,
 };
+
+/// What a proof of identity established: always the identity, and the workload when
+/// the proof is bound to one (a pod-bound projected token, a bootstrap token that
+/// names its WorkloadEntry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proven {
+    pub identity: SpiffeId,
+    pub workload: Option<WorkloadName>,
+}
 
 /// Leaves are valid from a little before now, so peers with a clock slightly behind
 /// accept them.
@@ -57,8 +67,9 @@ pub enum CaError {
     },
     #[error("the CSR is malformed or its signature does not verify: {0}")]
     MalformedCsr(rcgen::Error),
-    #[error("the CSR's key is not ECDSA P-256")]
-    UnsupportedKey,
+    /// The proxy makes ECDSA P-256 keys; nothing else is signed (see `csr_key`).
+    #[error("the CSR's key is {0}; only ECDSA P-256 keys are signed")]
+    UnsupportedKey(String),
     #[error("the CSR asks for {requested:?}, but the proof of identity is for {granted}")]
     IdentityMismatch {
         granted: SpiffeId,
@@ -159,20 +170,31 @@ impl CertificateAuthority {
         vec![self.root_pem.clone()]
     }
 
-    /// Signs a workload CSR for `granted`, the identity its proof established. The
-    /// CSR must ask for exactly that identity and nothing else; everything but its
-    /// public key is ignored, so a CSR cannot smuggle in extensions.
+    /// Signs a workload CSR for what its proof established: `granted.identity` as the
+    /// one URI SAN and, when the proof names one, `granted.workload` as the Subject
+    /// (`O=<namespace>, CN=<name>`, see [`WorkloadName`]). The CSR must ask for exactly
+    /// that identity and nothing else; everything but its public key is ignored, so a
+    /// CSR cannot smuggle in extensions or a Subject.
     pub fn sign_workload(
         &self,
         csr_pem: &str,
-        granted: &SpiffeId,
+        granted: &Proven,
         ttl: Option<Duration>,
     ) -> Result<String, CaError> {
-        let csr =
-            CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::MalformedCsr)?;
+        let csr_der = pem::parse(csr_pem)
+            .map_err(|e| CaError::MalformedCsr(rcgen::Error::PemError(e.to_string())))?;
+        // Before rcgen reads it: rcgen names the key by the signature algorithm, which
+        // says nothing of the key's curve.
+        csr_key::check(csr_der.contents())?;
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.contents().to_vec().into())
+            .map_err(CaError::MalformedCsr)?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::UnsupportedKey);
+            return Err(CaError::UnsupportedKey(
+                "signed with another algorithm than ECDSA with SHA-256".to_owned(),
+            ));
         }
+        let granted_workload = granted.workload.as_ref();
+        let granted = &granted.identity;
         let requested: Vec<String> = csr
             .params
             .subject_alt_names
@@ -189,7 +211,10 @@ impl CertificateAuthority {
             });
         }
         let ttl = ttl.unwrap_or(self.default_ttl).min(self.default_ttl);
-        let params = leaf_params(vec![uri_san(granted)?], ttl)?;
+        let mut params = leaf_params(vec![uri_san(granted)?], ttl)?;
+        if let Some(workload) = granted_workload {
+            params.distinguished_name = workload.distinguished_name();
+        }
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(CaError::Signing)?;

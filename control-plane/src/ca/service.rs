@@ -10,7 +10,7 @@ use trellis_proto::ca::v1::{
     issue_certificate_request::Proof,
 };
 
-use super::{CaError, CertificateAuthority, TokenReviewError, TokenReviewer};
+use super::{CaError, CertificateAuthority, Proven, TokenReviewError, TokenReviewer};
 use crate::model::MeshSnapshot;
 
 pub struct CaService {
@@ -55,8 +55,11 @@ impl certificate_authority_server::CertificateAuthority for CaService {
             Some(Proof::BootstrapToken(token)) => self
                 .snapshots
                 .borrow()
-                .identity_for_token(token)
-                .cloned()
+                .bootstrap_token(token)
+                .map(|t| Proven {
+                    identity: t.identity.clone(),
+                    workload: t.workload_name(),
+                })
                 .ok_or_else(|| {
                     tracing::warn!(?remote, "certificate refused: unknown bootstrap token");
                     Status::unauthenticated("the bootstrap token is not known to the registry")
@@ -83,16 +86,17 @@ impl certificate_authority_server::CertificateAuthority for CaService {
             .ca
             .sign_workload(&request.csr_pem, &granted, ttl)
             .map_err(|e| {
-                tracing::warn!(?remote, identity = %granted, error = %e, "certificate refused");
+                tracing::warn!(?remote, identity = %granted.identity, error = %e, "certificate refused");
                 match e {
                     CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
-                    CaError::MalformedCsr(_) | CaError::UnsupportedKey => {
+                    CaError::MalformedCsr(_) | CaError::UnsupportedKey(_) => {
                         Status::invalid_argument(e.to_string())
                     }
                     _ => Status::internal(e.to_string()),
                 }
             })?;
-        tracing::info!(?remote, identity = %granted, "certificate issued");
+        let workload = granted.workload.as_ref().map(tracing::field::display);
+        tracing::info!(?remote, identity = %granted.identity, workload, "certificate issued");
         Ok(Response::new(IssueCertificateResponse {
             cert_chain_pem: vec![leaf],
             trust_bundle_pem: self.ca.trust_bundle_pem(),

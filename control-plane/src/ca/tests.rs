@@ -12,6 +12,14 @@ fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", ns, sa).unwrap()
 }
 
+/// A proof of `id` bound to no workload.
+fn proven(id: &SpiffeId) -> Proven {
+    Proven {
+        identity: id.clone(),
+        workload: None,
+    }
+}
+
 fn ca(dir: &Path) -> CertificateAuthority {
     CertificateAuthority::load_or_create(dir, "cluster.local", DAY).unwrap()
 }
@@ -24,7 +32,7 @@ fn signs_a_csr_for_the_granted_identity_only() {
     let echo = id("default", "echo");
 
     let leaf = ca
-        .sign_workload(&key.csr_pem(&echo).unwrap(), &echo, None)
+        .sign_workload(&key.csr_pem(&echo).unwrap(), &proven(&echo), None)
         .unwrap();
     let cert = key.certify(&[leaf], &echo).unwrap();
     assert_eq!(cert.id, echo);
@@ -33,11 +41,13 @@ fn signs_a_csr_for_the_granted_identity_only() {
 
     let other = id("default", "client");
     let err = ca
-        .sign_workload(&key.csr_pem(&other).unwrap(), &echo, None)
+        .sign_workload(&key.csr_pem(&other).unwrap(), &proven(&echo), None)
         .unwrap_err();
     assert!(matches!(err, CaError::IdentityMismatch { .. }), "{err}");
 
-    let err = ca.sign_workload("not a csr", &echo, None).unwrap_err();
+    let err = ca
+        .sign_workload("not a csr", &proven(&echo), None)
+        .unwrap_err();
     assert!(matches!(err, CaError::MalformedCsr(_)), "{err}");
 }
 
@@ -48,7 +58,7 @@ fn leaf_is_a_correct_x509_svid() {
     let key = WorkloadKey::generate().unwrap();
     let echo = id("default", "echo");
     let leaf_pem = ca
-        .sign_workload(&key.csr_pem(&echo).unwrap(), &echo, None)
+        .sign_workload(&key.csr_pem(&echo).unwrap(), &proven(&echo), None)
         .unwrap();
     let der = pem::parse(&leaf_pem).unwrap();
     let (_, x509) = X509Certificate::from_der(der.contents()).unwrap();
@@ -93,7 +103,7 @@ fn openssl_verifies_the_leaf_against_the_root() {
     let key = WorkloadKey::generate().unwrap();
     let echo = id("default", "echo");
     let leaf = ca
-        .sign_workload(&key.csr_pem(&echo).unwrap(), &echo, None)
+        .sign_workload(&key.csr_pem(&echo).unwrap(), &proven(&echo), None)
         .unwrap();
     let leaf_path = dir.path().join("leaf.pem");
     std::fs::write(&leaf_path, &leaf).unwrap();
@@ -120,4 +130,72 @@ fn openssl_verifies_the_leaf_against_the_root() {
         text.contains("URI:spiffe://cluster.local/ns/default/sa/echo"),
         "{text}"
     );
+}
+
+/// A CSR for `id` whose key is `key`, signed as rcgen signs with that key.
+fn csr_with_key(key: &KeyPair, id: &SpiffeId) -> String {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![uri_san(id).unwrap()];
+    params.serialize_request(key).unwrap().pem().unwrap()
+}
+
+#[test]
+fn only_ecdsa_p256_keys_are_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let echo = id("default", "echo");
+    let refused = |csr: &str| match ca.sign_workload(csr, &proven(&echo), None) {
+        Err(CaError::UnsupportedKey(why)) => why,
+        other => panic!("expected UnsupportedKey, got {other:?}"),
+    };
+
+    // The sneaky one (made with `openssl req -sha256` and a P-384 key): its signature
+    // verifies, and it claims ECDSA with SHA-256, as a P-256 key's would.
+    let sneaky = include_str!("testdata/p384-signed-with-sha256.csr.pem");
+    let parsed = CertificateSigningRequestParams::from_pem(sneaky).unwrap();
+    assert_eq!(parsed.public_key.algorithm(), &PKCS_ECDSA_P256_SHA256);
+    assert_eq!(refused(sneaky), "ECDSA on curve 1.3.132.0.34");
+
+    let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    assert_eq!(
+        refused(&csr_with_key(&p384, &echo)),
+        "ECDSA on curve 1.3.132.0.34"
+    );
+
+    let rsa = KeyPair::from_pem(include_str!("testdata/rsa-2048.pem")).unwrap();
+    assert_eq!(refused(&csr_with_key(&rsa, &echo)), "RSA (2048 bits)");
+
+    let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    assert!(refused(&csr_with_key(&ed25519, &echo)).starts_with("of algorithm 1.3.101.112"));
+
+    // And the proxy's own key still works.
+    let p256 = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    ca.sign_workload(&csr_with_key(&p256, &echo), &proven(&echo), None)
+        .unwrap();
+}
+
+#[test]
+fn the_proven_workload_is_the_subject_whatever_the_csr_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca(dir.path());
+    let echo = id("shop", "shared");
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![uri_san(&echo).unwrap()];
+    // The CSR asks to be payments; the proof says web.
+    params.distinguished_name = WorkloadName::new("shop", "payments-1").distinguished_name();
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let read = |pem_text: &str| {
+        let der = pem::parse(pem_text).unwrap();
+        trellis_identity::workload_name_of(&der.contents().to_vec().into(), &echo).unwrap()
+    };
+    let web = Proven {
+        identity: echo.clone(),
+        workload: Some(WorkloadName::new("shop", "web-1")),
+    };
+    let leaf = ca.sign_workload(&csr, &web, None).unwrap();
+    assert_eq!(read(&leaf), Some(WorkloadName::new("shop", "web-1")));
+    // A proof bound to no workload gives an empty Subject, not the CSR's.
+    let leaf = ca.sign_workload(&csr, &proven(&echo), None).unwrap();
+    assert_eq!(read(&leaf), None);
 }

@@ -1,17 +1,23 @@
 //! Proof of identity on Kubernetes: the proxy's projected service-account token
 //! (audience `trellis-ca`), checked with a TokenReview. The token proves exactly one
 //! identity, `spiffe://<td>/ns/<namespace>/sa/<service-account>`, and the CA signs
-//! nothing else for it.
+//! nothing else for it. A token bound to a pod (every projected token the kubelet
+//! mounts) also proves the workload: the pod the API server names in the review.
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
 use kube::{Api, Client};
-use trellis_identity::SpiffeId;
+use trellis_identity::{SpiffeId, WorkloadName};
+
+use super::Proven;
 
 /// The audience the proxy's token must be minted for.
 pub const TOKEN_AUDIENCE: &str = "trellis-ca";
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+/// `status.user.extra` keys the API server sets for a token bound to a pod.
+const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenReviewError {
@@ -23,10 +29,10 @@ pub enum TokenReviewError {
     Unavailable(String),
 }
 
-/// Checks a service-account token and says which identity it proves.
+/// Checks a service-account token and says which identity (and pod) it proves.
 #[tonic::async_trait]
 pub trait TokenReviewer: Send + Sync + 'static {
-    async fn review(&self, token: &str) -> Result<SpiffeId, TokenReviewError>;
+    async fn review(&self, token: &str) -> Result<Proven, TokenReviewError>;
 }
 
 /// [`TokenReviewer`] by the Kubernetes API (`authentication.k8s.io/v1` TokenReview).
@@ -48,7 +54,7 @@ impl KubeTokenReviewer {
 
 #[tonic::async_trait]
 impl TokenReviewer for KubeTokenReviewer {
-    async fn review(&self, token: &str) -> Result<SpiffeId, TokenReviewError> {
+    async fn review(&self, token: &str) -> Result<Proven, TokenReviewError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -62,17 +68,19 @@ impl TokenReviewer for KubeTokenReviewer {
             .await
             .map_err(|e| TokenReviewError::Unavailable(e.to_string()))?;
         let status = reviewed.status.unwrap_or_default();
-        identity_from_review(&status, &self.audience, &self.trust_domain)
+        proven_by_review(&status, &self.audience, &self.trust_domain)
     }
 }
 
-/// The identity a TokenReview's status proves: authenticated, for our audience, and a
-/// service account's username.
-pub fn identity_from_review(
+/// What a TokenReview's status proves: authenticated, for our audience, and a
+/// service account's username give the identity; the pod the token is bound to, if
+/// any, gives the workload (in the service account's namespace, where the API server
+/// binds it). A token bound to no pod proves no workload.
+pub fn proven_by_review(
     status: &TokenReviewStatus,
     audience: &str,
     trust_domain: &str,
-) -> Result<SpiffeId, TokenReviewError> {
+) -> Result<Proven, TokenReviewError> {
     let refused = |reason: String| Err(TokenReviewError::Refused(reason));
     if status.authenticated != Some(true) {
         let why = status.error.as_deref().filter(|e| !e.is_empty());
@@ -95,8 +103,21 @@ pub fn identity_from_review(
     else {
         return refused(format!("{username:?} is not a service account"));
     };
-    SpiffeId::new(trust_domain, namespace, sa)
-        .or_else(|e| refused(format!("{username:?} gives no valid identity: {e}")))
+    let identity = SpiffeId::new(trust_domain, namespace, sa).map_err(|e| {
+        TokenReviewError::Refused(format!("{username:?} gives no valid identity: {e}"))
+    })?;
+    let extra = |key: &str| {
+        let values = status.user.as_ref()?.extra.as_ref()?.get(key)?;
+        match values.as_slice() {
+            [one] if !one.is_empty() => Some(one.as_str()),
+            _ => None,
+        }
+    };
+    let workload = extra(POD_NAME_EXTRA).map(|pod| WorkloadName::new(namespace, pod));
+    if let Some(pod) = &workload {
+        tracing::debug!(%identity, %pod, pod_uid = extra(POD_UID_EXTRA), "token bound to a pod");
+    }
+    Ok(Proven { identity, workload })
 }
 
 #[cfg(test)]

@@ -13,18 +13,23 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
-use trellis_identity::{SpiffeId, spiffe_id_of};
+use trellis_identity::{SpiffeId, WorkloadName, spiffe_id_of, workload_name_of};
 use trellis_proto::discovery::v1::{
     self as pb, DeltaDiscoveryRequest, DeltaDiscoveryResponse, aggregated_discovery_server,
 };
 
-use crate::model::MeshSnapshot;
+use crate::model::{MeshSnapshot, PolicyScope};
 pub use resources::{ProxyView, TYPE_URLS, view_for};
 
 /// What the control plane knows of each connected proxy (for its admin endpoint).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProxyStatus {
     pub identity: String,
+    /// The workload its certificate names, if any.
+    pub workload: Option<String>,
+    /// Whose security policy it gets: `workload <ns>/<name>`, or `fail-closed (…)`
+    /// when its workload is unknown.
+    pub policy_scope: String,
     pub connected_at_unix: u64,
     pub acked: BTreeMap<String, String>,
     pub last_nack: Option<String>,
@@ -75,15 +80,17 @@ impl aggregated_discovery_server::AggregatedDiscovery for DiscoveryServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaResourcesStream>, Status> {
-        let identity = request
-            .peer_certs()
-            .and_then(|certs| certs.first().map(spiffe_id_of))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "the discovery stream needs the proxy's workload certificate",
-                )
-            })?
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let certs = request.peer_certs();
+        let leaf = certs.as_deref().and_then(|c| c.first()).ok_or_else(|| {
+            Status::unauthenticated("the discovery stream needs the proxy's workload certificate")
+        })?;
+        let identity = spiffe_id_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        // The CA wrote the workload its proof was bound to; a Subject it did not write
+        // (it cannot be, the chain was verified) leaves the workload unknown.
+        let workload = workload_name_of(leaf, &identity).unwrap_or_else(|e| {
+            tracing::warn!(%identity, error = %e, "the certificate's workload is unreadable");
+            None
+        });
         let stream_id = self
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -91,6 +98,8 @@ impl aggregated_discovery_server::AggregatedDiscovery for DiscoveryServer {
         let session = ProxySession {
             id: stream_id,
             identity,
+            workload,
+            scope: String::new(),
             server: self.clone(),
             sent: BTreeMap::new(),
             nonce: 0,
@@ -105,6 +114,11 @@ impl aggregated_discovery_server::AggregatedDiscovery for DiscoveryServer {
 struct ProxySession {
     id: u64,
     identity: SpiffeId,
+    /// From the certificate; its policies are those of this workload when the
+    /// registry has it.
+    workload: Option<WorkloadName>,
+    /// The last [`PolicyScope::describe`], to log and show only changes.
+    scope: String,
     server: DiscoveryServer,
     /// Per subscribed type: name -> version last sent.
     sent: BTreeMap<&'static str, BTreeMap<String, String>>,
@@ -222,11 +236,30 @@ impl ProxySession {
         snapshot: &MeshSnapshot,
         always: bool,
     ) -> Result<(), Closed> {
+        let scope = snapshot.policy_scope(
+            &self.identity,
+            self.workload.as_ref().map(|w| w.name.as_str()),
+        );
+        let described = scope.describe();
+        if described != self.scope {
+            match &scope {
+                PolicyScope::Workload(_) => tracing::info!(scope = described, "policy scope"),
+                PolicyScope::Unknown { candidates, .. } => tracing::warn!(
+                    identity = %self.identity,
+                    workload = self.workload.as_ref().map(tracing::field::display),
+                    candidates = candidates.len(),
+                    scope = described,
+                    "workload unknown: fail-closed policy view"
+                ),
+            }
+            self.status(|s| s.policy_scope.clone_from(&described));
+            self.scope = described;
+        }
         let view = view_for(
             snapshot,
             &self.server.trust_domain,
             &self.server.roots_pem,
-            &self.identity,
+            &scope,
         );
         let empty = BTreeMap::new();
         let current = view.by_type.get(type_url).unwrap_or(&empty);
@@ -262,6 +295,8 @@ impl ProxySession {
         if let Ok(mut connected) = self.server.connected.lock() {
             let entry = connected.entry(self.id).or_insert_with(|| ProxyStatus {
                 identity: self.identity.to_string(),
+                workload: self.workload.as_ref().map(ToString::to_string),
+                policy_scope: self.scope.clone(),
                 connected_at_unix: SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map(|d| d.as_secs())

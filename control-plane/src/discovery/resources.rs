@@ -6,11 +6,10 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 use sha2::Digest;
-use trellis_identity::SpiffeId;
 use trellis_proto::discovery::v1 as pb;
 use trellis_proto::discovery::v1::type_url;
 
-use crate::model::{AppProtocol, MeshSnapshot, MtlsMode, TargetPort};
+use crate::model::{AppProtocol, MeshSnapshot, MtlsMode, PolicyScope, TargetPort, UnknownWorkload};
 
 /// All resources of one kind, by name.
 pub type ResourceSet = BTreeMap<String, pb::Resource>;
@@ -31,18 +30,19 @@ pub const TYPE_URLS: [&str; 7] = [
     type_url::PEER_AUTHENTICATION,
 ];
 
-/// Builds the view for the proxy of `proxy`. Every proxy sees every service, with its
+/// Builds the view for the proxy of `scope`. Every proxy sees every service, with its
 /// routes and traffic policy, as Istio does without a `Sidecar` resource; the seam for
 /// scoping is here. Security policy is the proxy's own: the AuthorizationPolicies
-/// selecting its workloads (those running as its identity) and one
+/// selecting its workload (or the fail-closed set, see [`PolicyScope`]) and one
 /// PeerAuthentication, `<namespace>/effective`, with precedence already resolved.
 pub fn view_for(
     snapshot: &MeshSnapshot,
     trust_domain: &str,
     roots_pem: &[String],
-    proxy: &SpiffeId,
+    scope: &PolicyScope<'_>,
 ) -> ProxyView {
     let mut view = ProxyView::default();
+    let proxy = scope.identity();
 
     let bundle = pb::TrustBundle {
         trust_domain: trust_domain.to_owned(),
@@ -87,13 +87,17 @@ pub fn view_for(
     // The identity a meshed caller must see, or `None` to reach the endpoint in
     // plaintext: no workload known there, no sidecar, or a sidecar whose
     // PeerAuthentication for the port is DISABLE (it would take no mTLS).
-    // PERMISSIVE takes both, so meshed callers still use mTLS there.
+    // PERMISSIVE takes both, so meshed callers still use mTLS there. An endpoint is
+    // known by its identity only, so the strictest of that identity's workloads.
     let mut peer_modes = std::collections::HashMap::new();
     let mut identity_of = |e: &crate::model::Endpoint| {
         let identity = e.identity.as_ref().filter(|_| e.sidecar)?;
         let mode = peer_modes
             .entry(identity.clone())
-            .or_insert_with(|| snapshot.peer_authentication_for(identity))
+            .or_insert_with(|| {
+                let scope = snapshot.identity_scope(identity, UnknownWorkload::NotNamed);
+                snapshot.peer_authentication_for(&scope)
+            })
             .mode_for(e.port);
         (mode != MtlsMode::Disable).then(|| identity.to_string())
     };
@@ -141,12 +145,12 @@ pub fn view_for(
         let kind = pb::resource::Kind::TrafficPolicy(policy::traffic_policy(key, traffic));
         insert(&mut view, type_url::TRAFFIC_POLICY, key.to_string(), kind);
     }
-    for authz in snapshot.authorization_policies_for(proxy) {
+    for authz in snapshot.authorization_policies_for(scope) {
         let name = format!("{}/{}", authz.namespace, authz.name);
-        let kind = pb::resource::Kind::AuthorizationPolicy(policy::authorization_policy(authz));
+        let kind = pb::resource::Kind::AuthorizationPolicy(policy::authorization_policy(&authz));
         insert(&mut view, type_url::AUTHORIZATION_POLICY, name, kind);
     }
-    let peer = snapshot.peer_authentication_for(proxy);
+    let peer = snapshot.peer_authentication_for(scope);
     let peer = policy::peer_authentication(proxy.namespace(), &peer);
     let name = format!("{}/{}", peer.namespace, peer.name);
     let kind = pb::resource::Kind::PeerAuthentication(peer);

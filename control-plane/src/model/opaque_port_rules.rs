@@ -81,7 +81,7 @@ impl MeshSnapshot {
                 continue;
             }
             for e in endpoints {
-                let Some(w) = index.find(&key.namespace, None, e.address) else {
+                let Ok(Some(w)) = index.find(&key.namespace, None, e.address) else {
                     continue;
                 };
                 let reached = http_rules

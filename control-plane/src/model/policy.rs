@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{MeshSnapshot, ROOT_NAMESPACE, ValueMatch, Workload};
-use trellis_identity::SpiffeId;
+use super::{MeshSnapshot, ROOT_NAMESPACE, ValueMatch};
+
+mod selection;
+
+pub use selection::{PolicyScope, UNKNOWN_WORKLOAD_POLICY, UnknownWorkload};
 
 /// How clients of one Service balance, retry and time out (CRD `TrafficPolicy`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -226,7 +229,10 @@ impl EffectivePeerAuthentication {
     }
 
     /// Of two, per port the stricter: for a proxy that may be either workload.
-    fn strictest(self, other: EffectivePeerAuthentication) -> EffectivePeerAuthentication {
+    pub(super) fn strictest(
+        self,
+        other: EffectivePeerAuthentication,
+    ) -> EffectivePeerAuthentication {
         let stricter = |a: MtlsMode, b: MtlsMode| {
             if a.strictness() >= b.strictness() {
                 a
@@ -248,7 +254,7 @@ impl EffectivePeerAuthentication {
     }
 }
 
-fn selector_matches(
+pub(super) fn selector_matches(
     selector: &BTreeMap<String, String>,
     labels: &BTreeMap<String, String>,
 ) -> bool {
@@ -256,42 +262,6 @@ fn selector_matches(
 }
 
 impl MeshSnapshot {
-    /// The workloads running as `identity`.
-    pub fn workloads_of<'a>(
-        &'a self,
-        identity: &'a SpiffeId,
-    ) -> impl Iterator<Item = &'a Workload> {
-        self.workloads
-            .iter()
-            .filter(move |w| &w.identity == identity)
-    }
-
-    /// The AuthorizationPolicies for the proxy of `identity`: those selecting any of
-    /// its workloads. A proxy is known by its identity only, so when several
-    /// workloads share a service account it gets the union (fail closed: an extra
-    /// ALLOW policy or DENY policy only narrows access). With no workload, it is
-    /// taken as a workload without labels in the identity's namespace.
-    pub fn authorization_policies_for(&self, identity: &SpiffeId) -> Vec<&AuthorizationPolicy> {
-        let scopes = self.scopes_of(identity);
-        self.authorization_policies
-            .iter()
-            .filter(|p| scopes.iter().any(|(ns, labels)| p.selects(ns, labels)))
-            .collect()
-    }
-
-    /// The PeerAuthentication in force for the proxy of `identity`: for several
-    /// workloads, the strictest per port (see [`Self::authorization_policies_for`]).
-    pub fn peer_authentication_for(&self, identity: &SpiffeId) -> EffectivePeerAuthentication {
-        self.scopes_of(identity)
-            .into_iter()
-            .map(|(ns, labels)| self.effective_peer_authentication(ns, labels))
-            .reduce(EffectivePeerAuthentication::strictest)
-            .unwrap_or(EffectivePeerAuthentication {
-                mode: MtlsMode::Strict,
-                port_modes: BTreeMap::new(),
-            })
-    }
-
     /// Precedence, most specific first: a port of the selecting policy, the
     /// selecting policy, the namespace's policy, the mesh's; an unset mode inherits
     /// the next. Default STRICT. Of several policies at one level, the first by
@@ -332,23 +302,5 @@ impl MeshSnapshot {
             })
             .unwrap_or_default();
         EffectivePeerAuthentication { mode, port_modes }
-    }
-
-    /// (namespace, labels) of each workload of `identity`, or the identity's
-    /// namespace without labels when it has none.
-    fn scopes_of<'a>(
-        &'a self,
-        identity: &'a SpiffeId,
-    ) -> Vec<(&'a str, &'a BTreeMap<String, String>)> {
-        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
-        let scopes: Vec<_> = self
-            .workloads_of(identity)
-            .map(|w| (w.namespace.as_str(), &w.labels))
-            .collect();
-        if scopes.is_empty() {
-            vec![(identity.namespace(), &NO_LABELS)]
-        } else {
-            scopes
-        }
     }
 }

@@ -85,7 +85,7 @@ fn routes_sort_by_gateway_api_precedence() {
     );
 }
 
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+pub(super) fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| ((*k).into(), (*v).into()))
@@ -170,7 +170,7 @@ fn peer_authentication_precedence() {
     );
 }
 
-fn workload(name: &str, sa: &str, pairs: &[(&str, &str)]) -> Workload {
+pub(super) fn workload(name: &str, sa: &str, pairs: &[(&str, &str)]) -> Workload {
     Workload {
         namespace: "demo".into(),
         name: name.into(),
@@ -202,14 +202,15 @@ fn a_shared_identity_gets_the_strictest_peer_authentication() {
         ..MeshSnapshot::default()
     };
     let id = SpiffeId::new("cluster.local", "demo", "shared").unwrap();
+    let unknown = || UnknownWorkload::NotNamed;
     assert_eq!(
-        snapshot.peer_authentication_for(&id),
+        snapshot.peer_authentication_for(&snapshot.identity_scope(&id, unknown())),
         effective(Permissive, &[(9100, Strict)])
     );
     // An identity without workloads: its namespace, no labels.
     let lone = SpiffeId::new("cluster.local", "demo", "lone").unwrap();
     assert_eq!(
-        snapshot.peer_authentication_for(&lone),
+        snapshot.peer_authentication_for(&snapshot.identity_scope(&lone, unknown())),
         effective(Strict, &[])
     );
 }
@@ -383,5 +384,55 @@ fn rules_that_cannot_reach_an_opaque_port_are_not_reported() {
             .ends_with("so they match every connection from their sources there"),
         "{}",
         found[0]
+    );
+}
+
+#[test]
+fn an_endpoint_slice_cannot_move_a_meshed_address() {
+    let at = |name: &str, ns: &str, ip: &str, sidecar: bool| Workload {
+        namespace: ns.into(),
+        address: ip.parse().unwrap(),
+        sidecar,
+        ..workload(name, "sa", &[])
+    };
+    let workloads = vec![
+        at("payments-1", "shop", "10.0.0.1", true),
+        at("web-1", "shop", "10.0.0.2", true),
+        at("plain-1", "shop", "10.0.0.3", false),
+    ];
+    let index = WorkloadIndex::new(&workloads);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let name = |r: Result<Option<&Workload>, EndpointRefused>| r.map(|w| w.map(|w| w.name.clone()));
+
+    // The usual cases: by targetRef, by address.
+    let by_ref = index.find("shop", Some(("shop", "payments-1")), ip("10.0.0.1"));
+    assert_eq!(name(by_ref), Ok(Some("payments-1".into())));
+    assert_eq!(
+        name(index.find("shop", None, ip("10.0.0.2"))),
+        Ok(Some("web-1".into()))
+    );
+    // Nothing known at all (the API server): no workload, plaintext is fine.
+    assert_eq!(name(index.find("evil", None, ip("10.9.9.9"))), Ok(None));
+    // An unmeshed workload's address in another namespace: plaintext anyway.
+    assert_eq!(name(index.find("evil", None, ip("10.0.0.3"))), Ok(None));
+
+    // Another namespace's slice naming payments: refused, even with its own address.
+    let cross = index.find("evil", Some(("shop", "payments-1")), ip("10.0.0.1"));
+    assert!(
+        matches!(cross, Err(EndpointRefused::CrossNamespaceRef { .. })),
+        "{cross:?}"
+    );
+    // A targetRef to payments at web's address: refused, web's address keeps web.
+    let moved = index.find("shop", Some(("shop", "payments-1")), ip("10.0.0.2"));
+    assert!(
+        matches!(moved, Err(EndpointRefused::NotItsAddress { .. })),
+        "{moved:?}"
+    );
+    // Another namespace's slice listing payments' address without a targetRef: it
+    // would be a plaintext endpoint at a meshed address.
+    let downgrade = index.find("evil", None, ip("10.0.0.1"));
+    assert!(
+        matches!(&downgrade, Err(EndpointRefused::MeshedElsewhere { owner, .. }) if owner == "shop/payments-1"),
+        "{downgrade:?}"
     );
 }

@@ -41,7 +41,14 @@ fn signs_under_its_root(ca: &CertificateAuthority) {
     let id = SpiffeId::new("cluster.local", "default", "echo").unwrap();
     let key = WorkloadKey::generate().unwrap();
     let leaf = ca
-        .sign_workload(&key.csr_pem(&id).unwrap(), &id, None)
+        .sign_workload(
+            &key.csr_pem(&id).unwrap(),
+            &crate::ca::Proven {
+                identity: id.clone(),
+                workload: None,
+            },
+            None,
+        )
         .unwrap();
     assert_eq!(
         key.certify(std::slice::from_ref(&leaf), &id).unwrap().id,

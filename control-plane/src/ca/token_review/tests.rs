@@ -7,7 +7,7 @@ use http::Method;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tonic::{Code, Request};
-use trellis_identity::{SpiffeId, WorkloadKey};
+use trellis_identity::{SpiffeId, WorkloadKey, WorkloadName};
 use trellis_proto::ca::v1::certificate_authority_server::CertificateAuthority as _;
 use trellis_proto::ca::v1::{IssueCertificateRequest, issue_certificate_request::Proof};
 
@@ -63,6 +63,13 @@ fn ca_service(answer: Value) -> (CaService, Seen, tempfile::TempDir) {
 }
 
 async fn issue(service: &CaService, csr_for: &SpiffeId) -> Result<SpiffeId, tonic::Status> {
+    Ok(issue_cert(service, csr_for).await?.id)
+}
+
+async fn issue_cert(
+    service: &CaService,
+    csr_for: &SpiffeId,
+) -> Result<trellis_identity::WorkloadCertificate, tonic::Status> {
     let key = WorkloadKey::generate().unwrap();
     let response = service
         .issue_certificate(Request::new(IssueCertificateRequest {
@@ -72,7 +79,41 @@ async fn issue(service: &CaService, csr_for: &SpiffeId) -> Result<SpiffeId, toni
         }))
         .await?
         .into_inner();
-    Ok(key.certify(&response.cert_chain_pem, csr_for).unwrap().id)
+    Ok(key.certify(&response.cert_chain_pem, csr_for).unwrap())
+}
+
+/// The workload the leaf of `cert` names.
+fn workload_in(cert: &trellis_identity::WorkloadCertificate) -> Option<WorkloadName> {
+    let leaf = pem::parse(cert.chain_pem()).unwrap();
+    trellis_identity::workload_name_of(&leaf.contents().to_vec().into(), &cert.id).unwrap()
+}
+
+#[tokio::test]
+async fn a_pod_bound_token_names_its_pod_in_the_certificate() {
+    let (service, _seen, _dir) = ca_service(authenticated("a", "x"));
+    let cert = issue_cert(&service, &id("a", "x")).await.unwrap();
+    assert_eq!(
+        workload_in(&cert),
+        Some(WorkloadName::new("a", "x-7d9f8c6b5-q2w3e"))
+    );
+}
+
+#[tokio::test]
+async fn a_token_bound_to_no_pod_names_no_workload() {
+    let mut unbound = authenticated("a", "x");
+    unbound["status"]["user"]["extra"] = json!({});
+    let (service, _seen, _dir) = ca_service(unbound);
+    let cert = issue_cert(&service, &id("a", "x")).await.unwrap();
+    assert_eq!(cert.id, id("a", "x"));
+    assert_eq!(workload_in(&cert), None);
+    // A bound secret (not a pod) proves no workload either.
+    let mut secret = authenticated("a", "x");
+    secret["status"]["user"]["extra"] = json!({
+        "authentication.kubernetes.io/credential-id": ["JTI=1"]
+    });
+    let (service, _seen, _dir) = ca_service(secret);
+    let cert = issue_cert(&service, &id("a", "x")).await.unwrap();
+    assert_eq!(workload_in(&cert), None);
 }
 
 fn id(ns: &str, sa: &str) -> SpiffeId {
@@ -135,8 +176,9 @@ fn reviews_that_prove_no_service_account_are_refused() {
     let ok = status(json!({"authenticated": true, "audiences": ["trellis-ca"],
         "user": {"username": "system:serviceaccount:shop:cart"}}));
     assert_eq!(
-        identity_from_review(&ok, "trellis-ca", "example.org")
+        proven_by_review(&ok, "trellis-ca", "example.org")
             .unwrap()
+            .identity
             .to_string(),
         "spiffe://example.org/ns/shop/sa/cart"
     );
@@ -159,7 +201,7 @@ fn reviews_that_prove_no_service_account_are_refused() {
         ),
         ("not authenticated", json!({"authenticated": false})),
     ] {
-        let err = identity_from_review(&status(v), "trellis-ca", "cluster.local").unwrap_err();
+        let err = proven_by_review(&status(v), "trellis-ca", "cluster.local").unwrap_err();
         assert!(matches!(err, TokenReviewError::Refused(_)), "{case}: {err}");
     }
 }

@@ -5,10 +5,15 @@ use trellis_identity::SpiffeId;
 use trellis_proto::discovery::v1 as pb;
 use trellis_proto::discovery::v1::type_url;
 
-use super::{TYPE_URLS, view_for};
+use super::{ProxyView, TYPE_URLS, view_for};
 use crate::model::MeshSnapshot;
 
 const TD: &str = "cluster.local";
+
+/// The view of a proxy of `identity` whose certificate names no workload.
+fn view(snapshot: &MeshSnapshot, identity: &SpiffeId) -> ProxyView {
+    view_for(snapshot, TD, &[], &snapshot.policy_scope(identity, None))
+}
 
 const MESH: &str = "\
 apiVersion: v1
@@ -134,7 +139,7 @@ fn names(view: &super::ProxyView, type_url: &str) -> Vec<String> {
 
 #[test]
 fn every_type_is_in_every_view() {
-    let view = view_for(&snapshot(), TD, &[], &id("demo", "nobody"));
+    let view = view(&snapshot(), &id("demo", "nobody"));
     assert_eq!(view.by_type.len(), TYPE_URLS.len());
     assert_eq!(names(&view, type_url::ROUTE_TABLE), ["echo.demo"]);
     assert_eq!(names(&view, type_url::TRAFFIC_POLICY), ["echo.demo"]);
@@ -152,8 +157,8 @@ fn every_type_is_in_every_view() {
 #[test]
 fn security_policy_is_scoped_to_the_proxy_workload() {
     let snapshot = snapshot();
-    let echo = view_for(&snapshot, TD, &[], &id("demo", "echo"));
-    let db = view_for(&snapshot, TD, &[], &id("demo", "db"));
+    let echo = view(&snapshot, &id("demo", "echo"));
+    let db = view(&snapshot, &id("demo", "db"));
     assert_eq!(
         names(&echo, type_url::AUTHORIZATION_POLICY),
         ["demo/echo-clients", "trellis-system/deny-admin"]
@@ -190,7 +195,7 @@ fn security_policy_is_scoped_to_the_proxy_workload() {
 
 #[test]
 fn authorization_policy_on_the_wire() {
-    let view = view_for(&snapshot(), TD, &[], &id("demo", "echo"));
+    let view = view(&snapshot(), &id("demo", "echo"));
     let pb::resource::Kind::AuthorizationPolicy(p) =
         decoded(&view, type_url::AUTHORIZATION_POLICY, "demo/echo-clients")
     else {
@@ -220,7 +225,7 @@ fn authorization_policy_on_the_wire() {
 
 #[test]
 fn route_table_on_the_wire() {
-    let view = view_for(&snapshot(), TD, &[], &id("demo", "client"));
+    let view = view(&snapshot(), &id("demo", "client"));
     let pb::resource::Kind::RouteTable(table) = decoded(&view, type_url::ROUTE_TABLE, "echo.demo")
     else {
         panic!("not a RouteTable");
@@ -277,7 +282,7 @@ fn route_table_on_the_wire() {
 fn consumer_routes_replace_producer_routes_in_their_namespace() {
     let snapshot = snapshot();
     let route_names = |ns: &str| {
-        let view = view_for(&snapshot, TD, &[], &id(ns, "client"));
+        let view = view(&snapshot, &id(ns, "client"));
         let pb::resource::Kind::RouteTable(t) = decoded(&view, type_url::ROUTE_TABLE, "echo.demo")
         else {
             panic!("not a RouteTable");
@@ -291,7 +296,7 @@ fn consumer_routes_replace_producer_routes_in_their_namespace() {
 
 #[test]
 fn traffic_policy_on_the_wire() {
-    let view = view_for(&snapshot(), TD, &[], &id("demo", "client"));
+    let view = view(&snapshot(), &id("demo", "client"));
     let pb::resource::Kind::TrafficPolicy(p) =
         decoded(&view, type_url::TRAFFIC_POLICY, "echo.demo")
     else {
@@ -371,7 +376,7 @@ spec:
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), PLAIN).unwrap();
     let snapshot = crate::registry::load_dir(dir.path(), TD).unwrap();
-    let view = view_for(&snapshot, TD, &[], &id("demo", "client"));
+    let view = view(&snapshot, &id("demo", "client"));
     let endpoints = |name: &str| match decoded(&view, type_url::ENDPOINTS, name) {
         pb::resource::Kind::Endpoints(e) => e
             .endpoints

@@ -41,6 +41,7 @@ pub(super) fn build(
     let mut snapshot = MeshSnapshot::default();
     let (mut services, mut slices) = (Vec::new(), Vec::new());
     let mut token_owner: HashMap<[u8; 32], String> = HashMap::new();
+    let mut token_at: HashMap<String, (PathBuf, usize)> = HashMap::new();
     let mut vip_owner: HashMap<IpAddr, ServiceKey> = HashMap::new();
     for p in &objects {
         let at = At {
@@ -60,6 +61,7 @@ pub(super) fn build(
                     ))),
                     None => {
                         token_owner.insert(t.token_sha256, t.name.clone());
+                        token_at.insert(t.name.clone(), (p.file.clone(), p.line));
                         snapshot.bootstrap_tokens.push(t);
                     }
                 },
@@ -92,6 +94,7 @@ pub(super) fn build(
     snapshot
         .bootstrap_tokens
         .sort_by(|a, b| a.name.cmp(&b.name));
+    drop_unbound_tokens(&mut snapshot, &token_at, errors);
     for s in services {
         for p in &s.ports {
             snapshot
@@ -228,7 +231,43 @@ fn token(o: &BootstrapTokenObject, trust_domain: &str) -> Result<BootstrapToken,
         name: format!("{namespace}/{}", meta.name),
         token_sha256,
         identity,
+        workload: spec.workload.clone(),
     })
+}
+
+/// A token bound to a workload must name a WorkloadEntry of its namespace that runs as
+/// its identity; otherwise it proves nothing and is dropped with an error.
+fn drop_unbound_tokens(
+    snapshot: &mut MeshSnapshot,
+    token_at: &HashMap<String, (PathBuf, usize)>,
+    errors: &mut Vec<RegistryError>,
+) {
+    let workloads = &snapshot.workloads;
+    snapshot.bootstrap_tokens.retain(|t| {
+        let Some(name) = &t.workload else {
+            return true;
+        };
+        let namespace = t.identity.namespace();
+        let reason = match workloads
+            .iter()
+            .find(|w| w.namespace == namespace && &w.name == name)
+        {
+            Some(w) if w.identity == t.identity => return true,
+            Some(w) => format!(
+                "BootstrapToken {} is for {}, but WorkloadEntry {namespace}/{name} runs as {}",
+                t.name, t.identity, w.identity
+            ),
+            None => format!(
+                "BootstrapToken {} names WorkloadEntry {namespace}/{name}, which does not exist",
+                t.name
+            ),
+        };
+        let (file, line) = token_at
+            .get(&t.name)
+            .map_or((Path::new(""), None), |(f, l)| (f.as_path(), Some(*l)));
+        errors.push(RegistryError::new(file, line, reason));
+        false
+    });
 }
 
 fn service(o: &ServiceObject) -> Result<Service, String> {
@@ -366,12 +405,19 @@ fn slice_endpoints(
                 ));
                 continue;
             }
-            let Some(w) = workloads.find(namespace, target, address) else {
-                errors.push(format!(
-                    "no WorkloadEntry for endpoint address {address}: give a targetRef, or \
-                     declare exactly one WorkloadEntry with that address in namespace {namespace}"
-                ));
-                continue;
+            let w = match workloads.find(namespace, target, address) {
+                Ok(Some(w)) => w,
+                Ok(None) => {
+                    errors.push(format!(
+                        "no WorkloadEntry for endpoint address {address}: give a targetRef, or \
+                         declare exactly one WorkloadEntry with that address in namespace {namespace}"
+                    ));
+                    continue;
+                }
+                Err(refused) => {
+                    errors.push(format!("endpoint address {address} refused: {refused}"));
+                    continue;
+                }
             };
             let zone = e.zone.as_deref().filter(|z| !z.is_empty());
             for &(service_port, port) in &ports {

@@ -189,7 +189,7 @@ const TOKENS: &str = "\
 apiVersion: trellis.io/v1alpha1
 kind: BootstrapToken
 metadata: {name: echo, namespace: demo}
-spec: {serviceAccount: echo, token: s3cret}
+spec: {serviceAccount: echo, token: s3cret, workload: echo-1}
 ---
 apiVersion: trellis.io/v1alpha1
 kind: BootstrapToken
@@ -288,9 +288,14 @@ fn loads_a_valid_folder() {
     assert_eq!(snap.endpoints.len(), 4);
 
     assert_eq!(snap.bootstrap_tokens.len(), 2);
-    assert_eq!(snap.identity_for_token("s3cret"), Some(&id("demo", "echo")));
-    assert_eq!(snap.identity_for_token("other"), Some(&id("demo", "db")));
-    assert_eq!(snap.identity_for_token("s3cret "), None);
+    let proves = |token: &str| {
+        snap.bootstrap_token(token)
+            .map(|t| (t.identity.clone(), t.workload_name()))
+    };
+    let echo_1 = trellis_identity::WorkloadName::new("demo", "echo-1");
+    assert_eq!(proves("s3cret"), Some((id("demo", "echo"), Some(echo_1))));
+    assert_eq!(proves("other"), Some((id("demo", "db"), None)));
+    assert_eq!(proves("s3cret "), None);
     assert_eq!(snap.bootstrap_tokens[0].name, "demo/db");
 
     // Same folder, same snapshot.

@@ -237,6 +237,9 @@ pub(super) struct WorkloadEntrySpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct BootstrapTokenSpec {
     pub service_account: String,
+    /// The WorkloadEntry (same namespace, same service account) the token is for.
+    #[serde(default)]
+    pub workload: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
     #[serde(default)]

@@ -430,16 +430,20 @@ fn slice_endpoints(
         });
         for address in e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
             let (identity, weight, sidecar) = match pods.find(namespace, target, address) {
-                Some(w) => (Some(w.identity.clone()), w.weight, w.sidecar),
+                Ok(Some(w)) => (Some(w.identity.clone()), w.weight, w.sidecar),
+                Err(refused) => {
+                    tracing::warn!(service = %key, %address, reason = %refused, "endpoint dropped");
+                    continue;
+                }
                 // Names a Pod not seen yet: it may be meshed, so it is no plaintext
                 // endpoint; the next snapshot has it.
-                None if target.is_some() => {
+                Ok(None) if target.is_some() => {
                     tracing::debug!(service = %key, %address, "endpoint of a Pod not seen yet left out");
                     continue;
                 }
                 // No Pod at all (the API server, an address managed by hand):
                 // nothing there runs a sidecar.
-                None => (None, 1, false),
+                Ok(None) => (None, 1, false),
             };
             for &(service_port, port) in &ports {
                 out.entry((key.clone(), service_port))

@@ -365,6 +365,47 @@ fn dual_stack_pods_are_workloads_at_every_pod_ip() {
         [ip(&v4), ip("fd00:10:244::7")]
     );
     let index = crate::model::WorkloadIndex::new(&snapshot.workloads);
-    let found = index.find(&w.namespace, None, ip("fd00:10:244::7"));
+    let found = index.find(&w.namespace, None, ip("fd00:10:244::7")).unwrap();
     assert_eq!(found.map(|f| &f.name), Some(&name));
+}
+
+#[test]
+fn another_namespace_cannot_claim_or_downgrade_a_meshed_pod_address() {
+    let mut state = listed_state();
+    let mut services = items::<Service>("services-list.json");
+    let echo_service = services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("echo"))
+        .cloned()
+        .unwrap();
+    let mut mirror = echo_service;
+    mirror.metadata.namespace = Some("shop".into());
+    mirror.metadata.name = Some("mirror".into());
+    services.push(mirror);
+    state.services = KindStore::listed(services);
+
+    let echo_slice = items::<EndpointSlice>("endpointslices-list.json").remove(0);
+    // In shop, for shop/mirror: the first endpoint keeps its targetRef to default's
+    // pod (cross-namespace), the second has none (a plaintext endpoint at a meshed
+    // pod's address).
+    let mut evil = echo_slice.clone();
+    evil.metadata.namespace = Some("shop".into());
+    evil.metadata.name = Some("mirror-1".into());
+    let labels = evil.metadata.labels.get_or_insert_default();
+    labels.insert("kubernetes.io/service-name".into(), "mirror".into());
+    evil.endpoints[1].target_ref = None;
+    // In default, a targetRef to one pod at the other pod's address.
+    let mut swapped = echo_slice.clone();
+    swapped.metadata.name = Some("echo-swapped".into());
+    swapped.endpoints.truncate(1);
+    swapped.endpoints[0].addresses = vec!["10.244.2.7".into()];
+    state.endpoint_slices = KindStore::listed([evil, swapped]);
+
+    let snapshot = snapshot_from(&state, "cluster.local");
+    assert_eq!(
+        snapshot.endpoints[&(key("shop", "mirror"), 80)],
+        [],
+        "neither endpoint may stand for a meshed pod of default"
+    );
+    assert_eq!(snapshot.endpoints[&(key("default", "echo"), 80)], []);
 }

@@ -205,6 +205,38 @@ fn tokens() {
 }
 
 #[test]
+fn a_token_bound_to_a_workload_must_name_one_of_its_identity() {
+    let entry = |name: &str, sa: &str| {
+        format!(
+            "apiVersion: trellis.io/v1alpha1\nkind: WorkloadEntry\n\
+             metadata: {{name: {name}}}\nspec: {{address: 10.0.0.1, serviceAccount: {sa}}}\n"
+        )
+    };
+    let token = |workload: &str| {
+        format!(
+            "apiVersion: trellis.io/v1alpha1\nkind: BootstrapToken\n\
+             metadata: {{name: t}}\nspec: {{serviceAccount: sa, token: x, workload: {workload}}}\n"
+        )
+    };
+    let (file, line, reason) = one_error(&[("t.yaml", &token("web-1"))]);
+    assert_eq!((file.as_str(), line), ("t.yaml", Some(1)));
+    assert!(reason.contains("does not exist"), "{reason}");
+    let other_sa = format!("{}---\n{}", entry("web-1", "other"), token("web-1"));
+    let (_, line, reason) = one_error(&[("t.yaml", &other_sa)]);
+    assert_eq!(line, Some(6));
+    assert!(
+        reason.contains("runs as spiffe://cluster.local/ns/default/sa/other"),
+        "{reason}"
+    );
+    let good = format!("{}---\n{}", entry("web-1", "sa"), token("web-1"));
+    let snapshot = super::load(&[("t.yaml", &good)]).unwrap();
+    assert_eq!(
+        snapshot.bootstrap_tokens[0].workload.as_deref(),
+        Some("web-1")
+    );
+}
+
+#[test]
 fn service_port_rules() {
     let svc = |ports: &str| {
         format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  ports: {ports}\n")
