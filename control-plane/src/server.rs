@@ -162,9 +162,13 @@ pub async fn start_kube(
     let (statuses_tx, statuses_rx) =
         watch::channel(Arc::new(kube_registry::StatusReport::default()));
     let client = kube_options.client;
-    // Until Lease-based leader election lands, every replica writes statuses: run
-    // one replica. (The sender is dropped; the writer keeps the last value.)
-    let leader = watch::channel(true).1;
+    // The single place leadership is handed out: single-writer work (policy
+    // status, the webhook's caBundle) takes `leading` and acts only while true.
+    let election = LeaderElection::spawn(LeaseLock::new(
+        client.clone(),
+        LeaseSettings::new(&kube_options.namespace, &kube_options.identity),
+    ));
+    let leading = election.subscribe();
     let mut tasks = vec![
         tokio::spawn(kube_registry::watch_cluster(
             client.clone(),
@@ -180,7 +184,7 @@ pub async fn start_kube(
         tokio::spawn(kube_registry::write_statuses(
             client.clone(),
             statuses_rx,
-            leader,
+            leading.clone(),
             watch::channel(kube_registry::WriterProgress::default()).0,
         )),
     ];
@@ -232,19 +236,12 @@ pub async fn start_kube(
             for task in &tasks {
                 task.abort();
             }
+            election.stop().await;
             return Err(e);
         }
     };
     running.tasks.append(&mut tasks);
-
-    let election = LeaderElection::spawn(LeaseLock::new(
-        client.clone(),
-        LeaseSettings::new(&kube_options.namespace, &kube_options.identity),
-    ));
-    // The single place leadership is handed out: writers that must be one per
-    // cluster (the policy status writer) take `leading` and act only while true.
-    let leading = election.subscribe();
-    running.leading = leading;
+    running.leading = leading.clone();
     running.leader = Some(election);
 
     if let Some(webhook) = webhook {
@@ -277,9 +274,9 @@ pub async fn start_kube(
             .push(tokio::spawn(webhook::serve(listener, tls, state)));
         if let Some(name) = webhook.configuration {
             let root = running.root_pem.clone();
-            running
-                .tasks
-                .push(tokio::spawn(webhook::keep_ca_bundle(client, name, root)));
+            running.tasks.push(tokio::spawn(webhook::keep_ca_bundle(
+                client, name, root, leading,
+            )));
         }
         tracing::info!(%addr, "injector webhook started");
         running.webhook_addr = Some(addr);
