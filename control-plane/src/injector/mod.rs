@@ -13,8 +13,8 @@
 //!   only), the proxy as a native sidecar (`restartPolicy: Always`, UID 1337,
 //!   read-only root, requests and limits, startup/readiness/liveness probes on 15020),
 //!   the projected token volume (audience `trellis-ca`), the control plane's root
-//!   (via an annotation and a downward-API volume), and rewrites the app's HTTP probes
-//!   to go through the proxy (see [`probes`]).
+//!   (via an annotation and a downward-API volume), and rewrites the app's HTTP, TCP
+//!   and gRPC probes to go through the proxy (see [`probes`]).
 
 pub mod probes;
 pub mod sidecar;
@@ -217,8 +217,8 @@ pub fn pod_patch(
     for r in rewrites {
         ops.push(json!({
             "op": "replace",
-            "path": format!("{prefix}/spec/containers/{}/{}/httpGet", r.container, r.field),
-            "value": r.http_get,
+            "path": format!("{prefix}/spec/containers/{}/{}", r.container, r.field),
+            "value": r.probe,
         }));
     }
     let patch = serde_json::from_value(Value::Array(ops)).map_err(InjectError::Patch)?;

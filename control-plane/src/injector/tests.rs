@@ -323,3 +323,60 @@ fn a_pod_that_cannot_be_read_follows_the_failure_policy() {
     let answer = review(json!({"kind": "nonsense"}), None, &fail);
     assert_eq!(answer["response"]["allowed"], false);
 }
+
+/// Every probe kind but exec goes through the proxy, keeping its timing; the
+/// proxy learns the scheme, the service and the timeout.
+#[test]
+fn https_tcp_and_grpc_probes_are_rewritten_with_scheme_and_timeout() {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "api", "namespace": "shop"},
+        "spec": {"containers": [{
+            "name": "api", "image": "api:1",
+            "ports": [{"name": "grpc", "containerPort": 9090}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8443, "scheme": "HTTPS"},
+                               "timeoutSeconds": 3, "periodSeconds": 7},
+            "livenessProbe": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 2},
+            "startupProbe": {"grpc": {"port": 9090, "service": "shop.Api"}, "failureThreshold": 30}
+        }, {
+            "name": "worker", "image": "worker:1",
+            "livenessProbe": {"exec": {"command": ["true"]}}
+        }]}
+    });
+    let patch = pod_patch(&pod, "", &settings()).unwrap().unwrap();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    let api = &pod["spec"]["containers"][0];
+    for (field, path) in [
+        ("readinessProbe", "/app-health/api/readyz"),
+        ("livenessProbe", "/app-health/api/livez"),
+        ("startupProbe", "/app-health/api/startupz"),
+    ] {
+        let probe = &api[field];
+        assert_eq!(
+            probe["httpGet"],
+            json!({"path": path, "port": 15020, "scheme": "HTTP"}),
+            "{field}"
+        );
+        assert!(probe.get("tcpSocket").is_none() && probe.get("grpc").is_none());
+    }
+    assert_eq!(api["readinessProbe"]["periodSeconds"], 7);
+    assert_eq!(api["readinessProbe"]["timeoutSeconds"], 3);
+    assert_eq!(api["startupProbe"]["failureThreshold"], 30);
+    assert_eq!(
+        pod["spec"]["containers"][1]["livenessProbe"],
+        json!({"exec": {"command": ["true"]}}),
+        "exec probes run in the app's container and are left alone"
+    );
+
+    let proxy = container(&pod["spec"]["initContainers"], "trellis-proxy");
+    let env = container(&proxy["env"], "TRELLIS_APP_PROBES");
+    let originals: Value = serde_json::from_str(env["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        originals,
+        json!({
+            "/app-health/api/readyz": {"httpGet": {"path": "/ready", "port": 8443, "scheme": "HTTPS"}, "timeoutSeconds": 3},
+            "/app-health/api/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 2},
+            "/app-health/api/startupz": {"grpc": {"port": 9090, "service": "shop.Api"}},
+        })
+    );
+}
