@@ -71,9 +71,10 @@ impl Default for ProxyResources {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailurePolicy {
     /// Admit the Pod uninjected (the MutatingWebhookConfiguration says `Ignore`).
-    #[default]
     Ignore,
-    /// Refuse the Pod (`Fail`): nothing runs outside the mesh by accident.
+    /// Refuse the Pod (`Fail`): nothing runs outside the mesh by accident. The
+    /// default, as a mesh that fails open hands out plaintext silently.
+    #[default]
     Fail,
 }
 

@@ -303,13 +303,19 @@ fn annotations_tune_the_proxy() {
 fn a_pod_that_cannot_be_read_follows_the_failure_policy() {
     let mut broken = fixture("review-deployment-pod.json");
     broken["request"]["object"]["spec"]["containers"] = json!("not a list");
-    let mut fail = settings();
-    fail.failure_policy = FailurePolicy::Fail;
+    let fail = settings();
+    assert_eq!(
+        fail.failure_policy,
+        FailurePolicy::Fail,
+        "fail closed by default"
+    );
+    let mut ignore = settings();
+    ignore.failure_policy = FailurePolicy::Ignore;
     let answer = review(broken.clone(), Some(&enabled()), &fail);
     assert_eq!(answer["response"]["allowed"], false);
     assert_eq!(answer["response"]["uid"], broken["request"]["uid"]);
 
-    let answer = review(broken, Some(&enabled()), &settings());
+    let answer = review(broken, Some(&enabled()), &ignore);
     assert_eq!(answer["response"]["allowed"], true);
     assert!(
         answer["response"]["warnings"][0]
@@ -318,7 +324,7 @@ fn a_pod_that_cannot_be_read_follows_the_failure_policy() {
             .contains("not injected")
     );
 
-    let answer = review(json!({"kind": "nonsense"}), None, &settings());
+    let answer = review(json!({"kind": "nonsense"}), None, &ignore);
     assert_eq!(answer["response"]["allowed"], true);
     let answer = review(json!({"kind": "nonsense"}), None, &fail);
     assert_eq!(answer["response"]["allowed"], false);
