@@ -140,6 +140,13 @@ pub enum InjectError {
     NotAPod(serde_json::Error),
     #[error("building the patch: {0}")]
     Patch(serde_json::Error),
+    /// iptables leaves UID 1337's traffic alone (it is the proxy's), so an app
+    /// running as it would bypass the mesh: refused whatever the failure policy.
+    #[error(
+        "container {container:?} runs as UID {uid}, the mesh proxy's UID: its traffic would bypass the proxy; run it as another user (securityContext.runAsUser)",
+        uid = sidecar::PROXY_UID
+    )]
+    ProxyUid { container: String },
 }
 
 /// The namespace label check: `trellis.io/inject=enabled`.
@@ -165,6 +172,10 @@ pub fn pod_patch(
     }
     if spec.host_network == Some(true) {
         return Ok(Err(Skip::HostNetwork));
+    }
+
+    if let Some(container) = runs_as_proxy_uid(&spec) {
+        return Err(InjectError::ProxyUid { container });
     }
 
     let tuning = sidecar::Tuning::new(settings, &pod_annotations);
@@ -224,6 +235,21 @@ pub fn pod_patch(
     }
     let patch = serde_json::from_value(Value::Array(ops)).map_err(InjectError::Patch)?;
     Ok(Ok(patch))
+}
+
+/// The first app container (or init container) that would run as the proxy's UID,
+/// by its own `runAsUser` or else the Pod's.
+fn runs_as_proxy_uid(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| {
+            let uid = c.security_context.as_ref().and_then(|s| s.run_as_user);
+            uid.or(pod_uid) == Some(sidecar::PROXY_UID)
+        })
+        .map(|c| c.name.clone())
 }
 
 /// JSON Pointer escaping of one path segment (RFC 6901).
@@ -299,10 +325,8 @@ fn decide(
         );
         return Ok(response);
     }
-    let patched = serde_json::to_value(object)
-        .map_err(|e| e.to_string())
-        .and_then(|pod| pod_patch(&pod, "", settings).map_err(|e| e.to_string()));
-    match patched {
+    let pod = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    match pod_patch(&pod, "", settings) {
         Ok(Ok(patch)) => {
             tracing::info!(namespace, pod = pod_name, "injecting the proxy");
             let answer = response.clone().with_patch(patch);
@@ -312,7 +336,12 @@ fn decide(
             tracing::debug!(namespace, pod = pod_name, ?skip, "not injected");
             Ok(response)
         }
-        Err(reason) => {
+        Err(refused @ InjectError::ProxyUid { .. }) => {
+            tracing::info!(namespace, pod = pod_name, reason = %refused, "pod refused");
+            Ok(response.deny(format!("trellis: {refused}")))
+        }
+        Err(e) => {
+            let reason = e.to_string();
             tracing::warn!(namespace, pod = pod_name, %reason, "injection failed");
             Ok(failed(response, settings, reason))
         }

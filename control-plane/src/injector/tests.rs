@@ -386,3 +386,37 @@ fn https_tcp_and_grpc_probes_are_rewritten_with_scheme_and_timeout() {
         })
     );
 }
+
+/// An app running as the proxy's UID would slip past iptables: refused with a
+/// message naming the container, by its own runAsUser or the Pod's, even when
+/// the webhook would otherwise fail open.
+#[test]
+fn an_app_running_as_the_proxy_uid_is_refused() {
+    let mut ignore = settings();
+    ignore.failure_policy = FailurePolicy::Ignore;
+    let mut own = fixture("review-deployment-pod.json");
+    own["request"]["object"]["spec"]["containers"][0]["securityContext"] =
+        json!({"runAsUser": 1337});
+    let mut pod_wide = fixture("review-deployment-pod.json");
+    pod_wide["request"]["object"]["spec"]["securityContext"] = json!({"runAsUser": 1337});
+    for review_json in [own, pod_wide] {
+        let answer = review(review_json, Some(&enabled()), &ignore);
+        let response = &answer["response"];
+        assert_eq!(response["allowed"], false, "{response:#}");
+        assert!(response.get("patch").is_none_or(Value::is_null));
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("\"web\"") && message.contains("UID 1337"),
+            "{message}"
+        );
+    }
+
+    // The container's own user wins over the Pod's.
+    let mut overridden = fixture("review-deployment-pod.json");
+    overridden["request"]["object"]["spec"]["securityContext"] = json!({"runAsUser": 1337});
+    overridden["request"]["object"]["spec"]["containers"][0]["securityContext"] =
+        json!({"runAsUser": 1000});
+    let (response, patched) = run(&overridden, Some(&enabled()));
+    assert_eq!(response["allowed"], true, "{response:#}");
+    assert!(patched.is_some());
+}
