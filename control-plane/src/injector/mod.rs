@@ -2,10 +2,10 @@
 //! mutation offline for manifests (`trellisctl inject`).
 //!
 //! Rules:
-//! - Pods in a namespace labelled `trellis.io/inject=enabled` are injected; the
+//! - Pods in a namespace labelled `trellis.io/inject=enabled` (or `true`) are injected; the
 //!   webhook configuration selects those namespaces, and [`review`] checks the label
 //!   again when it knows the namespace.
-//! - A Pod annotated `trellis.io/inject: "false"` is left alone, and so is a
+//! - A Pod annotated `trellis.io/inject: disabled` (or `"false"`) is left alone, and so is a
 //!   host-network Pod (its iptables would be the node's).
 //! - A Pod already injected (annotation `trellis.io/status`, or a `trellis-proxy`
 //!   container) gets no patch: injection is idempotent.
@@ -30,9 +30,10 @@ use serde_json::{Value, json};
 
 /// Annotations and labels the injector reads and writes.
 pub mod annotations {
-    /// Namespace label that enables injection, with value `enabled`.
+    /// Namespace label that enables injection: `enabled` or `true` (see
+    /// [`super::injection_setting`]).
     pub const INJECT_LABEL: &str = "trellis.io/inject";
-    /// Pod annotation; `"false"` opts the Pod out.
+    /// Pod annotation; `disabled` or `"false"` opts the Pod out.
     pub const INJECT: &str = "trellis.io/inject";
     /// Set on injected Pods.
     pub const STATUS: &str = "trellis.io/status";
@@ -149,9 +150,23 @@ pub enum InjectError {
     ProxyUid { container: String },
 }
 
-/// The namespace label check: `trellis.io/inject=enabled`.
+/// A `trellis.io/inject` value, the same for the namespace label and the Pod
+/// annotation (as Linkerd users expect): `enabled`/`true` is on, `disabled`/`false`
+/// off, anything else says nothing.
+pub fn injection_setting(value: &str) -> Option<bool> {
+    match value {
+        "enabled" | "true" => Some(true),
+        "disabled" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// The namespace label check: `trellis.io/inject=enabled` (or `true`).
 pub fn namespace_enabled(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(annotations::INJECT_LABEL).map(String::as_str) == Some("enabled")
+    labels
+        .get(annotations::INJECT_LABEL)
+        .and_then(|v| injection_setting(v))
+        == Some(true)
 }
 
 /// The JSON patch (relative to `prefix`, `""` for a Pod or `/spec/template` for a
@@ -164,7 +179,8 @@ pub fn pod_patch(
     let typed: Pod = serde_json::from_value(pod.clone()).map_err(InjectError::NotAPod)?;
     let pod_annotations = typed.metadata.annotations.clone().unwrap_or_default();
     let spec = typed.spec.clone().unwrap_or_default();
-    if pod_annotations.get(annotations::INJECT).map(String::as_str) == Some("false") {
+    let setting = pod_annotations.get(annotations::INJECT);
+    if setting.and_then(|v| injection_setting(v)) == Some(false) {
         return Ok(Err(Skip::OptedOut));
     }
     if pod_annotations.contains_key(annotations::STATUS) || sidecar::has_proxy(&spec) {

@@ -420,3 +420,51 @@ fn an_app_running_as_the_proxy_uid_is_refused() {
     assert_eq!(response["allowed"], true, "{response:#}");
     assert!(patched.is_some());
 }
+
+/// The namespace label and the Pod annotation take the same values.
+#[test]
+fn namespace_label_and_pod_annotation_accept_the_same_values() {
+    let table = [
+        ("enabled", Some(true)),
+        ("true", Some(true)),
+        ("disabled", Some(false)),
+        ("false", Some(false)),
+        ("", None),
+        ("yes", None),
+        ("Enabled", None),
+    ];
+    for (value, want) in table {
+        assert_eq!(injection_setting(value), want, "{value:?}");
+        let labels = BTreeMap::from([("trellis.io/inject".to_owned(), value.to_owned())]);
+        assert_eq!(namespace_enabled(&labels), want == Some(true), "{value:?}");
+
+        let mut pod = fixture("review-deployment-pod.json")["request"]["object"].clone();
+        pod["metadata"]["annotations"]["trellis.io/inject"] = json!(value);
+        let outcome = pod_patch(&pod, "", &settings()).unwrap();
+        assert_eq!(
+            outcome.err() == Some(Skip::OptedOut),
+            want == Some(false),
+            "{value:?}"
+        );
+    }
+}
+
+/// The webhook configuration's selectors say what `injection_setting` says.
+#[test]
+fn the_webhook_selectors_take_the_same_values() {
+    let yaml = include_str!("../../../deploy/kustomize/webhook.yaml");
+    let config: Value = serde_yaml_ng::from_str(yaml).unwrap();
+    let webhook = &config["webhooks"][0];
+    let namespaces = &webhook["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(namespaces["operator"], "In");
+    for value in namespaces["values"].as_array().unwrap() {
+        assert_eq!(injection_setting(value.as_str().unwrap()), Some(true));
+    }
+    assert_eq!(namespaces["values"].as_array().unwrap().len(), 2);
+    let objects = &webhook["objectSelector"]["matchExpressions"][0];
+    assert_eq!(objects["operator"], "NotIn");
+    for value in objects["values"].as_array().unwrap() {
+        assert_eq!(injection_setting(value.as_str().unwrap()), Some(false));
+    }
+    assert_eq!(objects["values"].as_array().unwrap().len(), 2);
+}

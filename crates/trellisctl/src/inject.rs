@@ -3,7 +3,7 @@
 //! Reads multi-document YAML (a file, or `-` for stdin) and injects every Pod and
 //! every Pod template (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob).
 //! Other objects pass through unchanged; so do Pods opted out with
-//! `trellis.io/inject: "false"` and ones already injected.
+//! `trellis.io/inject: disabled` (or `"false"`) and ones already injected.
 
 use std::io::Read as _;
 use std::path::PathBuf;
