@@ -14,7 +14,7 @@ use trellis_identity::SpiffeId;
 use crate::admin;
 use crate::ca::{CaService, CertificateAuthority, KubeTokenReviewer, TokenReviewer};
 use crate::discovery::DiscoveryServer;
-use crate::injector::{InjectorSettings, webhook};
+use crate::injector::{InjectorSettings, ca_root, webhook};
 use crate::leader::{LeaderElection, LeaseLock, LeaseSettings};
 use crate::model::MeshSnapshot;
 use crate::registry::{self, RegistryStatus};
@@ -137,7 +137,6 @@ pub struct KubeOptions {
 /// The admission webhook (15017).
 pub struct WebhookOptions {
     pub addr: SocketAddr,
-    /// The root PEM is filled in from the CA.
     pub settings: InjectorSettings,
     /// Names in the webhook's serving certificate (the Service's DNS names).
     pub dns_names: Vec<String>,
@@ -243,6 +242,13 @@ pub async fn start_kube(
     running.tasks.append(&mut tasks);
     running.leading = leading.clone();
     running.leader = Some(election);
+    // Injected proxies read the root from a ConfigMap in their namespace.
+    running.tasks.push(tokio::spawn(ca_root::publish_ca_root(
+        client.clone(),
+        running.root_pem.clone(),
+        namespaces_rx.clone(),
+        leading.clone(),
+    )));
 
     if let Some(webhook) = webhook {
         let own_id = SpiffeId::new(&trust_domain, "trellis-system", "trellis-control")?;
@@ -263,11 +269,9 @@ pub async fn start_kube(
             addr: webhook.addr,
             source,
         })?;
-        let mut settings = webhook.settings;
-        settings.ca_root_pem = running.root_pem.clone();
         let state = webhook::WebhookState {
-            settings: Arc::new(settings),
-            namespaces: namespaces_rx,
+            settings: Arc::new(webhook.settings),
+            namespaces: namespaces_rx.clone(),
         };
         running
             .tasks

@@ -13,9 +13,10 @@
 //!   only), the proxy as a native sidecar (`restartPolicy: Always`, UID 1337,
 //!   read-only root, requests and limits, startup/readiness/liveness probes on 15020),
 //!   the projected token volume (audience `trellis-ca`), the control plane's root
-//!   (via an annotation and a downward-API volume), and rewrites the app's HTTP, TCP
+//!   (the ConfigMap `trellis-ca-root`, see [`ca_root`]), and rewrites the app's HTTP, TCP
 //!   and gRPC probes to go through the proxy (see [`probes`]).
 
+pub mod ca_root;
 pub mod probes;
 pub mod sidecar;
 pub mod webhook;
@@ -37,9 +38,6 @@ pub mod annotations {
     pub const INJECT: &str = "trellis.io/inject";
     /// Set on injected Pods.
     pub const STATUS: &str = "trellis.io/status";
-    /// The control plane's root certificate (PEM), read by the proxy through a
-    /// downward-API volume.
-    pub const CA_ROOT: &str = "trellis.io/ca-root";
     pub const PROXY_CPU: &str = "trellis.io/proxy-cpu";
     pub const PROXY_MEMORY: &str = "trellis.io/proxy-memory";
     pub const PROXY_CPU_LIMIT: &str = "trellis.io/proxy-cpu-limit";
@@ -105,8 +103,6 @@ pub struct InjectorSettings {
     /// The control plane's gRPC address as Pods dial it.
     pub control_addr: String,
     pub control_server_name: String,
-    /// The root the proxy trusts for the control plane (PEM).
-    pub ca_root_pem: String,
     pub resources: ProxyResources,
     pub failure_policy: FailurePolicy,
 }
@@ -119,7 +115,6 @@ impl Default for InjectorSettings {
             trust_domain: trellis_identity::DEFAULT_TRUST_DOMAIN.into(),
             control_addr: "trellis-control.trellis-system.svc:15010".into(),
             control_server_name: "trellis-control.trellis-system.svc".into(),
-            ca_root_pem: String::new(),
             resources: ProxyResources::default(),
             failure_policy: FailurePolicy::default(),
         }
@@ -206,10 +201,7 @@ pub fn pod_patch(
 
     let mut ops = Vec::new();
     let add = |path: String, value: Value| json!({"op": "add", "path": path, "value": value});
-    let new_annotations = [
-        (annotations::STATUS, "injected".to_owned()),
-        (annotations::CA_ROOT, settings.ca_root_pem.clone()),
-    ];
+    let new_annotations = [(annotations::STATUS, "injected".to_owned())];
     if pod.get("metadata").is_none() {
         let map: BTreeMap<_, _> = new_annotations.into_iter().collect();
         ops.push(add(

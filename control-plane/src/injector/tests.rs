@@ -20,7 +20,6 @@ fn settings() -> InjectorSettings {
     InjectorSettings {
         proxy_image: "ghcr.io/trellis-mesh/trellis-proxy:0.1.0".into(),
         init_image: "ghcr.io/trellis-mesh/trellis-proxy-init:0.1.0".into(),
-        ca_root_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
         ..InjectorSettings::default()
     }
 }
@@ -138,12 +137,16 @@ fn a_pod_in_an_enabled_namespace_gets_the_native_sidecar_and_init_container() {
     );
     let root = container(volumes, "trellis-ca-root");
     assert_eq!(
-        root["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
-        "metadata.annotations['trellis.io/ca-root']"
+        root["configMap"],
+        json!({"name": "trellis-ca-root"}),
+        "the root comes from the ConfigMap the control plane keeps"
     );
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["trellis.io/status"], "injected");
-    assert_eq!(annotations["trellis.io/ca-root"], settings().ca_root_pem);
+    assert!(
+        annotations.get("trellis.io/ca-root").is_none(),
+        "no root pasted into the Pod"
+    );
     assert_eq!(
         annotations["kubectl.kubernetes.io/restartedAt"],
         "2025-05-01T10:00:00Z"

@@ -1,5 +1,6 @@
 //! The whole kube control plane (`server::start_kube`) against a scripted API
-//! server: status is written only once this replica holds the Lease.
+//! server: status (and the mesh root ConfigMaps) are written only once this
+//! replica holds the Lease.
 
 use http::Method;
 use serde_json::Value;
@@ -86,7 +87,10 @@ async fn only_the_lease_holder_writes_status() {
     );
 
     free_the_lease.send(()).unwrap();
-    eventually("the statuses, once leading", || seen.count("PATCH ") == 5).await;
+    eventually("the statuses, once leading", || {
+        seen.count("PATCH /apis/trellis.io/") == 5
+    })
+    .await;
     assert!(*running.leading.borrow());
     let requests = seen.requests();
     let took_lease = requests
