@@ -167,7 +167,7 @@ impl LeaseLock {
         match self.write(current, released).await {
             Ok(()) => Ok(true),
             // Someone took it meanwhile: nothing of ours to release.
-            Err(source) if status(&source) == Some(409) => Ok(false),
+            Err(source) if is_conflict(&source) => Ok(false),
             Err(source) => Err(self.write_error(source)),
         }
     }
@@ -223,7 +223,7 @@ impl LeaseLock {
                 tracing::debug!(lease = %self.settings.name, identity = %self.settings.identity, what, "lease held");
                 Ok(Round::Leading)
             }
-            Err(source) if status(&source) == Some(409) => Ok(Round::LostRace),
+            Err(source) if is_conflict(&source) => Ok(Round::LostRace),
             Err(source) => Err(self.write_error(source)),
         }
     }
@@ -245,11 +245,10 @@ impl LeaseLock {
     }
 }
 
-fn status(e: &kube::Error) -> Option<u16> {
-    match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
+/// Another writer got there first: a stale `resourceVersion` (Conflict) or a create
+/// that lost (AlreadyExists); both are 409.
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_conflict() || s.is_already_exists())
 }
 
 /// A running election: the leadership channel, and a way to stop and release.

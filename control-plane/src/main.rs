@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value = "trellis-control.trellis-system.svc:15010")]
     injector_control_addr: String,
     /// What the webhook answers when it cannot inject a Pod it should.
-    #[arg(long, value_enum, default_value = "ignore")]
+    #[arg(long, value_enum, default_value = "fail")]
     injector_failure_policy: FailurePolicy,
     /// The MutatingWebhookConfiguration whose caBundle is kept equal to the CA root.
     #[arg(long, default_value = "trellis-injector")]

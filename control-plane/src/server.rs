@@ -15,7 +15,7 @@ use crate::admin;
 use crate::ca::{CaService, CertificateAuthority, KubeTokenReviewer, TokenReviewer};
 use crate::discovery::DiscoveryServer;
 use crate::http_server::ServerLimits;
-use crate::injector::{InjectorSettings, webhook};
+use crate::injector::{InjectorSettings, ca_root, webhook};
 use crate::leader::{LeaderElection, LeaseLock, LeaseSettings};
 use crate::limits::{GrpcLimits, LimitCounters, RateLimitedCa, StreamLimitedDiscovery};
 use crate::model::MeshSnapshot;
@@ -175,7 +175,6 @@ pub struct KubeOptions {
 /// The admission webhook (15017).
 pub struct WebhookOptions {
     pub addr: SocketAddr,
-    /// The root PEM is filled in from the CA.
     pub settings: InjectorSettings,
     /// Names in the webhook's serving certificate (the Service's DNS names).
     pub dns_names: Vec<String>,
@@ -210,9 +209,13 @@ pub async fn start_kube_with(
     let (statuses_tx, statuses_rx) =
         watch::channel(Arc::new(kube_registry::StatusReport::default()));
     let client = kube_options.client;
-    // Until Lease-based leader election lands, every replica writes statuses: run
-    // one replica. (The sender is dropped; the writer keeps the last value.)
-    let leader = watch::channel(true).1;
+    // The single place leadership is handed out: single-writer work (policy
+    // status, the webhook's caBundle) takes `leading` and acts only while true.
+    let election = LeaderElection::spawn(LeaseLock::new(
+        client.clone(),
+        LeaseSettings::new(&kube_options.namespace, &kube_options.identity),
+    ));
+    let leading = election.subscribe();
     let mut tasks = vec![
         tokio::spawn(kube_registry::watch_cluster(
             client.clone(),
@@ -228,7 +231,7 @@ pub async fn start_kube_with(
         tokio::spawn(kube_registry::write_statuses(
             client.clone(),
             statuses_rx,
-            leader,
+            leading.clone(),
             watch::channel(kube_registry::WriterProgress::default()).0,
         )),
     ];
@@ -281,20 +284,20 @@ pub async fn start_kube_with(
             for task in &tasks {
                 task.abort();
             }
+            election.stop().await;
             return Err(e);
         }
     };
     running.tasks.append(&mut tasks);
-
-    let election = LeaderElection::spawn(LeaseLock::new(
-        client.clone(),
-        LeaseSettings::new(&kube_options.namespace, &kube_options.identity),
-    ));
-    // The single place leadership is handed out: writers that must be one per
-    // cluster (the policy status writer) take `leading` and act only while true.
-    let leading = election.subscribe();
-    running.leading = leading;
+    running.leading = leading.clone();
     running.leader = Some(election);
+    // Injected proxies read the root from a ConfigMap in their namespace.
+    running.tasks.push(tokio::spawn(ca_root::publish_ca_root(
+        client.clone(),
+        running.root_pem.clone(),
+        namespaces_rx.clone(),
+        leading.clone(),
+    )));
 
     if let Some(webhook) = webhook {
         let own_id = SpiffeId::new(&trust_domain, "trellis-system", "trellis-control")?;
@@ -315,11 +318,9 @@ pub async fn start_kube_with(
             addr: webhook.addr,
             source,
         })?;
-        let mut settings = webhook.settings;
-        settings.ca_root_pem = running.root_pem.clone();
         let state = webhook::WebhookState {
-            settings: Arc::new(settings),
-            namespaces: namespaces_rx,
+            settings: Arc::new(webhook.settings),
+            namespaces: namespaces_rx.clone(),
         };
         running.tasks.push(tokio::spawn(webhook::serve(
             listener,
@@ -329,9 +330,9 @@ pub async fn start_kube_with(
         )));
         if let Some(name) = webhook.configuration {
             let root = running.root_pem.clone();
-            running
-                .tasks
-                .push(tokio::spawn(webhook::keep_ca_bundle(client, name, root)));
+            running.tasks.push(tokio::spawn(webhook::keep_ca_bundle(
+                client, name, root, leading,
+            )));
         }
         tracing::info!(%addr, "injector webhook started");
         running.webhook_addr = Some(addr);

@@ -2,10 +2,10 @@
 //! mutation offline for manifests (`trellisctl inject`).
 //!
 //! Rules:
-//! - Pods in a namespace labelled `trellis.io/inject=enabled` are injected; the
+//! - Pods in a namespace labelled `trellis.io/inject=enabled` (or `true`) are injected; the
 //!   webhook configuration selects those namespaces, and [`review`] checks the label
 //!   again when it knows the namespace.
-//! - A Pod annotated `trellis.io/inject: "false"` is left alone, and so is a
+//! - A Pod annotated `trellis.io/inject: disabled` (or `"false"`) is left alone, and so is a
 //!   host-network Pod (its iptables would be the node's).
 //! - A Pod already injected (annotation `trellis.io/status`, or a `trellis-proxy`
 //!   container) gets no patch: injection is idempotent.
@@ -13,9 +13,10 @@
 //!   only), the proxy as a native sidecar (`restartPolicy: Always`, UID 1337,
 //!   read-only root, requests and limits, startup/readiness/liveness probes on 15020),
 //!   the projected token volume (audience `trellis-ca`), the control plane's root
-//!   (via an annotation and a downward-API volume), and rewrites the app's HTTP probes
-//!   to go through the proxy (see [`probes`]).
+//!   (the ConfigMap `trellis-ca-root`, see [`ca_root`]), and rewrites the app's HTTP, TCP
+//!   and gRPC probes to go through the proxy (see [`probes`]).
 
+pub mod ca_root;
 pub mod probes;
 pub mod sidecar;
 pub mod webhook;
@@ -30,15 +31,13 @@ use serde_json::{Value, json};
 
 /// Annotations and labels the injector reads and writes.
 pub mod annotations {
-    /// Namespace label that enables injection, with value `enabled`.
+    /// Namespace label that enables injection: `enabled` or `true` (see
+    /// [`super::injection_setting`]).
     pub const INJECT_LABEL: &str = "trellis.io/inject";
-    /// Pod annotation; `"false"` opts the Pod out.
+    /// Pod annotation; `disabled` or `"false"` opts the Pod out.
     pub const INJECT: &str = "trellis.io/inject";
     /// Set on injected Pods.
     pub const STATUS: &str = "trellis.io/status";
-    /// The control plane's root certificate (PEM), read by the proxy through a
-    /// downward-API volume.
-    pub const CA_ROOT: &str = "trellis.io/ca-root";
     pub const PROXY_CPU: &str = "trellis.io/proxy-cpu";
     pub const PROXY_MEMORY: &str = "trellis.io/proxy-memory";
     pub const PROXY_CPU_LIMIT: &str = "trellis.io/proxy-cpu-limit";
@@ -71,9 +70,10 @@ impl Default for ProxyResources {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailurePolicy {
     /// Admit the Pod uninjected (the MutatingWebhookConfiguration says `Ignore`).
-    #[default]
     Ignore,
-    /// Refuse the Pod (`Fail`): nothing runs outside the mesh by accident.
+    /// Refuse the Pod (`Fail`): nothing runs outside the mesh by accident. The
+    /// default, as a mesh that fails open hands out plaintext silently.
+    #[default]
     Fail,
 }
 
@@ -103,8 +103,6 @@ pub struct InjectorSettings {
     /// The control plane's gRPC address as Pods dial it.
     pub control_addr: String,
     pub control_server_name: String,
-    /// The root the proxy trusts for the control plane (PEM).
-    pub ca_root_pem: String,
     pub resources: ProxyResources,
     pub failure_policy: FailurePolicy,
 }
@@ -117,7 +115,6 @@ impl Default for InjectorSettings {
             trust_domain: trellis_identity::DEFAULT_TRUST_DOMAIN.into(),
             control_addr: "trellis-control.trellis-system.svc:15010".into(),
             control_server_name: "trellis-control.trellis-system.svc".into(),
-            ca_root_pem: String::new(),
             resources: ProxyResources::default(),
             failure_policy: FailurePolicy::default(),
         }
@@ -139,11 +136,32 @@ pub enum InjectError {
     NotAPod(serde_json::Error),
     #[error("building the patch: {0}")]
     Patch(serde_json::Error),
+    /// iptables leaves UID 1337's traffic alone (it is the proxy's), so an app
+    /// running as it would bypass the mesh: refused whatever the failure policy.
+    #[error(
+        "container {container:?} runs as UID {uid}, the mesh proxy's UID: its traffic would bypass the proxy; run it as another user (securityContext.runAsUser)",
+        uid = sidecar::PROXY_UID
+    )]
+    ProxyUid { container: String },
 }
 
-/// The namespace label check: `trellis.io/inject=enabled`.
+/// A `trellis.io/inject` value, the same for the namespace label and the Pod
+/// annotation (as Linkerd users expect): `enabled`/`true` is on, `disabled`/`false`
+/// off, anything else says nothing.
+pub fn injection_setting(value: &str) -> Option<bool> {
+    match value {
+        "enabled" | "true" => Some(true),
+        "disabled" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// The namespace label check: `trellis.io/inject=enabled` (or `true`).
 pub fn namespace_enabled(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(annotations::INJECT_LABEL).map(String::as_str) == Some("enabled")
+    labels
+        .get(annotations::INJECT_LABEL)
+        .and_then(|v| injection_setting(v))
+        == Some(true)
 }
 
 /// The JSON patch (relative to `prefix`, `""` for a Pod or `/spec/template` for a
@@ -156,7 +174,8 @@ pub fn pod_patch(
     let typed: Pod = serde_json::from_value(pod.clone()).map_err(InjectError::NotAPod)?;
     let pod_annotations = typed.metadata.annotations.clone().unwrap_or_default();
     let spec = typed.spec.clone().unwrap_or_default();
-    if pod_annotations.get(annotations::INJECT).map(String::as_str) == Some("false") {
+    let setting = pod_annotations.get(annotations::INJECT);
+    if setting.and_then(|v| injection_setting(v)) == Some(false) {
         return Ok(Err(Skip::OptedOut));
     }
     if pod_annotations.contains_key(annotations::STATUS) || sidecar::has_proxy(&spec) {
@@ -164,6 +183,10 @@ pub fn pod_patch(
     }
     if spec.host_network == Some(true) {
         return Ok(Err(Skip::HostNetwork));
+    }
+
+    if let Some(container) = runs_as_proxy_uid(&spec) {
+        return Err(InjectError::ProxyUid { container });
     }
 
     let tuning = sidecar::Tuning::new(settings, &pod_annotations);
@@ -178,10 +201,7 @@ pub fn pod_patch(
 
     let mut ops = Vec::new();
     let add = |path: String, value: Value| json!({"op": "add", "path": path, "value": value});
-    let new_annotations = [
-        (annotations::STATUS, "injected".to_owned()),
-        (annotations::CA_ROOT, settings.ca_root_pem.clone()),
-    ];
+    let new_annotations = [(annotations::STATUS, "injected".to_owned())];
     if pod.get("metadata").is_none() {
         let map: BTreeMap<_, _> = new_annotations.into_iter().collect();
         ops.push(add(
@@ -217,12 +237,27 @@ pub fn pod_patch(
     for r in rewrites {
         ops.push(json!({
             "op": "replace",
-            "path": format!("{prefix}/spec/containers/{}/{}/httpGet", r.container, r.field),
-            "value": r.http_get,
+            "path": format!("{prefix}/spec/containers/{}/{}", r.container, r.field),
+            "value": r.probe,
         }));
     }
     let patch = serde_json::from_value(Value::Array(ops)).map_err(InjectError::Patch)?;
     Ok(Ok(patch))
+}
+
+/// The first app container (or init container) that would run as the proxy's UID,
+/// by its own `runAsUser` or else the Pod's.
+fn runs_as_proxy_uid(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| {
+            let uid = c.security_context.as_ref().and_then(|s| s.run_as_user);
+            uid.or(pod_uid) == Some(sidecar::PROXY_UID)
+        })
+        .map(|c| c.name.clone())
 }
 
 /// JSON Pointer escaping of one path segment (RFC 6901).
@@ -298,10 +333,8 @@ fn decide(
         );
         return Ok(response);
     }
-    let patched = serde_json::to_value(object)
-        .map_err(|e| e.to_string())
-        .and_then(|pod| pod_patch(&pod, "", settings).map_err(|e| e.to_string()));
-    match patched {
+    let pod = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    match pod_patch(&pod, "", settings) {
         Ok(Ok(patch)) => {
             tracing::info!(namespace, pod = pod_name, "injecting the proxy");
             let answer = response.clone().with_patch(patch);
@@ -311,7 +344,12 @@ fn decide(
             tracing::debug!(namespace, pod = pod_name, ?skip, "not injected");
             Ok(response)
         }
-        Err(reason) => {
+        Err(refused @ InjectError::ProxyUid { .. }) => {
+            tracing::info!(namespace, pod = pod_name, reason = %refused, "pod refused");
+            Ok(response.deny(format!("trellis: {refused}")))
+        }
+        Err(e) => {
+            let reason = e.to_string();
             tracing::warn!(namespace, pod = pod_name, %reason, "injection failed");
             Ok(failed(response, settings, reason))
         }

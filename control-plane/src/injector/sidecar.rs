@@ -4,14 +4,15 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::ca_root::CA_ROOT_CONFIGMAP;
 use super::{InjectorSettings, ProxyResources, annotations};
 use crate::ca::TOKEN_AUDIENCE;
 
@@ -263,8 +264,8 @@ pub fn init_container(settings: &InjectorSettings, tuning: &Tuning) -> Container
 }
 
 /// The projected token (audience `trellis-ca`), the root the proxy trusts for the
-/// control plane (from the Pod's own annotation, so no ConfigMap per namespace),
-/// and scratch space for iptables.
+/// control plane (the ConfigMap the control plane keeps in every namespace, so a
+/// new root reaches running Pods), and scratch space for iptables.
 pub fn volumes() -> Vec<Volume> {
     vec![
         Volume {
@@ -284,15 +285,8 @@ pub fn volumes() -> Vec<Volume> {
         },
         Volume {
             name: CA_ROOT_VOLUME.to_owned(),
-            downward_api: Some(DownwardAPIVolumeSource {
-                items: Some(vec![DownwardAPIVolumeFile {
-                    path: CA_ROOT_FILE.to_owned(),
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: format!("metadata.annotations['{}']", annotations::CA_ROOT),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }]),
+            config_map: Some(ConfigMapVolumeSource {
+                name: CA_ROOT_CONFIGMAP.to_owned(),
                 ..Default::default()
             }),
             ..Default::default()

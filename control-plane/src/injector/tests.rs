@@ -20,7 +20,6 @@ fn settings() -> InjectorSettings {
     InjectorSettings {
         proxy_image: "ghcr.io/trellis-mesh/trellis-proxy:0.1.0".into(),
         init_image: "ghcr.io/trellis-mesh/trellis-proxy-init:0.1.0".into(),
-        ca_root_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
         ..InjectorSettings::default()
     }
 }
@@ -138,12 +137,16 @@ fn a_pod_in_an_enabled_namespace_gets_the_native_sidecar_and_init_container() {
     );
     let root = container(volumes, "trellis-ca-root");
     assert_eq!(
-        root["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
-        "metadata.annotations['trellis.io/ca-root']"
+        root["configMap"],
+        json!({"name": "trellis-ca-root"}),
+        "the root comes from the ConfigMap the control plane keeps"
     );
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["trellis.io/status"], "injected");
-    assert_eq!(annotations["trellis.io/ca-root"], settings().ca_root_pem);
+    assert!(
+        annotations.get("trellis.io/ca-root").is_none(),
+        "no root pasted into the Pod"
+    );
     assert_eq!(
         annotations["kubectl.kubernetes.io/restartedAt"],
         "2025-05-01T10:00:00Z"
@@ -303,13 +306,19 @@ fn annotations_tune_the_proxy() {
 fn a_pod_that_cannot_be_read_follows_the_failure_policy() {
     let mut broken = fixture("review-deployment-pod.json");
     broken["request"]["object"]["spec"]["containers"] = json!("not a list");
-    let mut fail = settings();
-    fail.failure_policy = FailurePolicy::Fail;
+    let fail = settings();
+    assert_eq!(
+        fail.failure_policy,
+        FailurePolicy::Fail,
+        "fail closed by default"
+    );
+    let mut ignore = settings();
+    ignore.failure_policy = FailurePolicy::Ignore;
     let answer = review(broken.clone(), Some(&enabled()), &fail);
     assert_eq!(answer["response"]["allowed"], false);
     assert_eq!(answer["response"]["uid"], broken["request"]["uid"]);
 
-    let answer = review(broken, Some(&enabled()), &settings());
+    let answer = review(broken, Some(&enabled()), &ignore);
     assert_eq!(answer["response"]["allowed"], true);
     assert!(
         answer["response"]["warnings"][0]
@@ -318,8 +327,147 @@ fn a_pod_that_cannot_be_read_follows_the_failure_policy() {
             .contains("not injected")
     );
 
-    let answer = review(json!({"kind": "nonsense"}), None, &settings());
+    let answer = review(json!({"kind": "nonsense"}), None, &ignore);
     assert_eq!(answer["response"]["allowed"], true);
     let answer = review(json!({"kind": "nonsense"}), None, &fail);
     assert_eq!(answer["response"]["allowed"], false);
+}
+
+/// Every probe kind but exec goes through the proxy, keeping its timing; the
+/// proxy learns the scheme, the service and the timeout.
+#[test]
+fn https_tcp_and_grpc_probes_are_rewritten_with_scheme_and_timeout() {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "api", "namespace": "shop"},
+        "spec": {"containers": [{
+            "name": "api", "image": "api:1",
+            "ports": [{"name": "grpc", "containerPort": 9090}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8443, "scheme": "HTTPS"},
+                               "timeoutSeconds": 3, "periodSeconds": 7},
+            "livenessProbe": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 2},
+            "startupProbe": {"grpc": {"port": 9090, "service": "shop.Api"}, "failureThreshold": 30}
+        }, {
+            "name": "worker", "image": "worker:1",
+            "livenessProbe": {"exec": {"command": ["true"]}}
+        }]}
+    });
+    let patch = pod_patch(&pod, "", &settings()).unwrap().unwrap();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    let api = &pod["spec"]["containers"][0];
+    for (field, path) in [
+        ("readinessProbe", "/app-health/api/readyz"),
+        ("livenessProbe", "/app-health/api/livez"),
+        ("startupProbe", "/app-health/api/startupz"),
+    ] {
+        let probe = &api[field];
+        assert_eq!(
+            probe["httpGet"],
+            json!({"path": path, "port": 15020, "scheme": "HTTP"}),
+            "{field}"
+        );
+        assert!(probe.get("tcpSocket").is_none() && probe.get("grpc").is_none());
+    }
+    assert_eq!(api["readinessProbe"]["periodSeconds"], 7);
+    assert_eq!(api["readinessProbe"]["timeoutSeconds"], 3);
+    assert_eq!(api["startupProbe"]["failureThreshold"], 30);
+    assert_eq!(
+        pod["spec"]["containers"][1]["livenessProbe"],
+        json!({"exec": {"command": ["true"]}}),
+        "exec probes run in the app's container and are left alone"
+    );
+
+    let proxy = container(&pod["spec"]["initContainers"], "trellis-proxy");
+    let env = container(&proxy["env"], "TRELLIS_APP_PROBES");
+    let originals: Value = serde_json::from_str(env["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        originals,
+        json!({
+            "/app-health/api/readyz": {"httpGet": {"path": "/ready", "port": 8443, "scheme": "HTTPS"}, "timeoutSeconds": 3},
+            "/app-health/api/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 2},
+            "/app-health/api/startupz": {"grpc": {"port": 9090, "service": "shop.Api"}},
+        })
+    );
+}
+
+/// An app running as the proxy's UID would slip past iptables: refused with a
+/// message naming the container, by its own runAsUser or the Pod's, even when
+/// the webhook would otherwise fail open.
+#[test]
+fn an_app_running_as_the_proxy_uid_is_refused() {
+    let mut ignore = settings();
+    ignore.failure_policy = FailurePolicy::Ignore;
+    let mut own = fixture("review-deployment-pod.json");
+    own["request"]["object"]["spec"]["containers"][0]["securityContext"] =
+        json!({"runAsUser": 1337});
+    let mut pod_wide = fixture("review-deployment-pod.json");
+    pod_wide["request"]["object"]["spec"]["securityContext"] = json!({"runAsUser": 1337});
+    for review_json in [own, pod_wide] {
+        let answer = review(review_json, Some(&enabled()), &ignore);
+        let response = &answer["response"];
+        assert_eq!(response["allowed"], false, "{response:#}");
+        assert!(response.get("patch").is_none_or(Value::is_null));
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("\"web\"") && message.contains("UID 1337"),
+            "{message}"
+        );
+    }
+
+    // The container's own user wins over the Pod's.
+    let mut overridden = fixture("review-deployment-pod.json");
+    overridden["request"]["object"]["spec"]["securityContext"] = json!({"runAsUser": 1337});
+    overridden["request"]["object"]["spec"]["containers"][0]["securityContext"] =
+        json!({"runAsUser": 1000});
+    let (response, patched) = run(&overridden, Some(&enabled()));
+    assert_eq!(response["allowed"], true, "{response:#}");
+    assert!(patched.is_some());
+}
+
+/// The namespace label and the Pod annotation take the same values.
+#[test]
+fn namespace_label_and_pod_annotation_accept_the_same_values() {
+    let table = [
+        ("enabled", Some(true)),
+        ("true", Some(true)),
+        ("disabled", Some(false)),
+        ("false", Some(false)),
+        ("", None),
+        ("yes", None),
+        ("Enabled", None),
+    ];
+    for (value, want) in table {
+        assert_eq!(injection_setting(value), want, "{value:?}");
+        let labels = BTreeMap::from([("trellis.io/inject".to_owned(), value.to_owned())]);
+        assert_eq!(namespace_enabled(&labels), want == Some(true), "{value:?}");
+
+        let mut pod = fixture("review-deployment-pod.json")["request"]["object"].clone();
+        pod["metadata"]["annotations"]["trellis.io/inject"] = json!(value);
+        let outcome = pod_patch(&pod, "", &settings()).unwrap();
+        assert_eq!(
+            outcome.err() == Some(Skip::OptedOut),
+            want == Some(false),
+            "{value:?}"
+        );
+    }
+}
+
+/// The webhook configuration's selectors say what `injection_setting` says.
+#[test]
+fn the_webhook_selectors_take_the_same_values() {
+    let yaml = include_str!("../../../deploy/kustomize/webhook.yaml");
+    let config: Value = serde_yaml_ng::from_str(yaml).unwrap();
+    let webhook = &config["webhooks"][0];
+    let namespaces = &webhook["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(namespaces["operator"], "In");
+    for value in namespaces["values"].as_array().unwrap() {
+        assert_eq!(injection_setting(value.as_str().unwrap()), Some(true));
+    }
+    assert_eq!(namespaces["values"].as_array().unwrap().len(), 2);
+    let objects = &webhook["objectSelector"]["matchExpressions"][0];
+    assert_eq!(objects["operator"], "NotIn");
+    for value in objects["values"].as_array().unwrap() {
+        assert_eq!(injection_setting(value.as_str().unwrap()), Some(false));
+    }
+    assert_eq!(objects["values"].as_array().unwrap().len(), 2);
 }

@@ -170,13 +170,27 @@ pub async fn sync_ca_bundle(
     Ok(true)
 }
 
-/// Keeps the caBundle right, checking every [`CA_BUNDLE_RESYNC`].
-pub async fn keep_ca_bundle(client: Client, name: String, root_pem: String) {
-    let mut ticker = tokio::time::interval(CA_BUNDLE_RESYNC);
+/// Keeps the caBundle right while `leading` says this replica leads (one writer per
+/// cluster): on becoming leader, then every [`CA_BUNDLE_RESYNC`]. A closed `leading`
+/// channel keeps its last value.
+pub async fn keep_ca_bundle(
+    client: Client,
+    name: String,
+    root_pem: String,
+    mut leading: watch::Receiver<bool>,
+) {
+    let mut leading_open = true;
     loop {
-        ticker.tick().await;
-        if let Err(e) = sync_ca_bundle(client.clone(), &name, &root_pem).await {
+        if *leading.borrow_and_update()
+            && let Err(e) = sync_ca_bundle(client.clone(), &name, &root_pem).await
+        {
             tracing::warn!(error = %e, "webhook caBundle not updated; retrying later");
+        }
+        tokio::select! {
+            changed = leading.changed(), if leading_open => if changed.is_err() {
+                leading_open = false;
+            },
+            _ = tokio::time::sleep(CA_BUNDLE_RESYNC) => {}
         }
     }
 }

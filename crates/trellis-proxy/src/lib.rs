@@ -2,6 +2,7 @@
 //! from discovery, and carries the app's connections over mutual TLS.
 
 pub mod admin;
+pub mod app_probe;
 pub mod authz;
 pub mod balance;
 pub mod config;

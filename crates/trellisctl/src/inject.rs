@@ -2,8 +2,10 @@
 //!
 //! Reads multi-document YAML (a file, or `-` for stdin) and injects every Pod and
 //! every Pod template (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob).
-//! Other objects pass through unchanged; so do Pods opted out with
-//! `trellis.io/inject: "false"` and ones already injected.
+//! The proxy reads the mesh root from the ConfigMap `trellis-ca-root` that the
+//! control plane keeps in every namespace, so no root is needed here. Other objects
+//! pass through unchanged; so do Pods opted out with
+//! `trellis.io/inject: disabled` (or `"false"`) and ones already injected.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -28,11 +30,6 @@ pub struct InjectArgs {
     control_addr: String,
     #[arg(long, default_value = trellis_identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
-    /// PEM file with the mesh root (the control plane's `root-cert.pem`). Without
-    /// it the proxy cannot verify the control plane until the webhook would have
-    /// filled it in.
-    #[arg(long)]
-    ca_root: Option<PathBuf>,
 }
 
 pub fn run(args: InjectArgs) -> anyhow::Result<()> {
@@ -46,16 +43,6 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(&args.file)
             .with_context(|| format!("reading {}", args.file.display()))?
     };
-    let ca_root_pem = match &args.ca_root {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading --ca-root {}", path.display()))?,
-        None => {
-            eprintln!(
-                "warning: no --ca-root given; the injected annotation trellis.io/ca-root is empty"
-            );
-            String::new()
-        }
-    };
     let control_server_name = args
         .control_addr
         .rsplit_once(':')
@@ -67,7 +54,6 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         control_addr: args.control_addr,
         control_server_name,
-        ca_root_pem,
         ..InjectorSettings::default()
     };
     print!("{}", inject_manifests(&text, &settings)?);

@@ -207,6 +207,27 @@ mod tests {
         );
     }
 
+    /// Fail closed by default: the API server refuses a Pod it cannot have
+    /// injected, and so does the webhook.
+    #[test]
+    fn the_webhook_fails_closed_by_default() {
+        let docs = docs(&render(&defaults()));
+        let webhook = docs
+            .iter()
+            .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+            .unwrap();
+        assert_eq!(webhook["webhooks"][0]["failurePolicy"], "Fail");
+        let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert!(
+            args.as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == "--injector-failure-policy=fail"),
+            "{args}"
+        );
+    }
+
     /// A file added to a kustomization must be added here too.
     #[test]
     fn embeds_what_the_kustomizations_list() {

@@ -114,12 +114,24 @@ impl FakeApi {
 
     /// A list answered only once `gate` fires.
     pub fn list_gated(&mut self, path: &str, body: Value, gate: oneshot::Receiver<()>) {
+        self.reply_gated(Method::GET, path, 200, body, gate);
+    }
+
+    /// Any non-watch request answered only once `gate` fires.
+    pub fn reply_gated(
+        &mut self,
+        method: Method,
+        path: &str,
+        status: u16,
+        body: Value,
+        gate: oneshot::Receiver<()>,
+    ) {
         let reply = Reply::Json {
-            status: StatusCode::OK,
+            status: StatusCode::from_u16(status).unwrap(),
             body,
             gate: Some(gate),
         };
-        self.push((Method::GET, path.to_owned(), false), reply);
+        self.push((method, path.to_owned(), false), reply);
     }
 
     /// Any non-watch request answered with `status` and `body`.

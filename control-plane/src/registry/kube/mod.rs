@@ -375,6 +375,8 @@ fn api_status(error: &watcher::Error) -> Option<u16> {
     }
 }
 
+/// By code, not kube-core's `Status::is_not_found()`: that matches the reason only,
+/// and a missing CRD's 404 comes as a plain-text body, with no reason.
 fn is_not_found(error: &watcher::Error) -> bool {
     api_status(error) == Some(404)
 }

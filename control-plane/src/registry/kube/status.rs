@@ -306,7 +306,7 @@ impl StatusWriter {
                     self.written
                         .insert(key, (t.resource_version.clone(), t.judged.clone()));
                 }
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
+                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {
                     // Deleted or changed since: the watch brings what to do next.
                     tracing::debug!(kind = t.kind.as_str(), namespace = %t.namespace, name = %t.name, code = s.code, "status not written: the object moved on");
                 }

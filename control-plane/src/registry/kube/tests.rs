@@ -3,6 +3,7 @@
 
 mod mock_api;
 mod policy_status;
+mod single_writer;
 
 use std::net::IpAddr;
 

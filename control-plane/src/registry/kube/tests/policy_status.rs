@@ -18,7 +18,7 @@ const TRELLIS: &str = "/apis/trellis.io/v1alpha1";
 
 /// The recorded cluster: its core lists (watches left open and quiet), no
 /// HTTPRoute CRD, and the three Trellis lists. Returns the policy watch feeds.
-fn cluster(api: &mut FakeApi) -> PolicyFeeds {
+pub(super) fn cluster(api: &mut FakeApi) -> PolicyFeeds {
     for (path, list) in [
         ("/api/v1/services", "services-list.json"),
         (
@@ -54,7 +54,7 @@ fn cluster(api: &mut FakeApi) -> PolicyFeeds {
     }
 }
 
-struct PolicyFeeds {
+pub(super) struct PolicyFeeds {
     traffic: WatchFeed,
     authorization: WatchFeed,
     _peer: WatchFeed,
@@ -77,7 +77,7 @@ fn accept_patch(api: &mut FakeApi, kind: &str, plural: &str, ns: &str, name: &st
 
 /// Answers one status PATCH of each listed object whose status differs: all but
 /// echo-readers.
-fn accept_listed_patches(api: &mut FakeApi) {
+pub(super) fn accept_listed_patches(api: &mut FakeApi) {
     for name in ["echo", "canary", "slow", "cart"] {
         accept_patch(api, "TrafficPolicy", "trafficpolicies", "default", name);
     }
@@ -96,7 +96,7 @@ fn patches(seen: &Seen) -> Vec<(String, Value)> {
     requests.into_iter().zip(seen.bodies()).collect()
 }
 
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+pub(super) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let waited = tokio::time::timeout(Duration::from_secs(5), async {
         while !done() {
             tokio::time::sleep(Duration::from_millis(10)).await;
