@@ -21,7 +21,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
-use trellis_control::ca::CertificateAuthority;
+use trellis_control::ca::{CertificateAuthority, Proven};
 use trellis_control::server::ServeOptions;
 use trellis_control::{ControlConfig, RunningControlPlane};
 use trellis_identity::{MeshTls, SpiffeId, TrustBundle, WorkloadKey};
@@ -44,11 +44,19 @@ fn id(sa: &str) -> SpiffeId {
     SpiffeId::new(TD, "default", sa).unwrap()
 }
 
+/// What a proof of `sa` establishes: the identity, bound to no workload.
+fn proven(sa: &str) -> Proven {
+    Proven {
+        identity: id(sa),
+        workload: None,
+    }
+}
+
 /// A workload's TLS material, signed by `ca`.
 fn workload(ca: &CertificateAuthority, sa: &str) -> Arc<MeshTls> {
     let key = WorkloadKey::generate().unwrap();
     let leaf = ca
-        .sign_workload(&key.csr_pem(&id(sa)).unwrap(), &id(sa), None)
+        .sign_workload(&key.csr_pem(&id(sa)).unwrap(), &proven(sa), None)
         .unwrap();
     let cert = key.certify(&[leaf], &id(sa)).unwrap();
     let bundle = TrustBundle::from_pem(TD, &ca.trust_bundle_pem()).unwrap();
@@ -72,7 +80,14 @@ impl CaApi for ScriptedControl {
     ) -> Result<Response<IssueCertificateResponse>, Status> {
         let leaf = self
             .ca
-            .sign_workload(&request.into_inner().csr_pem, &self.granted, None)
+            .sign_workload(
+                &request.into_inner().csr_pem,
+                &Proven {
+                    identity: self.granted.clone(),
+                    workload: None,
+                },
+                None,
+            )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(IssueCertificateResponse {
             cert_chain_pem: vec![leaf],
