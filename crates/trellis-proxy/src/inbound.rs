@@ -74,22 +74,27 @@ impl Inbound {
 
     async fn handle(&self, mut stream: TcpStream, source: SocketAddr) -> Result<(), InboundError> {
         let _ = stream.set_nodelay(true);
-        let app = self.app_address(original_dst(&stream))?;
+        let original = original_dst(&stream);
+        let app = self.app_address(original)?;
         let port = app.port();
-        let mode = {
+        let (mode, declared_opaque) = {
             let state = self.state.borrow();
             // Fail closed: no policy accepted yet means nobody is allowed in.
             if !state.inbound_policy.accepted {
                 tracing::info!(%source, port, "inbound connection refused: no policy accepted from the control plane yet");
                 return Err(InboundError::NoPolicyYet);
             }
-            state.inbound_policy.peer_auth.mode(port)
+            // A port its Service declares tcp or opaque is carried as bytes without
+            // waiting for protocol detection (client-first protocols whose first bytes
+            // look like an unfinished request line would otherwise wait it out).
+            let declared_opaque = original.is_some_and(|dst| state.opaque_endpoints.contains(&dst));
+            (state.inbound_policy.peer_auth.mode(port), declared_opaque)
         };
         let prefix = match mode {
             MtlsMode::Strict => Bytes::new(),
             MtlsMode::Disable => {
                 return self
-                    .plaintext(stream, Bytes::new(), source, port, app)
+                    .plaintext(stream, Bytes::new(), source, port, app, declared_opaque)
                     .await;
             }
             MtlsMode::Permissive => {
@@ -101,7 +106,9 @@ impl Inbound {
                     .map_err(InboundError::Handshake)?;
                 let prefix = Bytes::copy_from_slice(&first[..n]);
                 if first[..n] != [0x16] {
-                    return self.plaintext(stream, prefix, source, port, app).await;
+                    return self
+                        .plaintext(stream, prefix, source, port, app, declared_opaque)
+                        .await;
                 }
                 prefix
             }
@@ -139,7 +146,9 @@ impl Inbound {
             self.metrics.active_connections.dec();
             return Ok(());
         }
-        let bytes = self.stream(downstream, Some(peer), port, app).await?;
+        let bytes = self
+            .stream(downstream, Some(peer), port, app, declared_opaque)
+            .await?;
         self.metrics
             .inbound_bytes
             .get_or_create(&labels)
@@ -169,14 +178,22 @@ impl Inbound {
         peer: Option<SpiffeId>,
         port: u16,
         app: SocketAddr,
+        declared_opaque: bool,
     ) -> Result<u64, InboundError>
     where
         D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let timeout = self.config.detect_timeout;
-        let sniffed = sniff(&mut downstream, app, self.config.connect_timeout, timeout)
-            .await
-            .map_err(InboundError::Handshake)?;
+        let sniffed = if declared_opaque {
+            Sniffed::Opaque {
+                prefix: Bytes::new(),
+                app: None,
+            }
+        } else {
+            sniff(&mut downstream, app, self.config.connect_timeout, timeout)
+                .await
+                .map_err(InboundError::Handshake)?
+        };
         let http2 = matches!(sniffed, Sniffed::Http2(_));
         let (prefix, upstream) = match sniffed {
             Sniffed::Opaque { prefix, app } => (prefix, app),
@@ -237,11 +254,18 @@ impl Inbound {
         source: SocketAddr,
         port: u16,
         app: SocketAddr,
+        declared_opaque: bool,
     ) -> Result<(), InboundError> {
         tracing::debug!(%source, port, "plaintext inbound connection");
-        self.stream(PrefixedIo::new(prefix, stream), None, port, app)
-            .await
-            .map(drop)
+        self.stream(
+            PrefixedIo::new(prefix, stream),
+            None,
+            port,
+            app,
+            declared_opaque,
+        )
+        .await
+        .map(drop)
     }
 
     fn authorize_l4(&self, peer: Option<&SpiffeId>, port: u16) -> Result<(), InboundError> {

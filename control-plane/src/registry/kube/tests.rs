@@ -366,7 +366,9 @@ fn dual_stack_pods_are_workloads_at_every_pod_ip() {
         [ip(&v4), ip("fd00:10:244::7")]
     );
     let index = crate::model::WorkloadIndex::new(&snapshot.workloads);
-    let found = index.find(&w.namespace, None, ip("fd00:10:244::7")).unwrap();
+    let found = index
+        .find(&w.namespace, None, ip("fd00:10:244::7"))
+        .unwrap();
     assert_eq!(found.map(|f| &f.name), Some(&name));
 }
 

@@ -1,6 +1,6 @@
 //! What discovery told the proxy, validated and indexed for the connection path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -48,6 +48,9 @@ pub struct MeshState {
     pub vips: HashMap<SocketAddr, Arc<ServicePort>>,
     /// Pod address:port -> identity, for connections made straight to an endpoint.
     pub endpoint_identities: HashMap<SocketAddr, SpiffeId>,
+    /// Endpoint address:port of Service ports declared `tcp` or `opaque`: inbound
+    /// carries these as bytes without protocol detection.
+    pub opaque_endpoints: HashSet<SocketAddr>,
     pub trust_bundle: Option<TrustBundle>,
     /// HTTP routes per service (`name.namespace`).
     pub routes: HashMap<String, Arc<RouteTable>>,
@@ -253,11 +256,17 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
                 let eps = endpoints
                     .remove(&(service.clone(), number))
                     .unwrap_or_default();
+                let protocol =
+                    pb::Protocol::try_from(port.protocol).unwrap_or(pb::Protocol::Unspecified);
+                if matches!(protocol, pb::Protocol::Tcp | pb::Protocol::Opaque) {
+                    state
+                        .opaque_endpoints
+                        .extend(eps.iter().map(|ep| ep.address));
+                }
                 let entry = Arc::new(ServicePort {
                     service: service.clone(),
                     port: number,
-                    protocol: pb::Protocol::try_from(port.protocol)
-                        .unwrap_or(pb::Protocol::Unspecified),
+                    protocol,
                     endpoints: Arc::new(EndpointSet::new(
                         eps,
                         previous
@@ -432,6 +441,48 @@ mod tests {
         let mut r = response(vec![bad], vec![]);
         r.type_url = type_url::ENDPOINTS.to_owned();
         assert!(MeshState::default().apply(&r).is_err());
+    }
+
+    #[test]
+    fn endpoints_of_tcp_ports_are_known_as_opaque() {
+        let mut tcp = service("a", "10.96.0.1");
+        if let Some(Kind::Service(s)) = &mut tcp.kind {
+            s.ports[0].protocol = pb::Protocol::Tcp as i32;
+        }
+        let endpoints = |service: &str| pb::Resource {
+            name: format!("{service}.default:80"),
+            version: "1".to_owned(),
+            kind: Some(Kind::Endpoints(pb::Endpoints {
+                service: service.to_owned(),
+                namespace: "default".to_owned(),
+                port: 80,
+                endpoints: vec![pb::Endpoint {
+                    address: if service == "a" {
+                        "10.244.0.2"
+                    } else {
+                        "10.244.0.3"
+                    }
+                    .to_owned(),
+                    port: 8080,
+                    identity: "spiffe://cluster.local/ns/default/sa/a".to_owned(),
+                    ready: true,
+                    ..Default::default()
+                }],
+            })),
+        };
+        let mut eps = response(vec![endpoints("a"), endpoints("b")], vec![]);
+        eps.type_url = type_url::ENDPOINTS.to_owned();
+        let state = MeshState::default()
+            .apply(&eps)
+            .unwrap()
+            .apply(&response(vec![tcp, service("b", "10.96.0.2")], vec![]))
+            .unwrap();
+        let opaque: Vec<_> = state.opaque_endpoints.iter().copied().collect();
+        assert_eq!(
+            opaque,
+            ["10.244.0.2:8080".parse().unwrap()],
+            "only the tcp port's endpoint"
+        );
     }
 
     #[test]
