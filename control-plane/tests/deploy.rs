@@ -423,7 +423,8 @@ fn the_webhook_configuration() {
     let hook = &hooks[0];
     assert_eq!(hook.admission_review_versions, ["v1"]);
     assert_eq!(hook.side_effects, "None");
-    assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
+    // Fail closed: a Pod in an enabled namespace is never admitted without its sidecar.
+    assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
     let service = hook.client_config.service.as_ref().unwrap();
     assert_eq!(service.name, "trellis-control");
     assert_eq!(service.namespace, "trellis-system");
@@ -434,18 +435,21 @@ fn the_webhook_configuration() {
         "the control plane fills caBundle"
     );
     let ns = hook.namespace_selector.as_ref().unwrap();
+    let opt_in = &ns.match_expressions.as_ref().unwrap()[0];
+    assert_eq!(opt_in.key, annotations::INJECT_LABEL);
+    assert_eq!(opt_in.operator, "In");
     assert_eq!(
-        ns.match_labels
-            .as_ref()
-            .unwrap()
-            .get(annotations::INJECT_LABEL),
-        Some(&"enabled".to_owned())
+        opt_in.values.as_deref(),
+        Some(&["enabled".to_owned(), "true".to_owned()][..])
     );
     let object = hook.object_selector.as_ref().unwrap();
     let opt_out = &object.match_expressions.as_ref().unwrap()[0];
     assert_eq!(opt_out.key, annotations::INJECT);
     assert_eq!(opt_out.operator, "NotIn");
-    assert_eq!(opt_out.values.as_deref(), Some(&["false".to_owned()][..]));
+    assert_eq!(
+        opt_out.values.as_deref(),
+        Some(&["disabled".to_owned(), "false".to_owned()][..])
+    );
     let rules = hook.rules.as_ref().unwrap();
     assert_eq!(rules.len(), 1);
     assert_eq!(
@@ -484,11 +488,25 @@ fn rbac_is_least_privilege() {
             assert!(!list.iter().any(|x| x == "*"), "no wildcards: {rule:?}");
         }
         assert!(
-            !resources
-                .iter()
-                .any(|r| r == "secrets" || r == "configmaps"),
-            "no secrets or configmaps: {rule:?}"
+            !resources.iter().any(|r| r == "secrets"),
+            "no secrets in the ClusterRole: {rule:?}"
         );
+        // ConfigMaps: only the mesh root's (`trellis-ca-root`, in every namespace);
+        // RBAC cannot name the object of a create, so create alone is unnamed.
+        if resources.iter().any(|r| r == "configmaps") {
+            let named = rule.resource_names.as_deref() == Some(&["trellis-ca-root".to_owned()][..]);
+            assert!(
+                named || rule.verbs == ["create"],
+                "configmaps only by the name trellis-ca-root (or create): {rule:?}"
+            );
+            assert!(
+                !rule
+                    .verbs
+                    .iter()
+                    .any(|v| v == "delete" || v == "list" || v == "watch"),
+                "configmaps: no delete, list or watch: {rule:?}"
+            );
+        }
         for g in &groups {
             for r in &resources {
                 for v in &rule.verbs {
@@ -522,10 +540,11 @@ fn rbac_is_least_privilege() {
             "only the status of {kind}"
         );
     }
-    // Writes outside status: only the one webhook configuration, by name.
+    // Writes outside status: only the one webhook configuration, by name (and the
+    // mesh root's ConfigMaps, checked above).
     for (g, r, v, names) in &granted {
         let write = !["get", "list", "watch"].contains(&v.as_str());
-        if write && !r.ends_with("/status") && r != "tokenreviews" {
+        if write && !r.ends_with("/status") && r != "tokenreviews" && r != "configmaps" {
             assert_eq!(r, "mutatingwebhookconfigurations", "{g}/{r} {v}");
             assert_eq!(names.as_deref(), Some(&["trellis-injector".to_owned()][..]));
         }

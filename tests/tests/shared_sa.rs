@@ -217,7 +217,7 @@ async fn workloads_sharing_a_service_account_keep_their_own_policies() {
         || async { held(&unbound) == ["default/fail-closed:workload-unknown"] },
     )
     .await;
-    let (_, proxies) = http_get(control.admin_addr, "/proxies").await;
+    let (_, proxies) = http_get(control.debug_addr, "/proxies").await;
     assert!(proxies.contains("workload default/web-1"), "{proxies}");
     assert!(proxies.contains("workload default/payments-1"), "{proxies}");
     assert!(
