@@ -461,6 +461,36 @@ impl TestBed {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// An admin page of the Trellis proxy in `pod` (admin listens on the pod's loopback
+    /// only, so the test app fetches it from inside): the status line, then the body.
+    pub fn proxy_admin(&self, pod: &Pod, path: &str) -> Result<String> {
+        let app = crate::testapp_path()?;
+        let app = app.to_string_lossy();
+        let url = format!("http://127.0.0.1:15000{path}");
+        let out = self.exec(pod, &app, &["http-get", &url])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Polls `check` every 100 ms until it says true (an error counts as not yet);
+    /// after `within`, fails with `what` and every process log.
+    pub fn eventually(
+        &self,
+        what: &str,
+        within: Duration,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            if check().unwrap_or(false) {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                bail!("{what}: not true within {within:?}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Every spawned process's log, with a header each.
     pub fn logs(&self) -> String {
         let mut s = String::new();

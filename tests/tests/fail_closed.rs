@@ -9,7 +9,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use trellis_init::InitConfig;
@@ -182,17 +182,8 @@ impl Mesh {
         ))
     }
 
-    fn eventually(&self, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if check().unwrap_or(false) {
-                return Ok(());
-            }
-            if start.elapsed() > READY {
-                bail!("{what}: not true within {READY:?}\n{}", self.bed.logs());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn eventually(&self, what: &str, check: impl FnMut() -> Result<bool>) -> Result<()> {
+        self.bed.eventually(what, READY, check)
     }
 }
 

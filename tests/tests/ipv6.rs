@@ -10,7 +10,7 @@
 use std::net::Ipv6Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use trellis_init::InitConfig;
@@ -207,27 +207,13 @@ fn cluster(name: &str) -> Result<Cluster> {
 }
 
 impl Cluster {
-    /// An admin page of the proxy in `pod` (admin is on the pod's loopback only).
+    /// An admin page of the proxy in `pod`.
     fn admin(&self, pod: &Pod, path: &str) -> Result<String> {
-        let out = self.bed.exec(
-            pod,
-            APP,
-            &["http-get", &format!("http://127.0.0.1:15000{path}")],
-        )?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.bed.proxy_admin(pod, path)
     }
 
-    fn eventually(&self, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if check().unwrap_or(false) {
-                return Ok(());
-            }
-            if start.elapsed() > READY {
-                bail!("{what}: not true within {READY:?}\n{}", self.bed.logs());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn eventually(&self, what: &str, check: impl FnMut() -> Result<bool>) -> Result<()> {
+        self.bed.eventually(what, READY, check)
     }
 
     fn metric(&self, pod: &Pod, needle: &str) -> Result<bool> {

@@ -14,7 +14,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use trellis_init::InitConfig;
@@ -338,17 +338,8 @@ impl Answer {
 }
 
 impl Cluster {
-    fn eventually(&self, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if check().unwrap_or(false) {
-                return Ok(());
-            }
-            if start.elapsed() > READY {
-                bail!("{what}: not true within {READY:?}\n{}", self.bed.logs());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    fn eventually(&self, what: &str, check: impl FnMut() -> Result<bool>) -> Result<()> {
+        self.bed.eventually(what, READY, check)
     }
 
     fn raw(&self, from: &Pod, args: &[&str]) -> Result<Answer> {
