@@ -23,10 +23,14 @@
 //! namespaces or Go.
 
 mod binaries;
+mod helm;
 mod pki;
 
 pub use binaries::{
     BIN_DIR_VAR, BINARIES, KubeBinaries, build_script, kube_binaries, kube_skip_reason,
+};
+pub use helm::{
+    HELM_BIN_VAR, HELM_TIMEOUT, Helm, helm_binary, helm_build_script, helm_skip_reason,
 };
 pub use pki::{ClusterPki, PkiFiles};
 
