@@ -4,13 +4,14 @@
 //! binaries. The two control-plane Pods (the chart's Deployment, its ServiceAccount
 //! token and RBAC) become Ready, one holds the leader Lease, the leader fills the
 //! injector's caBundle, and `helm uninstall` removes what the charts installed. Needs
-//! root, network namespaces and Go (reported as ignored otherwise).
+//! root, network namespaces and Go (or the binaries built already); reported as
+//! ignored, with a `SKIPPED` line saying why, otherwise.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use trellis_tests::kube::{Helm, KubeCluster, run_cluster_tests};
+use trellis_tests::kube::{Helm, KubeCluster, helm_skip_reason, kube_skip_reason};
 use trellis_tests::kubelet::Kubelet;
 use trellis_tests::{TestBed, target_binary};
 
@@ -25,10 +26,17 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() {
-    run_cluster_tests(&[(
-        "helm_install_runs_the_control_plane_and_uninstall_removes_it",
-        helm_install_runs_the_control_plane_and_uninstall_removes_it,
-    )]);
+    let skip = trellis_tests::root_skip_reason()
+        .map(str::to_string)
+        .or_else(kube_skip_reason)
+        .or_else(helm_skip_reason);
+    trellis_tests::run_tests_unless(
+        skip.as_deref(),
+        &[(
+            "helm_install_runs_the_control_plane_and_uninstall_removes_it",
+            helm_install_runs_the_control_plane_and_uninstall_removes_it,
+        )],
+    );
 }
 
 fn repo() -> PathBuf {
