@@ -2,9 +2,10 @@
 //! user to: create and label the namespace, `helm install trellis-crds`, `helm install
 //! trellis --wait` with the images set to ones the netns kubelet maps to the local
 //! binaries. The two control-plane Pods (the chart's Deployment, its ServiceAccount
-//! token and RBAC) become Ready, one holds the leader Lease, the leader fills the
-//! injector's caBundle, and `helm uninstall` removes what the charts installed. Needs
-//! root, network namespaces and Go (or the binaries built already); reported as
+//! token and RBAC) become Ready, one holds and renews the leader Lease, the leader
+//! fills the injector's caBundle; `helm upgrade` changes a value and the webhook still
+//! has its caBundle after it; `helm uninstall` removes what the charts installed.
+//! Needs root, network namespaces and Go (or the binaries built already); reported as
 //! ignored, with a `SKIPPED` line saying why, otherwise.
 
 use std::path::{Path, PathBuf};
@@ -200,6 +201,59 @@ fn scenario(cluster: &KubeCluster, helm: &Helm) -> Result<()> {
                 "jsonpath={.webhooks[0].clientConfig.caBundle}",
             ])?;
             Ok(!bundle.trim().is_empty())
+        },
+    )?;
+
+    // An upgrade changes what it should, and the webhook keeps a caBundle (a field the
+    // chart does not set; the control plane wrote it).
+    helm_in_cluster(
+        &[
+            "upgrade",
+            "trellis",
+            &chart("trellis"),
+            "-n",
+            NS,
+            "--reuse-values",
+            "--set",
+            "webhook.failurePolicy=Ignore",
+            "--wait",
+            &wait,
+        ],
+        INSTALL_TIMEOUT + CALL_TIMEOUT,
+    )?;
+    let webhook = cluster.kubectl(&[
+        "get",
+        "mutatingwebhookconfiguration",
+        "trellis-injector",
+        "-o",
+        "jsonpath={.webhooks[0].failurePolicy} {.webhooks[0].clientConfig.caBundle}",
+    ])?;
+    let (policy, bundle) = webhook.split_once(' ').unwrap_or((webhook.as_str(), ""));
+    ensure!(policy == "Ignore", "failurePolicy after upgrade: {policy}");
+    ensure!(
+        !bundle.trim().is_empty(),
+        "helm upgrade dropped the caBundle"
+    );
+    cluster.wait_until(
+        "the upgraded replicas run with --injector-failure-policy=ignore and are Ready",
+        Duration::from_secs(60),
+        |c| {
+            let args = c.kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                NS,
+                "-l",
+                "app.kubernetes.io/name=trellis-control",
+                "-o",
+                "jsonpath={range .items[*]}{.spec.containers[0].args} {end}",
+            ])?;
+            let ready = ready_control_pods(c)?;
+            Ok(
+                args.matches("--injector-failure-policy=ignore").count() == 2
+                    && !args.contains("--injector-failure-policy=fail")
+                    && ready.len() == 2,
+            )
         },
     )?;
 
