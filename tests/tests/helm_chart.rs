@@ -34,7 +34,13 @@ const HELM_LABELS: [&str; 2] = ["helm.sh/chart", "app.kubernetes.io/managed-by"]
 type Test = (&'static str, fn() -> Result<()>);
 
 fn main() {
-    let always: &[Test] = &[("crd_chart_is_deploy_crds", crd_chart_is_deploy_crds)];
+    let always: &[Test] = &[
+        ("crd_chart_is_deploy_crds", crd_chart_is_deploy_crds),
+        (
+            "charts_carry_the_workspace_version",
+            charts_carry_the_workspace_version,
+        ),
+    ];
     let with_helm: &[Test] = &[
         (
             "defaults_render_the_kustomize_base",
@@ -109,6 +115,38 @@ fn crd_chart_is_deploy_crds() -> Result<()> {
             "deploy/helm/trellis-crds/templates/{name} differs from deploy/crds/{name}; {fix}"
         );
     }
+    Ok(())
+}
+
+/// Both charts are versioned as the workspace (`[workspace.package] version`), and
+/// share one appVersion.
+fn charts_carry_the_workspace_version() -> Result<()> {
+    let cargo = std::fs::read_to_string(repo().join("Cargo.toml"))?;
+    let workspace = cargo
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|section| {
+            section
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("version = "))
+        })
+        .map(|v| v.trim_matches('"').to_owned())
+        .context("no [workspace.package] version in Cargo.toml")?;
+    let mut app_versions = Vec::new();
+    for name in ["trellis-crds", "trellis"] {
+        let text = std::fs::read_to_string(chart(name).join("Chart.yaml"))?;
+        let meta: Value = serde_yaml_ng::from_str(&text)?;
+        ensure!(
+            meta["version"] == workspace.as_str(),
+            "{name}/Chart.yaml version {} is not the workspace's {workspace}",
+            meta["version"]
+        );
+        app_versions.push(meta["appVersion"].clone());
+    }
+    ensure!(
+        app_versions[0] == app_versions[1],
+        "the charts' appVersions differ: {app_versions:?}"
+    );
     Ok(())
 }
 
