@@ -7,7 +7,9 @@
 //!   `kubectl kustomize deploy/kustomize` renders, field for field. Ignored: only the
 //!   two labels Helm adds to each object's own metadata (`helm.sh/chart`,
 //!   `app.kubernetes.io/managed-by`), and the Namespace, which `helm install` needs
-//!   before it installs (rendered identically with `namespace.create=true`);
+//!   before it installs (rendered identically with `namespace.create=true`); numbers
+//!   compare by value (the CRD files' `65535.0` is kustomize's `65535`);
+//! - both charts carry the workspace version (runs everywhere too);
 //! - `helm lint --strict` passes, values change what they should, and the values
 //!   schema refuses bad values, naming the field.
 //!
