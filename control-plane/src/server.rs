@@ -167,6 +167,9 @@ pub struct KubeOptions {
     pub client: kube::Client,
     /// The control plane's namespace: the CA root Secret and the Lease live here.
     pub namespace: String,
+    /// The mesh root namespace, where mesh-wide policies live; by default
+    /// `namespace`.
+    pub root_namespace: String,
     /// This replica's name among its peers (the Pod name): the Lease holder.
     pub identity: String,
     pub webhook: Option<WebhookOptions>,
@@ -219,7 +222,10 @@ pub async fn start_kube_with(
     let mut tasks = vec![
         tokio::spawn(kube_registry::watch_cluster(
             client.clone(),
-            config.trust_domain.clone(),
+            kube_registry::MeshNames {
+                trust_domain: config.trust_domain.clone(),
+                root_namespace: kube_options.root_namespace.clone(),
+            },
             kube_registry::DEFAULT_DEBOUNCE,
             kube_registry::Outputs {
                 snapshots: snapshot_tx,

@@ -193,15 +193,23 @@ fn slim_pod(pod: &mut Pod) {
     }
 }
 
+/// Names the snapshots are built with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshNames {
+    pub trust_domain: String,
+    /// Where mesh-wide policies live: the control plane's namespace.
+    pub root_namespace: String,
+}
+
 /// Watches the cluster and publishes snapshots until the task is dropped.
-pub async fn watch_cluster(client: Client, trust_domain: String, debounce: Duration, out: Outputs) {
-    run(changes(client), &trust_domain, debounce, &out).await;
+pub async fn watch_cluster(client: Client, names: MeshNames, debounce: Duration, out: Outputs) {
+    run(changes(client), &names, debounce, &out).await;
 }
 
 /// The registry loop over any stream of changes (tests feed it directly).
 pub async fn run(
     changes: impl Stream<Item = Change> + Send,
-    trust_domain: &str,
+    names: &MeshNames,
     debounce: Duration,
     out: &Outputs,
 ) {
@@ -224,7 +232,7 @@ pub async fn run(
         }
         registry.report_errors(&out.status);
         if dirty {
-            registry.publish(trust_domain, out);
+            registry.publish(names, out);
         }
     }
     tracing::warn!("the Kubernetes watch streams ended");
@@ -317,7 +325,7 @@ impl Registry {
         });
     }
 
-    fn publish(&self, trust_domain: &str, out: &Outputs) {
+    fn publish(&self, names: &MeshNames, out: &Outputs) {
         if !self.state.is_complete() {
             return;
         }
@@ -329,7 +337,7 @@ impl Registry {
             }
             changed
         });
-        let (snapshot, report) = evaluate(&self.state, trust_domain);
+        let (snapshot, report) = evaluate(&self.state, &names.trust_domain, &names.root_namespace);
         let warnings = report.warnings();
         out.statuses.send_if_modified(|current| {
             let changed = **current != report;

@@ -92,15 +92,22 @@ impl ClusterState {
     }
 }
 
-/// The mesh model for the cluster's current state.
+/// The mesh model for the cluster's current state, with the default root namespace.
 pub fn snapshot_from(state: &ClusterState, trust_domain: &str) -> MeshSnapshot {
-    evaluate(state, trust_domain).0
+    evaluate(state, trust_domain, crate::model::DEFAULT_ROOT_NAMESPACE).0
 }
 
 /// The mesh model for the cluster's current state, and the status each route and
-/// policy object should have.
-pub fn evaluate(state: &ClusterState, trust_domain: &str) -> (MeshSnapshot, StatusReport) {
-    let mut snapshot = MeshSnapshot::default();
+/// policy object should have. Policies in `root_namespace` span the mesh.
+pub fn evaluate(
+    state: &ClusterState,
+    trust_domain: &str,
+    root_namespace: &str,
+) -> (MeshSnapshot, StatusReport) {
+    let mut snapshot = MeshSnapshot {
+        root_namespace: root_namespace.to_owned(),
+        ..MeshSnapshot::default()
+    };
     for s in state.services.iter() {
         if let Some(service) = service(s) {
             for p in &service.ports {

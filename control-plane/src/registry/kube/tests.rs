@@ -233,7 +233,7 @@ fn http_rules_on_a_tcp_port_are_accepted_with_a_condition_saying_so() {
     let mut state = listed_state();
     state.authorization_policies =
         KindStore::listed(dynamic_items("authorizationpolicies-list.json"));
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     assert_eq!(snapshot.authorization_policies.len(), 1);
     let judged = |report: &StatusReport| -> Vec<(&str, bool, String)> {
         report.targets[0]
@@ -254,7 +254,7 @@ fn http_rules_on_a_tcp_port_are_accepted_with_a_condition_saying_so() {
         .unwrap();
     echo.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].app_protocol = Some("tcp".into());
     state.services = KindStore::listed(services);
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     assert_eq!(snapshot.authorization_policies.len(), 1);
     let message = "rules with methods, paths or headers apply to port 8080 of \
                    default/echo-6d8f7b9c5-abcde, default/echo-6d8f7b9c5-fghij (Service \
@@ -288,7 +288,7 @@ fn a_policy_with_a_strange_status_or_shape_is_judged_not_dropped_silently() {
     unknown_field.data["spec"] = serde_json::json!({"mtls": {"mood": "STRICT"}});
     policies.push(unknown_field);
     state.peer_authentications = KindStore::listed(policies);
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     let served: Vec<_> = snapshot
         .peer_authentications
         .iter()
@@ -335,7 +335,7 @@ fn http_routes_are_served_through_the_same_path() {
     .unwrap();
     let mut state = listed_state();
     state.http_routes = KindStore::listed([route]);
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     let rules = &snapshot.routes[&key("default", "echo")];
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].origin.name, "echo-api");

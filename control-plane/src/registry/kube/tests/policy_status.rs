@@ -127,7 +127,10 @@ fn start(client: kube::Client, leader: watch::Receiver<bool>) -> Running {
     };
     let registry = tokio::spawn(watch_cluster(
         client.clone(),
-        "cluster.local".into(),
+        MeshNames {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "trellis-system".into(),
+        },
         Duration::from_millis(20),
         out,
     ));
