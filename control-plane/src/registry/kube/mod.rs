@@ -11,9 +11,10 @@
 //! events arriving together are folded into one snapshot.
 //!
 //! Each snapshot also judges every route and policy object; the verdicts go out as a
-//! [`StatusReport`], which [`write_statuses`] turns into `status.conditions` when
-//! this replica leads.
+//! [`StatusReport`], which [`write_statuses`] turns into `status.conditions` (an
+//! HTTPRoute's `status.parents`) and Events when this replica leads.
 
+mod route_status;
 mod snapshot;
 mod status;
 mod store;
@@ -31,10 +32,11 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+pub use route_status::{JudgedParent, RESOLVED_REFS, next_parents};
 pub use snapshot::{ClusterState, evaluate, snapshot_from};
 pub use status::{
     ACCEPTED, FIELD_MANAGER, JudgedCondition, L7_RULES_ON_OPAQUE_PORT, PolicyKind, StatusReport,
-    StatusTarget, WriterProgress, next_conditions, write_statuses,
+    StatusTarget, WriterProgress, events_for, next_conditions, write_statuses,
 };
 pub use store::{KindStore, ObjectKey};
 

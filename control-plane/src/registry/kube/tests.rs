@@ -339,8 +339,36 @@ fn http_routes_are_served_through_the_same_path() {
     let rules = &snapshot.routes[&key("default", "echo")];
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].origin.name, "echo-api");
-    // Route statuses (per parent) are not written yet.
-    assert!(report.targets.is_empty());
+    // The Service parent's status: accepted, by this controller.
+    assert_eq!(report.targets.len(), 1);
+    let parents = &report.targets[0].parents;
+    assert_eq!(parents.len(), 1);
+    assert_eq!(parents[0].parent_ref["name"], "echo");
+    assert!(
+        parents[0].conditions.iter().all(|c| c.status),
+        "{parents:?}"
+    );
+    assert!(report.targets[0].judged.is_empty());
+
+    // A route to a backend that is not there is not served, and says so.
+    let mut broken = state.http_routes.iter().next().unwrap().clone();
+    broken.data["spec"]["rules"][0]["backendRefs"][0]["name"] = "nope".into();
+    state.http_routes = KindStore::listed([broken]);
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
+    assert!(!snapshot.routes.contains_key(&key("default", "echo")));
+    let accepted = &report.targets[0].parents[0].conditions[0];
+    assert_eq!(
+        (accepted.type_, accepted.status, accepted.reason),
+        (ACCEPTED, false, "BackendNotFound")
+    );
+    assert!(
+        accepted.message.contains("nope.default does not exist"),
+        "{accepted:?}"
+    );
+    let events = events_for(&report.targets[0]);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].regarding.kind.as_deref(), Some("HTTPRoute"));
+    assert_eq!(events[0].reason, "BackendNotFound");
 }
 
 #[test]

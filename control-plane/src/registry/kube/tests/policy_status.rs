@@ -110,7 +110,27 @@ struct Running {
     snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     status: watch::Receiver<RegistryStatus>,
     progress: watch::Receiver<WriterProgress>,
+    events: tokio::sync::mpsc::Receiver<crate::events::MeshEvent>,
     tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Running {
+    /// The Events recorded so far: (reason, namespace/name, note).
+    fn events(&mut self) -> Vec<(String, String, String)> {
+        let mut events = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            assert!(e.warning, "{e:?}");
+            let r = &e.regarding;
+            let at = format!(
+                "{}/{}",
+                r.namespace.as_deref().unwrap_or_default(),
+                r.name.as_deref().unwrap_or_default()
+            );
+            events.push((e.reason, at, e.note));
+        }
+        events.sort();
+        events
+    }
 }
 
 fn start(client: kube::Client, leader: watch::Receiver<bool>) -> Running {
@@ -134,11 +154,13 @@ fn start(client: kube::Client, leader: watch::Receiver<bool>) -> Running {
         Duration::from_millis(20),
         out,
     ));
-    let writer = tokio::spawn(write_statuses(client, statuses_rx, leader, progress));
+    let (sink, events) = crate::events::EventSink::channel();
+    let writer = tokio::spawn(write_statuses(client, statuses_rx, leader, progress, sink));
     Running {
         snapshots: snapshots_rx,
         status: status_rx,
         progress: progress_rx,
+        events,
         tasks: [registry, writer],
     }
 }
@@ -272,6 +294,33 @@ async fn policies_are_served_and_their_statuses_written_once() {
         0,
         "a status that already matches is not written"
     );
+    // Each refusal written is an Event on its object; what is accepted is not.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        running.progress.wait_for(|p| p.patched >= 5),
+    )
+    .await
+    .expect("timed out waiting for the writer's pass")
+    .unwrap();
+    let events = running.events();
+    let reasons: Vec<_> = events
+        .iter()
+        .map(|(reason, at, _)| (reason.as_str(), at.as_str()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("Conflicted", "default/canary"),
+            ("Invalid", "default/slow"),
+            ("TargetNotFound", "default/cart"),
+        ]
+    );
+    assert!(
+        events[2]
+            .2
+            .starts_with("TrafficPolicy default/cart is not served: spec.targetRef"),
+        "{events:?}"
+    );
 
     // The API server's echo of the write, then a new object in the same stream: its
     // status is written, echo's is not written again.
@@ -334,6 +383,7 @@ async fn statuses_are_written_only_while_leading() {
         .unwrap();
     assert_eq!(seen.count("PATCH "), 0, "{:#?}", seen.requests());
     assert_eq!(running.progress.borrow().patched, 0);
+    assert_eq!(running.events(), [], "a follower records no Events");
 
     // Leading now: the pending statuses are written.
     leader_tx.send(true).unwrap();
@@ -347,6 +397,7 @@ async fn statuses_are_written_only_while_leading() {
     .unwrap()
     .clone();
     assert!(progress.leader);
+    assert_eq!(running.events().len(), 3);
     for task in running.tasks {
         task.abort();
     }
