@@ -375,24 +375,27 @@ impl Registry {
     }
 }
 
-fn api_status(error: &watcher::Error) -> Option<u16> {
+fn api_status(error: &watcher::Error) -> Option<&kube::core::Status> {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
-        watcher::Error::WatchError(s) => Some(s.code),
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s),
+        watcher::Error::WatchError(s) => Some(s),
         _ => None,
     }
 }
 
-/// By code, not kube-core's `Status::is_not_found()`: that matches the reason only,
-/// and a missing CRD's 404 comes as a plain-text body, with no reason.
+/// kube-core's `Status::is_not_found()` goes by the reason, and a missing CRD's 404
+/// comes as a plain-text body, which kube turns into a Status with the code and the
+/// reason "Failed to parse error data": the code counts too.
 fn is_not_found(error: &watcher::Error) -> bool {
-    api_status(error) == Some(404)
+    api_status(error).is_some_and(|s| s.is_not_found() || s.code == 404)
 }
 
+/// kube-core has no helper for an expired watch (`410 Gone`, reason `Expired` or
+/// `Gone`); the code says it.
 fn is_gone(error: &watcher::Error) -> bool {
-    api_status(error) == Some(410)
+    api_status(error).is_some_and(|s| s.code == 410)
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use crate::registry::policies::{self, Declared, PolicyObject, Rejection, Verdict
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Everything the kube registry watches.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct ClusterState {
     pub services: KindStore<KubeService>,
     pub endpoint_slices: KindStore<EndpointSlice>,
@@ -110,7 +110,7 @@ pub fn evaluate(
         ..MeshSnapshot::default()
     };
     for s in state.services.iter() {
-        if let Some(service) = service(s) {
+        if let Some(service) = service(&s) {
             for p in &service.ports {
                 snapshot
                     .endpoints
@@ -122,7 +122,7 @@ pub fn evaluate(
     snapshot.workloads = state
         .pods
         .iter()
-        .filter_map(|p| workload(p, trust_domain))
+        .filter_map(|p| workload(&p, trust_domain))
         .collect();
     snapshot
         .workloads
@@ -130,7 +130,7 @@ pub fn evaluate(
 
     let pods = crate::model::WorkloadIndex::new(&snapshot.workloads);
     for slice in state.endpoint_slices.iter() {
-        slice_endpoints(slice, &snapshot.services, &pods, &mut snapshot.endpoints);
+        slice_endpoints(&slice, &snapshot.services, &pods, &mut snapshot.endpoints);
     }
     for list in snapshot.endpoints.values_mut() {
         list.sort_by_key(|e| (e.address, e.port));
@@ -168,7 +168,7 @@ fn add_policies(state: &ClusterState, snapshot: &mut MeshSnapshot) -> StatusRepo
     ];
     let mut read: Vec<Read> = stores
         .into_iter()
-        .flat_map(|(kind, store)| store.iter().map(move |o| read_object(kind, o)))
+        .flat_map(|(kind, store)| store.iter().map(move |o| read_object(kind, &o)))
         .collect();
     // Of two objects in conflict the older wins, as in Gateway API; then by name.
     read.sort_by(|a, b| {

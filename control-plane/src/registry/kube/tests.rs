@@ -351,7 +351,7 @@ fn http_routes_are_served_through_the_same_path() {
     assert!(report.targets[0].judged.is_empty());
 
     // A route to a backend that is not there is not served, and says so.
-    let mut broken = state.http_routes.iter().next().unwrap().clone();
+    let mut broken = (*state.http_routes.iter().next().unwrap()).clone();
     broken.data["spec"]["rules"][0]["backendRefs"][0]["name"] = "nope".into();
     state.http_routes = KindStore::listed([broken]);
     let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
