@@ -175,7 +175,7 @@ fn route_status_policy_events_and_root_namespace_on_a_real_api_server() -> Resul
     })?;
     cluster.kubectl_apply_stdin(SECOND_MESH_POLICY)?;
 
-    let checks: [(&str, fn(&KubeCluster) -> Result<()>); 3] = [
+    let checks: [(&str, Check); 3] = [
         ("route status.parents", route_parents_say_why),
         ("policy Event", refused_policy_has_an_event),
         ("root namespace", root_namespace_is_the_control_planes),
@@ -195,6 +195,9 @@ fn route_status_policy_events_and_root_namespace_on_a_real_api_server() -> Resul
     }
     Ok(())
 }
+
+/// One check against the cluster once everything is applied.
+type Check = fn(&KubeCluster) -> Result<()>;
 
 fn get_json(cluster: &KubeCluster, args: &[&str]) -> Result<Value> {
     let mut all = args.to_vec();

@@ -136,8 +136,14 @@ mod tests {
             assert_eq!(kube(lenient).ok(), Some(true), "{lenient:?}");
             assert!(parse(lenient).is_err(), "{lenient:?}");
         }
-        assert!(kube("9999999999999999999999h").is_err(), "kube's parser panics");
-        assert_eq!(parse("9999999999999999999999h").unwrap_err().reason, "too large");
+        assert!(
+            kube("9999999999999999999999h").is_err(),
+            "kube's parser panics"
+        );
+        assert_eq!(
+            parse("9999999999999999999999h").unwrap_err().reason,
+            "too large"
+        );
     }
 
     #[test]

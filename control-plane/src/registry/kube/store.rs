@@ -110,11 +110,7 @@ where
             Event::InitDone => true,
             Event::Apply(_) => self.listed,
             Event::Delete(o) => {
-                self.listed
-                    && self
-                        .reader
-                        .get(&o.to_object_ref(K::store_type()))
-                        .is_some()
+                self.listed && self.reader.get(&o.to_object_ref(K::store_type())).is_some()
             }
         };
         if matches!(event, Event::InitDone) {
