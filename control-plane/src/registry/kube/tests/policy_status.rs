@@ -19,6 +19,11 @@ const TRELLIS: &str = "/apis/trellis.io/v1alpha1";
 /// The recorded cluster: its core lists (watches left open and quiet), no
 /// HTTPRoute CRD, and the three Trellis lists. Returns the policy watch feeds.
 pub(super) fn cluster(api: &mut FakeApi) -> PolicyFeeds {
+    cluster_with_routes(api, None)
+}
+
+/// [`cluster`], with the HTTPRoute CRD installed when `routes` (a list) is given.
+fn cluster_with_routes(api: &mut FakeApi, routes: Option<Value>) -> PolicyFeeds {
     for (path, list) in [
         ("/api/v1/services", "services-list.json"),
         (
@@ -32,12 +37,21 @@ pub(super) fn cluster(api: &mut FakeApi) -> PolicyFeeds {
         api.list(path, fixture_json(list));
         std::mem::forget(api.watch(path, "1000"));
     }
-    api.reply(
-        Method::GET,
-        "/apis/gateway.networking.k8s.io/v1/httproutes",
-        404,
-        fixture_json("httproutes-not-found.json"),
-    );
+    let http_routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    match routes {
+        Some(list) => {
+            api.list(http_routes, list);
+            std::mem::forget(api.watch(http_routes, "1000"));
+        }
+        None => {
+            api.reply(
+                Method::GET,
+                http_routes,
+                404,
+                fixture_json("httproutes-not-found.json"),
+            );
+        }
+    }
     api.list(TRAFFIC_POLICIES, fixture_json("trafficpolicies-list.json"));
     api.list(
         AUTHORIZATION_POLICIES,
@@ -398,6 +412,120 @@ async fn statuses_are_written_only_while_leading() {
     .clone();
     assert!(progress.leader);
     assert_eq!(running.events().len(), 3);
+    for task in running.tasks {
+        task.abort();
+    }
+}
+
+/// An HTTPRoute with a Service parent whose backend is missing, and a Gateway parent
+/// another controller has written status for: one PATCH of `status.parents`, the
+/// Gateway's entry first and untouched, ours saying why, conditional on the version
+/// read; and an Event on the route.
+#[tokio::test]
+async fn a_route_status_is_written_per_service_parent_beside_others() {
+    let gateway_entry = json!({
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public-gw"},
+        "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]
+    });
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "to-nowhere", "namespace": "default", "uid": "r-1",
+                     "generation": 2, "resourceVersion": "977",
+                     "creationTimestamp": "2025-05-01T09:50:00Z"},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "echo", "port": 80},
+                {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public-gw"}
+            ],
+            "rules": [{"backendRefs": [{"group": "", "kind": "Service", "name": "nowhere", "port": 80, "weight": 1}]}]
+        },
+        "status": {"parents": [gateway_entry]}
+    });
+    let list = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRouteList",
+        "metadata": {"resourceVersion": "1000"}, "items": [route]
+    });
+    let mut api = FakeApi::new();
+    let _feeds = cluster_with_routes(&mut api, Some(list));
+    accept_listed_patches(&mut api);
+    let route_status =
+        "/apis/gateway.networking.k8s.io/v1/namespaces/default/httproutes/to-nowhere/status";
+    api.reply(
+        Method::PATCH,
+        route_status,
+        200,
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "to-nowhere", "namespace": "default", "resourceVersion": "1001"}
+        }),
+    );
+    let (client, seen) = api.start();
+    let (_leader_tx, leader) = watch::channel(true);
+    let mut running = start(client, leader);
+
+    eventually("the route's status", || {
+        seen.requests()
+            .iter()
+            .any(|r| r.starts_with(&format!("PATCH {route_status}?")))
+    })
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        running.progress.wait_for(|p| p.patched >= 6),
+    )
+    .await
+    .expect("timed out waiting for the writer's pass")
+    .unwrap();
+    let written = patches(&seen);
+    let (_, body) = written
+        .iter()
+        .find(|(r, _)| r.starts_with(&format!("PATCH {route_status}?")))
+        .unwrap();
+    assert_eq!(body["metadata"]["resourceVersion"], "977");
+    let parents = body["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 2, "{body:#}");
+    assert_eq!(
+        parents[0], gateway_entry,
+        "the Gateway's entry is kept as it was"
+    );
+    let ours = &parents[1];
+    assert_eq!(ours["controllerName"], "trellis.io/control-plane");
+    assert_eq!(
+        ours["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "echo", "port": 80})
+    );
+    let of_ours = |type_: &str| {
+        ours["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == type_))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {type_} in {ours:#}"))
+    };
+    let accepted = of_ours("Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "BackendNotFound");
+    assert_eq!(accepted["observedGeneration"], 2);
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .contains("nowhere.default does not exist"),
+        "{accepted:#}"
+    );
+    assert_eq!(of_ours("ResolvedRefs")["reason"], "BackendNotFound");
+    // The route's Event, beside the policies'.
+    let events = running.events();
+    assert!(
+        events
+            .iter()
+            .any(|(reason, at, note)| reason == "BackendNotFound"
+                && at == "default/to-nowhere"
+                && note.contains("parent Service echo")),
+        "{events:#?}"
+    );
     for task in running.tasks {
         task.abort();
     }
