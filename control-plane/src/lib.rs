@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod ca;
 pub mod discovery;
+pub mod events;
 pub mod http_server;
 pub mod injector;
 pub mod leader;

@@ -60,6 +60,11 @@ struct Args {
     /// Lease live there. Default: the service account's namespace.
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: Option<String>,
+    /// The mesh root namespace (kube mode): policies there without a selector apply
+    /// to the whole mesh. Default: the control plane's namespace (above). A file
+    /// registry's root namespace is `trellis-system`.
+    #[arg(long, env = "TRELLIS_ROOT_NAMESPACE", requires = "kube")]
+    root_namespace: Option<String>,
     /// This replica's name as the leader Lease's holder (kube mode). Default: the
     /// host name, which in a Pod is the Pod's name.
     #[arg(long, env = "POD_NAME")]
@@ -175,8 +180,11 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|h| !h.is_empty())
                 .context("no --pod-name (POD_NAME) and no host name to elect a leader by")?,
         };
+        let root_namespace = args.root_namespace.unwrap_or_else(|| namespace.clone());
+        tracing::info!(namespace, root_namespace, "kube mode");
         let options = KubeOptions {
             client,
+            root_namespace,
             namespace,
             identity,
             webhook,

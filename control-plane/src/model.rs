@@ -24,8 +24,10 @@ pub use route::{
     WeightedBackend, sort_by_precedence,
 };
 
-/// The root namespace: policies here without a selector apply to the whole mesh.
-pub const ROOT_NAMESPACE: &str = "trellis-system";
+/// The root namespace when nothing else says: policies there without a selector
+/// apply to the whole mesh. On Kubernetes it is the control plane's own namespace
+/// ([`MeshSnapshot::root_namespace`]); a file registry keeps this one.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "trellis-system";
 
 /// How a Service port's traffic is handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -159,8 +161,10 @@ impl BootstrapToken {
 }
 
 /// Everything the registry knows at one moment. Replaced whole on every change.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshSnapshot {
+    /// Where mesh-wide policies live (see [`DEFAULT_ROOT_NAMESPACE`]).
+    pub root_namespace: String,
     pub services: BTreeMap<ServiceKey, Service>,
     /// Endpoints per service and service port.
     pub endpoints: BTreeMap<(ServiceKey, u16), Vec<Endpoint>>,
@@ -175,6 +179,22 @@ pub struct MeshSnapshot {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Sorted by namespace and name.
     pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+impl Default for MeshSnapshot {
+    fn default() -> Self {
+        MeshSnapshot {
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+            services: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            workloads: Vec::new(),
+            bootstrap_tokens: Vec::new(),
+            routes: BTreeMap::new(),
+            traffic_policies: BTreeMap::new(),
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
+        }
+    }
 }
 
 impl MeshSnapshot {

@@ -167,6 +167,9 @@ pub struct KubeOptions {
     pub client: kube::Client,
     /// The control plane's namespace: the CA root Secret and the Lease live here.
     pub namespace: String,
+    /// The mesh root namespace, where mesh-wide policies live; by default
+    /// `namespace`.
+    pub root_namespace: String,
     /// This replica's name among its peers (the Pod name): the Lease holder.
     pub identity: String,
     pub webhook: Option<WebhookOptions>,
@@ -216,10 +219,16 @@ pub async fn start_kube_with(
         LeaseSettings::new(&kube_options.namespace, &kube_options.identity),
     ));
     let leading = election.subscribe();
+    let (events, events_task) =
+        crate::events::EventSink::spawn(client.clone(), kube_options.identity.clone());
     let mut tasks = vec![
+        events_task,
         tokio::spawn(kube_registry::watch_cluster(
             client.clone(),
-            config.trust_domain.clone(),
+            kube_registry::MeshNames {
+                trust_domain: config.trust_domain.clone(),
+                root_namespace: kube_options.root_namespace.clone(),
+            },
             kube_registry::DEFAULT_DEBOUNCE,
             kube_registry::Outputs {
                 snapshots: snapshot_tx,
@@ -233,6 +242,7 @@ pub async fn start_kube_with(
             statuses_rx,
             leading.clone(),
             watch::channel(kube_registry::WriterProgress::default()).0,
+            events.clone(),
         )),
     ];
     loop {
@@ -273,7 +283,7 @@ pub async fn start_kube_with(
             snapshot_rx,
             status_rx,
             Vec::new(),
-            Some(reviewer),
+            Some((reviewer, events.clone())),
         )
         .await
     }
@@ -321,6 +331,7 @@ pub async fn start_kube_with(
         let state = webhook::WebhookState {
             settings: Arc::new(webhook.settings),
             namespaces: namespaces_rx.clone(),
+            events,
         };
         running.tasks.push(tokio::spawn(webhook::serve(
             listener,
@@ -348,7 +359,7 @@ async fn serve(
     snapshot_rx: watch::Receiver<Arc<MeshSnapshot>>,
     status_rx: watch::Receiver<RegistryStatus>,
     mut tasks: Vec<tokio::task::JoinHandle<()>>,
-    token_reviewer: Option<Arc<dyn TokenReviewer>>,
+    token_reviewer: Option<(Arc<dyn TokenReviewer>, crate::events::EventSink)>,
 ) -> Result<(RunningControlPlane, Arc<CertificateAuthority>), StartError> {
     let root_pem = ca.trust_bundle_pem().concat();
     let own_id = SpiffeId::new(&config.trust_domain, "trellis-system", "trellis-control")?;
@@ -387,8 +398,8 @@ async fn serve(
         .timeout(grpc.handshake_timeout);
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let mut ca_service = CaService::new(ca.clone(), snapshot_rx.clone());
-    if let Some(reviewer) = token_reviewer {
-        ca_service = ca_service.with_token_reviewer(reviewer);
+    if let Some((reviewer, events)) = token_reviewer {
+        ca_service = ca_service.with_token_reviewer(reviewer).with_events(events);
     }
     let counters = Arc::new(LimitCounters::default());
     let router = Server::builder()

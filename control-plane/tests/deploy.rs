@@ -532,7 +532,19 @@ fn rbac_is_least_privilege() {
     }
     assert!(has("discovery.k8s.io", "endpointslices", "watch"));
     assert!(has("gateway.networking.k8s.io", "httproutes", "watch"));
+    assert!(has(
+        "gateway.networking.k8s.io",
+        "httproutes/status",
+        "patch"
+    ));
+    assert!(
+        !has("gateway.networking.k8s.io", "httproutes", "patch"),
+        "only the status of routes"
+    );
     assert!(has("authentication.k8s.io", "tokenreviews", "create"));
+    // kube-runtime's event recorder creates Events and patches repeats.
+    assert!(has("events.k8s.io", "events", "create"));
+    assert!(has("events.k8s.io", "events", "patch"));
     for kind in [
         "trafficpolicies",
         "authorizationpolicies",
@@ -546,10 +558,12 @@ fn rbac_is_least_privilege() {
         );
     }
     // Writes outside status: only the one webhook configuration, by name (and the
-    // mesh root's ConfigMaps, checked above).
+    // mesh root's ConfigMaps, checked above, and Events).
     for (g, r, v, names) in &granted {
         let write = !["get", "list", "watch"].contains(&v.as_str());
-        if write && !r.ends_with("/status") && r != "tokenreviews" && r != "configmaps" {
+        let event =
+            g == "events.k8s.io" && r == "events" && ["create", "patch"].contains(&v.as_str());
+        if write && !r.ends_with("/status") && r != "tokenreviews" && r != "configmaps" && !event {
             assert_eq!(r, "mutatingwebhookconfigurations", "{g}/{r} {v}");
             assert_eq!(names.as_deref(), Some(&["trellis-injector".to_owned()][..]));
         }

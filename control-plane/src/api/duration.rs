@@ -4,7 +4,11 @@
 //! A sequence of decimal numbers, each with an optional fraction and a unit (`ns`,
 //! `us`, `µs`, `ms`, `s`, `m`, `h`). Stricter than Go in two ways: no sign (a
 //! negative duration means nothing here) and no spaces. `humantime` is not used: it
-//! accepts `1 hour` and `1h 30m` but not fractions such as `1.5s`.
+//! accepts `1 hour` and `1h 30m` but not fractions such as `1.5s`. Nor is kube's
+//! `kube::core::Duration` (the `metav1.Duration` parser): it accepts a sign, `1s0`
+//! and an empty string, computes in floating point, and panics on overflow, and this
+//! parses what any user who may write a policy sends; guarding it would take this
+//! whole tokenizer again (see the test below).
 
 use std::time::Duration;
 
@@ -120,6 +124,26 @@ mod tests {
         ] {
             assert_eq!(parse(text), Ok(want), "{text}");
         }
+    }
+
+    /// What keeps kube-core's parser out (module docs): if these change, it may do.
+    #[test]
+    fn kube_core_duration_is_too_lenient_for_outside_input() {
+        let kube = |s: &'static str| {
+            std::panic::catch_unwind(|| s.parse::<kube::core::Duration>().is_ok())
+        };
+        for lenient in ["-1s", "1s0", ""] {
+            assert_eq!(kube(lenient).ok(), Some(true), "{lenient:?}");
+            assert!(parse(lenient).is_err(), "{lenient:?}");
+        }
+        assert!(
+            kube("9999999999999999999999h").is_err(),
+            "kube's parser panics"
+        );
+        assert_eq!(
+            parse("9999999999999999999999h").unwrap_err().reason,
+            "too large"
+        );
     }
 
     #[test]

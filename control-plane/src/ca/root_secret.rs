@@ -70,7 +70,7 @@ pub async fn load_or_create_in_secret(
             tracing::info!(secret = %format!("{namespace}/{name}"), trust_domain, "created a new mesh root CA");
             Ok(ca)
         }
-        Err(kube::Error::Api(status)) if status.code == 409 => {
+        Err(kube::Error::Api(status)) if status.is_already_exists() => {
             // Another replica won the race: its root is the mesh's.
             drop(ca);
             let secret =

@@ -11,6 +11,7 @@ use trellis_proto::ca::v1::{
 };
 
 use super::{CaError, CertificateAuthority, Proven, TokenReviewError, TokenReviewer};
+use crate::events::{EventSink, MeshEvent, pod_reference};
 use crate::model::MeshSnapshot;
 
 pub struct CaService {
@@ -18,6 +19,8 @@ pub struct CaService {
     snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     /// Checks service-account tokens (kube registry); without it they are refused.
     token_reviewer: Option<Arc<dyn TokenReviewer>>,
+    /// Where refusals to a known Pod are reported.
+    events: EventSink,
 }
 
 impl CaService {
@@ -29,12 +32,21 @@ impl CaService {
             ca,
             snapshots,
             token_reviewer: None,
+            events: EventSink::disabled(),
         }
     }
 
     /// Accepts projected service-account tokens, checked by `reviewer`.
     pub fn with_token_reviewer(mut self, reviewer: Arc<dyn TokenReviewer>) -> Self {
         self.token_reviewer = Some(reviewer);
+        self
+    }
+
+    /// Records an Event on the Pod when a proof names one (a Pod-bound token) and
+    /// its request is still refused. A request with no valid proof names nobody: a
+    /// stranger must not be able to write Events on others' Pods.
+    pub fn with_events(mut self, events: EventSink) -> Self {
+        self.events = events;
         self
     }
 
@@ -87,6 +99,15 @@ impl certificate_authority_server::CertificateAuthority for CaService {
             .sign_workload(&request.csr_pem, &granted, ttl)
             .map_err(|e| {
                 tracing::warn!(?remote, identity = %granted.identity, error = %e, "certificate refused");
+                if let Some(pod) = &granted.workload {
+                    self.events.record(MeshEvent {
+                        regarding: pod_reference(&pod.namespace, &pod.name),
+                        warning: true,
+                        reason: "CertificateRefused".to_owned(),
+                        action: "IssueCertificate",
+                        note: format!("certificate for {} refused: {e}", granted.identity),
+                    });
+                }
                 match e {
                     CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
                     CaError::MalformedCsr(_) | CaError::UnsupportedKey(_) => {

@@ -29,6 +29,8 @@ use kube::api::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::{Value, json};
 
+use crate::events::MeshEvent;
+
 /// Annotations and labels the injector reads and writes.
 pub mod annotations {
     /// Namespace label that enables injection: `enabled` or `true` (see
@@ -279,15 +281,25 @@ pub fn review(
     namespace_labels: Option<&BTreeMap<String, String>>,
     settings: &InjectorSettings,
 ) -> Value {
-    let mut response = match decide(review, namespace_labels, settings) {
-        Ok(response) => response,
+    review_with_event(review, namespace_labels, settings).0
+}
+
+/// [`review`], and the Event to record when a Pod is refused (on the Pod, or on its
+/// controller while the Pod has no name yet).
+pub fn review_with_event(
+    review: Value,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    settings: &InjectorSettings,
+) -> (Value, Option<MeshEvent>) {
+    let (mut response, event) = match decide(review, namespace_labels, settings) {
+        Ok(decided) => decided,
         Err(reason) => {
             tracing::warn!(%reason, "admission request not understood");
             let mut response = AdmissionResponse::invalid(&reason);
             // Ignore: admit uninjected (the request's uid is unknown here, so the
             // API server applies its own failurePolicy to the malformed answer).
             response.allowed = settings.failure_policy == FailurePolicy::Ignore;
-            response
+            (response, None)
         }
     };
     // kube-core serializes the patch bytes as a JSON array of numbers; the API
@@ -300,14 +312,14 @@ pub fn review(
     if let (Some(patch), Some(response)) = (patch, answer.get_mut("response")) {
         response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
     }
-    answer
+    (answer, event)
 }
 
 fn decide(
     review: Value,
     namespace_labels: Option<&BTreeMap<String, String>>,
     settings: &InjectorSettings,
-) -> Result<AdmissionResponse, String> {
+) -> Result<(AdmissionResponse, Option<MeshEvent>), String> {
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_value(review).map_err(|e| format!("not an AdmissionReview: {e}"))?;
     let request: AdmissionRequest<DynamicObject> =
@@ -316,7 +328,7 @@ fn decide(
     let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
     let (true, Operation::Create, Some(object)) = (is_pod, &request.operation, &request.object)
     else {
-        return Ok(response);
+        return Ok((response, None));
     };
     let namespace = request.namespace.as_deref().unwrap_or_default();
     let pod_name = object
@@ -331,27 +343,46 @@ fn decide(
             pod = pod_name,
             "not injected: namespace not enabled"
         );
-        return Ok(response);
+        return Ok((response, None));
     }
     let pod = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    let refusal = |reason: &str, note: String| {
+        let regarding = crate::events::admitted_pod_reference(namespace, &object.metadata)?;
+        Some(MeshEvent {
+            regarding,
+            warning: true,
+            reason: reason.to_owned(),
+            action: "Inject",
+            note,
+        })
+    };
     match pod_patch(&pod, "", settings) {
         Ok(Ok(patch)) => {
             tracing::info!(namespace, pod = pod_name, "injecting the proxy");
             let answer = response.clone().with_patch(patch);
-            Ok(answer.unwrap_or_else(|e| failed(response, settings, e.to_string())))
+            Ok(match answer {
+                Ok(answer) => (answer, None),
+                Err(e) => {
+                    let event = refusal("InjectionFailed", e.to_string());
+                    (failed(response, settings, e.to_string()), event)
+                }
+            })
         }
         Ok(Err(skip)) => {
             tracing::debug!(namespace, pod = pod_name, ?skip, "not injected");
-            Ok(response)
+            Ok((response, None))
         }
         Err(refused @ InjectError::ProxyUid { .. }) => {
             tracing::info!(namespace, pod = pod_name, reason = %refused, "pod refused");
-            Ok(response.deny(format!("trellis: {refused}")))
+            let message = format!("trellis: {refused}");
+            let event = refusal("PodRefused", message.clone());
+            Ok((response.deny(message), event))
         }
         Err(e) => {
             let reason = e.to_string();
             tracing::warn!(namespace, pod = pod_name, %reason, "injection failed");
-            Ok(failed(response, settings, reason))
+            let event = refusal("InjectionFailed", reason.clone());
+            Ok((failed(response, settings, reason), event))
         }
     }
 }

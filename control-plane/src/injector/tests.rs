@@ -403,7 +403,26 @@ fn an_app_running_as_the_proxy_uid_is_refused() {
     let mut pod_wide = fixture("review-deployment-pod.json");
     pod_wide["request"]["object"]["spec"]["securityContext"] = json!({"runAsUser": 1337});
     for review_json in [own, pod_wide] {
-        let answer = review(review_json, Some(&enabled()), &ignore);
+        let (answer, event) = review_with_event(review_json, Some(&enabled()), &ignore);
+        // An Event says so on the Pod's controller (the Pod has no name yet).
+        let event = event.expect("an Event for the refused Pod");
+        assert_eq!(
+            (
+                event.reason.as_str(),
+                event.warning,
+                event.regarding.kind.as_deref(),
+                event.regarding.name.as_deref(),
+                event.regarding.namespace.as_deref()
+            ),
+            (
+                "PodRefused",
+                true,
+                Some("ReplicaSet"),
+                Some("web-7c9d8f6b5"),
+                Some("shop")
+            )
+        );
+        assert!(event.note.contains("UID 1337"), "{}", event.note);
         let response = &answer["response"];
         assert_eq!(response["allowed"], false, "{response:#}");
         assert!(response.get("patch").is_none_or(Value::is_null));
@@ -422,6 +441,8 @@ fn an_app_running_as_the_proxy_uid_is_refused() {
     let (response, patched) = run(&overridden, Some(&enabled()));
     assert_eq!(response["allowed"], true, "{response:#}");
     assert!(patched.is_some());
+    let (_, event) = review_with_event(overridden, Some(&enabled()), &ignore);
+    assert_eq!(event, None, "no Event for a Pod injected");
 }
 
 /// The namespace label and the Pod annotation take the same values.

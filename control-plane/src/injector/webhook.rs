@@ -45,6 +45,8 @@ pub struct WebhookState {
     pub settings: Arc<InjectorSettings>,
     /// Namespace labels from the kube registry.
     pub namespaces: watch::Receiver<Arc<NamespaceLabels>>,
+    /// Where Pods refused are reported.
+    pub events: crate::events::EventSink,
 }
 
 /// A rustls server config for the webhook from PEM (HTTP/1.1 only: the API server
@@ -101,7 +103,11 @@ async fn handle(
                 .to_owned();
             let labels: Option<BTreeMap<String, String>> =
                 state.namespaces.borrow().get(&namespace).cloned();
-            let answer = super::review(review, labels.as_ref(), &state.settings);
+            let (answer, event) =
+                super::review_with_event(review, labels.as_ref(), &state.settings);
+            if let Some(event) = event {
+                state.events.record(event);
+            }
             match serde_json::to_vec(&answer) {
                 Ok(body) => {
                     let mut response = respond(StatusCode::OK, Bytes::from(body));

@@ -87,7 +87,7 @@ impl MeshSnapshot {
                 let reached = http_rules
                     .iter()
                     .any(|r| r.ports.is_empty() || r.ports.contains(&e.port));
-                if !reached || !policy.selects(&w.namespace, &w.labels) {
+                if !reached || !policy.selects(&self.root_namespace, &w.namespace, &w.labels) {
                     continue;
                 }
                 let entry = found

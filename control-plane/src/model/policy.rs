@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{MeshSnapshot, ROOT_NAMESPACE, ValueMatch};
+use super::{MeshSnapshot, ValueMatch};
 
 mod selection;
 
@@ -136,7 +136,7 @@ pub struct AuthorizationPolicy {
     pub namespace: String,
     pub name: String,
     /// `matchLabels`. Empty: every workload of the namespace, or of the mesh when the
-    /// namespace is [`ROOT_NAMESPACE`] (where a selector also spans namespaces).
+    /// namespace is the mesh's root namespace (where a selector also spans namespaces).
     pub selector: BTreeMap<String, String>,
     pub action: AuthorizationAction,
     /// A request matching any rule matches the policy; no rules match nothing.
@@ -165,9 +165,15 @@ pub struct AuthorizationRule {
 }
 
 impl AuthorizationPolicy {
-    /// Whether the policy applies to a workload in `namespace` with `labels`.
-    pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        (self.namespace == ROOT_NAMESPACE || self.namespace == namespace)
+    /// Whether the policy applies to a workload in `namespace` with `labels`, in a
+    /// mesh whose root namespace is `root_namespace`.
+    pub fn selects(
+        &self,
+        root_namespace: &str,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
+        (self.namespace == root_namespace || self.namespace == namespace)
             && selector_matches(&self.selector, labels)
     }
 }
@@ -177,7 +183,7 @@ impl AuthorizationPolicy {
 pub struct PeerAuthentication {
     pub namespace: String,
     pub name: String,
-    /// `matchLabels`. Empty: namespace-wide, or mesh-wide in [`ROOT_NAMESPACE`].
+    /// `matchLabels`. Empty: namespace-wide, or mesh-wide in the root namespace.
     pub selector: BTreeMap<String, String>,
     pub mode: MtlsMode,
     /// Per workload (target) port; only with a selector.
@@ -283,8 +289,9 @@ impl MeshSnapshot {
                 .find(|p| p.namespace == ns && p.selector.is_empty())
                 .map_or(MtlsMode::Unset, |p| p.mode)
         };
-        let mesh = level(ROOT_NAMESPACE).or(MtlsMode::Strict);
-        let namespace_mode = if namespace == ROOT_NAMESPACE {
+        let root = self.root_namespace.as_str();
+        let mesh = level(root).or(MtlsMode::Strict);
+        let namespace_mode = if namespace == root {
             mesh
         } else {
             level(namespace).or(mesh)

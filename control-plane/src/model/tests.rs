@@ -110,6 +110,27 @@ fn effective(mode: MtlsMode, ports: &[(u16, MtlsMode)]) -> EffectivePeerAuthenti
 }
 
 #[test]
+fn the_mesh_wide_peer_authentication_lives_in_the_snapshots_root_namespace() {
+    use MtlsMode::*;
+    let none = BTreeMap::new();
+    let mut snapshot = MeshSnapshot {
+        root_namespace: "mesh-root".into(),
+        ..MeshSnapshot::default()
+    };
+    snapshot.peer_authentications = vec![peer(DEFAULT_ROOT_NAMESPACE, "old", &[], Disable)];
+    assert_eq!(
+        snapshot.effective_peer_authentication("demo", &none),
+        effective(Strict, &[]),
+        "trellis-system is no root here"
+    );
+    snapshot.peer_authentications = vec![peer("mesh-root", "mesh", &[], Permissive)];
+    assert_eq!(
+        snapshot.effective_peer_authentication("demo", &none),
+        effective(Permissive, &[])
+    );
+}
+
+#[test]
 fn peer_authentication_precedence() {
     use MtlsMode::*;
     let mut snapshot = MeshSnapshot::default();
@@ -121,7 +142,7 @@ fn peer_authentication_precedence() {
         effective(Strict, &[])
     );
     // Mesh-wide.
-    snapshot.peer_authentications = vec![peer(ROOT_NAMESPACE, "mesh", &[], Permissive)];
+    snapshot.peer_authentications = vec![peer(DEFAULT_ROOT_NAMESPACE, "mesh", &[], Permissive)];
     assert_eq!(
         snapshot.effective_peer_authentication("demo", &app),
         effective(Permissive, &[])
@@ -225,14 +246,30 @@ fn authorization_policy_selection() {
         rules: Vec::new(),
     };
     let echo = labels(&[("app", "echo"), ("tier", "web")]);
-    assert!(policy("demo", &[]).selects("demo", &echo));
-    assert!(!policy("other", &[]).selects("demo", &echo));
-    assert!(policy("demo", &[("app", "echo")]).selects("demo", &echo));
-    assert!(!policy("demo", &[("app", "echo"), ("tier", "db")]).selects("demo", &echo));
+    assert!(policy("demo", &[]).selects(DEFAULT_ROOT_NAMESPACE, "demo", &echo));
+    assert!(!policy("other", &[]).selects(DEFAULT_ROOT_NAMESPACE, "demo", &echo));
+    assert!(policy("demo", &[("app", "echo")]).selects(DEFAULT_ROOT_NAMESPACE, "demo", &echo));
+    assert!(!policy("demo", &[("app", "echo"), ("tier", "db")]).selects(
+        DEFAULT_ROOT_NAMESPACE,
+        "demo",
+        &echo
+    ));
     // The root namespace spans the mesh, with or without a selector.
-    assert!(policy(ROOT_NAMESPACE, &[]).selects("demo", &echo));
-    assert!(policy(ROOT_NAMESPACE, &[("tier", "web")]).selects("demo", &echo));
-    assert!(!policy(ROOT_NAMESPACE, &[("tier", "db")]).selects("demo", &echo));
+    assert!(policy(DEFAULT_ROOT_NAMESPACE, &[]).selects(DEFAULT_ROOT_NAMESPACE, "demo", &echo));
+    assert!(policy(DEFAULT_ROOT_NAMESPACE, &[("tier", "web")]).selects(
+        DEFAULT_ROOT_NAMESPACE,
+        "demo",
+        &echo
+    ));
+    assert!(!policy(DEFAULT_ROOT_NAMESPACE, &[("tier", "db")]).selects(
+        DEFAULT_ROOT_NAMESPACE,
+        "demo",
+        &echo
+    ));
+    // Another root (the control plane runs in mesh-root): trellis-system is then a
+    // namespace like any other.
+    assert!(policy("mesh-root", &[]).selects("mesh-root", "demo", &echo));
+    assert!(!policy(DEFAULT_ROOT_NAMESPACE, &[]).selects("mesh-root", "demo", &echo));
 }
 
 fn service_port(name: &str, port: u16, target: u16, protocol: AppProtocol) -> ServicePort {

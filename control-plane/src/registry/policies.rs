@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::api::{self, FieldError};
-use crate::model::{self, L7RulesOnOpaquePort, MeshSnapshot, ROOT_NAMESPACE, ServiceKey};
+use crate::model::{self, L7RulesOnOpaquePort, MeshSnapshot, ServiceKey};
 
 /// A route or policy object, as a registry read it.
 #[derive(Clone, Copy, Debug)]
@@ -86,6 +86,7 @@ impl<S> Verdict<S> {
 /// in order.
 pub fn add<S>(objects: Vec<Declared<'_, S>>, snapshot: &mut MeshSnapshot) -> Vec<Verdict<S>> {
     let services = &snapshot.services;
+    let root_namespace = snapshot.root_namespace.as_str();
     let mut verdicts = Vec::with_capacity(objects.len());
     let mut routes: BTreeMap<ServiceKey, Vec<model::HttpRouteRule>> = BTreeMap::new();
     // The TrafficPolicy of each Service, with where it was declared.
@@ -139,7 +140,7 @@ pub fn add<S>(objects: Vec<Declared<'_, S>>, snapshot: &mut MeshSnapshot) -> Vec
                 Ok(model) => {
                     if model.selector.is_empty() {
                         if let Some((other, other_at)) = peer_wide.get(&model.namespace) {
-                            let scope = if model.namespace == ROOT_NAMESPACE {
+                            let scope = if model.namespace == root_namespace {
                                 "the mesh".to_owned()
                             } else {
                                 format!("namespace {}", model.namespace)

@@ -20,6 +20,11 @@ enum Command {
     /// Add the sidecar to the Pods and Pod templates of a manifest (offline webhook).
     Inject(inject::InjectArgs),
     /// Print the install manifests (CRDs, RBAC, control plane, webhook): `| kubectl apply -f -`.
+    ///
+    /// Uninstall: `trellisctl install | kubectl delete -f -` removes what it printed;
+    /// then `kubectl delete configmap -A -l app.kubernetes.io/managed-by=trellis-control`
+    /// removes the mesh root ConfigMaps (`trellis-ca-root`) the control plane wrote
+    /// into each namespace (after the control plane is gone, or it writes them again).
     Install(install::InstallArgs),
 }
 

@@ -159,6 +159,51 @@ async fn a_csr_for_another_identity_is_refused() {
     assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
 }
 
+/// A refusal to a proven Pod is an Event on that Pod; a token that proves nothing
+/// names nobody, so a stranger cannot write Events on others' Pods.
+#[tokio::test]
+async fn a_refusal_to_a_proven_pod_is_an_event_on_it() {
+    let (service, _seen, _dir) = ca_service(authenticated("a", "x"));
+    let (events, mut recorded) = crate::events::EventSink::channel();
+    let service = service.with_events(events.clone());
+    issue(&service, &id("a", "y")).await.unwrap_err();
+    let event = recorded.try_recv().expect("an Event");
+    assert_eq!(
+        (
+            event.reason.as_str(),
+            event.warning,
+            event.regarding.kind.as_deref(),
+            event.regarding.namespace.as_deref(),
+            event.regarding.name.as_deref()
+        ),
+        (
+            "CertificateRefused",
+            true,
+            Some("Pod"),
+            Some("a"),
+            Some("x-7d9f8c6b5-q2w3e")
+        )
+    );
+    assert!(
+        event.note.contains("spiffe://cluster.local/ns/a/sa/x"),
+        "{}",
+        event.note
+    );
+
+    assert!(recorded.try_recv().is_err(), "one Event");
+    let (service, _seen, _dir) = ca_service(reviewed(json!({
+        "authenticated": false,
+        "error": "[invalid bearer token]",
+        "user": {}
+    })));
+    let service = service.with_events(events);
+    issue(&service, &id("a", "x")).await.unwrap_err();
+    assert!(
+        recorded.try_recv().is_err(),
+        "no Event without a proven Pod"
+    );
+}
+
 #[tokio::test]
 async fn a_failed_token_review_is_unavailable_not_a_refusal() {
     let (service, _seen, _dir) = ca_service(json!({

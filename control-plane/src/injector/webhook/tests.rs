@@ -48,6 +48,7 @@ async fn serves_reviews_over_tls_with_a_certificate_from_the_mesh_ca() {
     let state = WebhookState {
         settings: Arc::new(crate::injector::InjectorSettings::default()),
         namespaces,
+        events: crate::events::EventSink::disabled(),
     };
     let server = tokio::spawn(serve(
         listener,

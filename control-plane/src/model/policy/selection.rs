@@ -146,7 +146,7 @@ impl MeshSnapshot {
         let selecting = |namespace: &str, labels: &BTreeMap<String, String>| {
             self.authorization_policies
                 .iter()
-                .filter(|p| p.selects(namespace, labels))
+                .filter(|p| p.selects(&self.root_namespace, namespace, labels))
                 .collect::<Vec<_>>()
         };
         let (identity, candidates) = match scope {
@@ -183,7 +183,11 @@ impl MeshSnapshot {
             .authorization_policies
             .iter()
             .filter(|p| p.action == AuthorizationAction::Deny)
-            .filter(|p| scopes.iter().any(|(ns, labels)| p.selects(ns, labels)))
+            .filter(|p| {
+                scopes
+                    .iter()
+                    .any(|(ns, labels)| p.selects(&self.root_namespace, ns, labels))
+            })
             .map(Cow::Borrowed)
             .collect();
         if same_allows {

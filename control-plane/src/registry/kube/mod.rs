@@ -11,9 +11,10 @@
 //! events arriving together are folded into one snapshot.
 //!
 //! Each snapshot also judges every route and policy object; the verdicts go out as a
-//! [`StatusReport`], which [`write_statuses`] turns into `status.conditions` when
-//! this replica leads.
+//! [`StatusReport`], which [`write_statuses`] turns into `status.conditions` (an
+//! HTTPRoute's `status.parents`) and Events when this replica leads.
 
+mod route_status;
 mod snapshot;
 mod status;
 mod store;
@@ -31,10 +32,11 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+pub use route_status::{JudgedParent, RESOLVED_REFS, next_parents};
 pub use snapshot::{ClusterState, evaluate, snapshot_from};
 pub use status::{
     ACCEPTED, FIELD_MANAGER, JudgedCondition, L7_RULES_ON_OPAQUE_PORT, PolicyKind, StatusReport,
-    StatusTarget, WriterProgress, next_conditions, write_statuses,
+    StatusTarget, WriterProgress, events_for, next_conditions, write_statuses,
 };
 pub use store::{KindStore, ObjectKey};
 
@@ -193,15 +195,23 @@ fn slim_pod(pod: &mut Pod) {
     }
 }
 
+/// Names the snapshots are built with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshNames {
+    pub trust_domain: String,
+    /// Where mesh-wide policies live: the control plane's namespace.
+    pub root_namespace: String,
+}
+
 /// Watches the cluster and publishes snapshots until the task is dropped.
-pub async fn watch_cluster(client: Client, trust_domain: String, debounce: Duration, out: Outputs) {
-    run(changes(client), &trust_domain, debounce, &out).await;
+pub async fn watch_cluster(client: Client, names: MeshNames, debounce: Duration, out: Outputs) {
+    run(changes(client), &names, debounce, &out).await;
 }
 
 /// The registry loop over any stream of changes (tests feed it directly).
 pub async fn run(
     changes: impl Stream<Item = Change> + Send,
-    trust_domain: &str,
+    names: &MeshNames,
     debounce: Duration,
     out: &Outputs,
 ) {
@@ -224,7 +234,7 @@ pub async fn run(
         }
         registry.report_errors(&out.status);
         if dirty {
-            registry.publish(trust_domain, out);
+            registry.publish(names, out);
         }
     }
     tracing::warn!("the Kubernetes watch streams ended");
@@ -317,7 +327,7 @@ impl Registry {
         });
     }
 
-    fn publish(&self, trust_domain: &str, out: &Outputs) {
+    fn publish(&self, names: &MeshNames, out: &Outputs) {
         if !self.state.is_complete() {
             return;
         }
@@ -329,7 +339,7 @@ impl Registry {
             }
             changed
         });
-        let (snapshot, report) = evaluate(&self.state, trust_domain);
+        let (snapshot, report) = evaluate(&self.state, &names.trust_domain, &names.root_namespace);
         let warnings = report.warnings();
         out.statuses.send_if_modified(|current| {
             let changed = **current != report;
@@ -365,24 +375,27 @@ impl Registry {
     }
 }
 
-fn api_status(error: &watcher::Error) -> Option<u16> {
+fn api_status(error: &watcher::Error) -> Option<&kube::core::Status> {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
-        watcher::Error::WatchError(s) => Some(s.code),
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s),
+        watcher::Error::WatchError(s) => Some(s),
         _ => None,
     }
 }
 
-/// By code, not kube-core's `Status::is_not_found()`: that matches the reason only,
-/// and a missing CRD's 404 comes as a plain-text body, with no reason.
+/// kube-core's `Status::is_not_found()` goes by the reason, and a missing CRD's 404
+/// comes as a plain-text body, which kube turns into a Status with the code and the
+/// reason "Failed to parse error data": the code counts too.
 fn is_not_found(error: &watcher::Error) -> bool {
-    api_status(error) == Some(404)
+    api_status(error).is_some_and(|s| s.is_not_found() || s.code == 404)
 }
 
+/// kube-core has no helper for an expired watch (`410 Gone`, reason `Expired` or
+/// `Gone`); the code says it.
 fn is_gone(error: &watcher::Error) -> bool {
-    api_status(error) == Some(410)
+    api_status(error).is_some_and(|s| s.code == 410)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! - HTTPRoute, TrafficPolicy, AuthorizationPolicy, PeerAuthentication → routes and
 //!   policies through the path the file registry takes too
 //!   ([`crate::registry::policies`]), oldest object first in a conflict; each gets
-//!   a verdict for its status.
+//!   a verdict for its status (an HTTPRoute one per Service parent).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -25,6 +25,7 @@ use kube::api::DynamicObject;
 use trellis_identity::SpiffeId;
 
 use super::Kind;
+use super::route_status::{self, RouteRefs};
 use super::status::{PolicyKind, StatusReport, StatusTarget};
 use super::store::KindStore;
 use crate::api::{self, FieldError};
@@ -36,7 +37,7 @@ use crate::registry::policies::{self, Declared, PolicyObject, Rejection, Verdict
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Everything the kube registry watches.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct ClusterState {
     pub services: KindStore<KubeService>,
     pub endpoint_slices: KindStore<EndpointSlice>,
@@ -92,17 +93,24 @@ impl ClusterState {
     }
 }
 
-/// The mesh model for the cluster's current state.
+/// The mesh model for the cluster's current state, with the default root namespace.
 pub fn snapshot_from(state: &ClusterState, trust_domain: &str) -> MeshSnapshot {
-    evaluate(state, trust_domain).0
+    evaluate(state, trust_domain, crate::model::DEFAULT_ROOT_NAMESPACE).0
 }
 
 /// The mesh model for the cluster's current state, and the status each route and
-/// policy object should have.
-pub fn evaluate(state: &ClusterState, trust_domain: &str) -> (MeshSnapshot, StatusReport) {
-    let mut snapshot = MeshSnapshot::default();
+/// policy object should have. Policies in `root_namespace` span the mesh.
+pub fn evaluate(
+    state: &ClusterState,
+    trust_domain: &str,
+    root_namespace: &str,
+) -> (MeshSnapshot, StatusReport) {
+    let mut snapshot = MeshSnapshot {
+        root_namespace: root_namespace.to_owned(),
+        ..MeshSnapshot::default()
+    };
     for s in state.services.iter() {
-        if let Some(service) = service(s) {
+        if let Some(service) = service(&s) {
             for p in &service.ports {
                 snapshot
                     .endpoints
@@ -114,7 +122,7 @@ pub fn evaluate(state: &ClusterState, trust_domain: &str) -> (MeshSnapshot, Stat
     snapshot.workloads = state
         .pods
         .iter()
-        .filter_map(|p| workload(p, trust_domain))
+        .filter_map(|p| workload(&p, trust_domain))
         .collect();
     snapshot
         .workloads
@@ -122,7 +130,7 @@ pub fn evaluate(state: &ClusterState, trust_domain: &str) -> (MeshSnapshot, Stat
 
     let pods = crate::model::WorkloadIndex::new(&snapshot.workloads);
     for slice in state.endpoint_slices.iter() {
-        slice_endpoints(slice, &snapshot.services, &pods, &mut snapshot.endpoints);
+        slice_endpoints(&slice, &snapshot.services, &pods, &mut snapshot.endpoints);
     }
     for list in snapshot.endpoints.values_mut() {
         list.sort_by_key(|e| (e.address, e.port));
@@ -137,6 +145,8 @@ struct Read {
     target: StatusTarget,
     created: Option<k8s_openapi::jiff::Timestamp>,
     object: Result<Typed, FieldError>,
+    /// HTTPRoute: its references as written, for its parents' status.
+    route_refs: RouteRefs,
 }
 
 enum Typed {
@@ -158,14 +168,14 @@ fn add_policies(state: &ClusterState, snapshot: &mut MeshSnapshot) -> StatusRepo
     ];
     let mut read: Vec<Read> = stores
         .into_iter()
-        .flat_map(|(kind, store)| store.iter().map(move |o| read_object(kind, o)))
+        .flat_map(|(kind, store)| store.iter().map(move |o| read_object(kind, &o)))
         .collect();
     // Of two objects in conflict the older wins, as in Gateway API; then by name.
     read.sort_by(|a, b| {
         let key = |r: &Read| (r.created, r.target.namespace.clone(), r.target.name.clone());
         key(a).cmp(&key(b))
     });
-    let mut targets = Vec::with_capacity(read.len());
+    let mut verdicts = Vec::with_capacity(read.len());
     let mut declared = Vec::with_capacity(read.len());
     for (i, r) in read.iter().enumerate() {
         let object = match &r.object {
@@ -176,7 +186,7 @@ fn add_policies(state: &ClusterState, snapshot: &mut MeshSnapshot) -> StatusRepo
             Err(e) => {
                 let mut verdict = Verdict::new(i);
                 verdict.rejected = Some((Rejection::Invalid, vec![e.clone()]));
-                targets.push((r.target.clone(), verdict));
+                verdicts.push(verdict);
                 continue;
             }
         };
@@ -186,11 +196,19 @@ fn add_policies(state: &ClusterState, snapshot: &mut MeshSnapshot) -> StatusRepo
             object,
         });
     }
-    for verdict in policies::add(declared, snapshot) {
-        targets.push((read[verdict.source].target.clone(), verdict));
-    }
+    verdicts.extend(policies::add(declared, snapshot));
     let mut report = StatusReport::default();
-    for (target, verdict) in targets {
+    for verdict in verdicts {
+        let r = &read[verdict.source];
+        let mut target = r.target.clone();
+        if target.kind == PolicyKind::HttpRoute {
+            target.parents = route_status::judge_parents(
+                &r.route_refs,
+                &target.namespace,
+                &verdict,
+                &snapshot.services,
+            );
+        }
         for note in &verdict.notes {
             tracing::debug!(kind = target.kind.as_str(), namespace = %target.namespace, name = %target.name, %note, "part of a route does not apply");
         }
@@ -208,15 +226,22 @@ fn read_object(kind: PolicyKind, o: &DynamicObject) -> Read {
         name: meta.name.clone().unwrap_or_default(),
         generation: meta.generation,
         resource_version: meta.resource_version.clone(),
+        uid: meta.uid.clone(),
         current: super::status::current_conditions(o),
         judged: Vec::new(),
+        current_parents: route_status::current_parents(o.data.get("status")),
+        parents: Vec::new(),
+    };
+    let route_refs = match kind {
+        PolicyKind::HttpRoute => RouteRefs::of(o.data.get("spec")),
+        _ => RouteRefs::default(),
     };
     let created = meta.creation_timestamp.as_ref().map(|t| t.0);
     // The status is the control plane's own output and may hold anything: only the
     // rest is read, so a strange status never rejects a good object.
     let mut value = match serde_json::to_value(o) {
         Ok(v) => v,
-        Err(e) => return unreadable(target, created, e),
+        Err(e) => return unreadable(target, created, route_refs, e),
     };
     if let Some(fields) = value.as_object_mut() {
         fields.remove("status");
@@ -240,8 +265,9 @@ fn read_object(kind: PolicyKind, o: &DynamicObject) -> Read {
             target,
             created,
             object: Ok(object),
+            route_refs,
         },
-        Err(e) => unreadable(target, created, e),
+        Err(e) => unreadable(target, created, route_refs, e),
     }
 }
 
@@ -249,11 +275,13 @@ fn read_object(kind: PolicyKind, o: &DynamicObject) -> Read {
 fn unreadable(
     target: StatusTarget,
     created: Option<k8s_openapi::jiff::Timestamp>,
+    route_refs: RouteRefs,
     e: serde_json::Error,
 ) -> Read {
     Read {
         target,
         created,
+        route_refs,
         object: Err(FieldError {
             field: "spec".to_owned(),
             reason: e.to_string(),

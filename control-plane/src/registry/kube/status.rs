@@ -12,7 +12,11 @@
 //! when a condition's status does. A status is written (a JSON merge patch of the
 //! `/status` subresource, field manager `trellis-control`, conditional on the
 //! resourceVersion judged) only when it differs from the object's, so writing never
-//! feeds itself. HTTPRoute statuses (per parent, in Gateway API) are not written yet.
+//! feeds itself. HTTPRoutes get Gateway API's per-parent status instead
+//! ([`super::route_status`]).
+//!
+//! Each write of a refusal or a warning is also a Kubernetes Event on the object
+//! (by the leader, as only it writes; once per change, as writes are).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +27,8 @@ use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use tokio::sync::watch;
 
+use super::route_status::{self, JudgedParent};
+use crate::events::{EventSink, MeshEvent};
 use crate::registry::RegistryErrorView;
 use crate::registry::policies::Verdict;
 
@@ -85,9 +91,15 @@ pub struct StatusTarget {
     pub generation: Option<i64>,
     /// The version judged: a write is conditional on it.
     pub resource_version: Option<String>,
+    /// For the Events about it.
+    pub uid: Option<String>,
     /// `status.conditions` of that version.
     pub current: Vec<Condition>,
     pub judged: Vec<JudgedCondition>,
+    /// HTTPRoute: `status.parents` of that version, every controller's.
+    pub current_parents: Vec<serde_json::Value>,
+    /// HTTPRoute: the entries for its Service parents.
+    pub parents: Vec<JudgedParent>,
 }
 
 /// What the registry judged, for every Trellis policy object.
@@ -97,11 +109,21 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
+    /// Adds an object and its verdict. An HTTPRoute comes with its parents judged;
+    /// one with no Service parent, and none of ours in its status, is another
+    /// controller's alone.
     pub(super) fn push<S>(&mut self, mut target: StatusTarget, verdict: &Verdict<S>) {
         if target.kind == PolicyKind::HttpRoute {
-            return;
+            let ours = target
+                .current_parents
+                .iter()
+                .any(|e| e["controllerName"] == crate::events::CONTROLLER_NAME);
+            if target.parents.is_empty() && !ours {
+                return;
+            }
+        } else {
+            target.judged = judge(verdict);
         }
-        target.judged = judge(verdict);
         self.targets.push(target);
     }
 
@@ -154,7 +176,7 @@ fn judge<S>(verdict: &Verdict<S>) -> Vec<JudgedCondition> {
     judged
 }
 
-fn joined<T: ToString>(items: &[T]) -> String {
+pub(super) fn joined<T: ToString>(items: &[T]) -> String {
     let mut message = items
         .iter()
         .map(ToString::to_string)
@@ -190,7 +212,26 @@ pub fn next_conditions(
     observed_generation: Option<i64>,
     now: &Time,
 ) -> Option<Vec<Condition>> {
-    let mut next: Vec<Condition> = judged
+    let mut next = timed_conditions(current, judged, observed_generation, now);
+    next.extend(
+        current
+            .iter()
+            .filter(|c| !OWNED.contains(&c.type_.as_str()))
+            .cloned(),
+    );
+    let same = next.len() == current.len() && next.iter().all(|n| current.contains(n));
+    (!same).then_some(next)
+}
+
+/// `judged` as conditions: each keeps the `lastTransitionTime` of the `current`
+/// condition of its type and status, or takes `now`.
+pub(super) fn timed_conditions(
+    current: &[Condition],
+    judged: &[JudgedCondition],
+    observed_generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    judged
         .iter()
         .map(|j| {
             let status = if j.status { "True" } else { "False" };
@@ -207,15 +248,7 @@ pub fn next_conditions(
                 last_transition_time,
             }
         })
-        .collect();
-    next.extend(
-        current
-            .iter()
-            .filter(|c| !OWNED.contains(&c.type_.as_str()))
-            .cloned(),
-    );
-    let same = next.len() == current.len() && next.iter().all(|n| current.contains(n));
-    (!same).then_some(next)
+        .collect()
 }
 
 /// How the writer is doing (for the admin view and tests).
@@ -232,16 +265,19 @@ pub struct WriterProgress {
     pub failed: usize,
 }
 
-/// Writes the statuses `reports` asks for while `leader` says this replica leads.
-/// A closed `leader` channel keeps its last value. Runs until `reports` closes.
+/// Writes the statuses `reports` asks for while `leader` says this replica leads,
+/// and records an Event for each refusal or warning written. A closed `leader`
+/// channel keeps its last value. Runs until `reports` closes.
 pub async fn write_statuses(
     client: Client,
     mut reports: watch::Receiver<Arc<StatusReport>>,
     mut leader: watch::Receiver<bool>,
     progress: watch::Sender<WriterProgress>,
+    events: EventSink,
 ) {
     let mut writer = StatusWriter {
         client,
+        events,
         written: HashMap::new(),
     };
     let mut leader_open = true;
@@ -274,12 +310,16 @@ pub async fn write_statuses(
 
 type TargetKey = (PolicyKind, String, String);
 
+/// What a write was for: the version judged and the verdict.
+type Written = (Option<String>, Vec<JudgedCondition>, Vec<JudgedParent>);
+
 struct StatusWriter {
     client: Client,
+    events: EventSink,
     /// What was written for which version: until the watch brings the version the
     /// write made, a report still shows the old status, which must not be written
     /// again.
-    written: HashMap<TargetKey, (Option<String>, Vec<JudgedCondition>)>,
+    written: HashMap<TargetKey, Written>,
 }
 
 impl StatusWriter {
@@ -289,22 +329,35 @@ impl StatusWriter {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         for t in &report.targets {
             let key = (t.kind, t.namespace.clone(), t.name.clone());
-            if self
-                .written
-                .get(&key)
-                .is_some_and(|(rv, judged)| *rv == t.resource_version && *judged == t.judged)
-            {
+            if self.written.get(&key).is_some_and(|(rv, judged, parents)| {
+                *rv == t.resource_version && *judged == t.judged && *parents == t.parents
+            }) {
                 continue;
             }
-            let Some(conditions) = next_conditions(&t.current, &t.judged, t.generation, &now)
-            else {
+            let status = if t.kind == PolicyKind::HttpRoute {
+                route_status::next_parents(&t.current_parents, &t.parents, t.generation, &now)
+                    .map(|parents| serde_json::json!({ "parents": parents }))
+            } else {
+                next_conditions(&t.current, &t.judged, t.generation, &now)
+                    .map(|conditions| serde_json::json!({ "conditions": conditions }))
+            };
+            let Some(status) = status else {
                 continue;
             };
-            match self.patch(t, conditions).await {
+            match self.patch(t, status).await {
                 Ok(()) => {
                     patched += 1;
-                    self.written
-                        .insert(key, (t.resource_version.clone(), t.judged.clone()));
+                    for event in events_for(t) {
+                        self.events.record(event);
+                    }
+                    self.written.insert(
+                        key,
+                        (
+                            t.resource_version.clone(),
+                            t.judged.clone(),
+                            t.parents.clone(),
+                        ),
+                    );
                 }
                 Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {
                     // Deleted or changed since: the watch brings what to do next.
@@ -325,10 +378,10 @@ impl StatusWriter {
         (patched, failed)
     }
 
-    async fn patch(&self, t: &StatusTarget, conditions: Vec<Condition>) -> Result<(), kube::Error> {
+    async fn patch(&self, t: &StatusTarget, status: serde_json::Value) -> Result<(), kube::Error> {
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &t.namespace, &t.kind.resource());
-        let mut body = serde_json::json!({ "status": { "conditions": conditions } });
+        let mut body = serde_json::json!({ "status": status });
         if let Some(rv) = &t.resource_version {
             body["metadata"] = serde_json::json!({ "resourceVersion": rv });
         }
@@ -347,6 +400,55 @@ impl StatusWriter {
         );
         Ok(())
     }
+}
+
+/// The Events a write of `t`'s status stands for: a refusal or a warning, one per
+/// reason.
+pub fn events_for(t: &StatusTarget) -> Vec<MeshEvent> {
+    let resource = t.kind.resource();
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(resource.api_version),
+        kind: Some(resource.kind),
+        namespace: Some(t.namespace.clone()),
+        name: Some(t.name.clone()),
+        uid: t.uid.clone(),
+        ..Default::default()
+    };
+    let what = format!("{} {}/{}", t.kind.as_str(), t.namespace, t.name);
+    let parent_conditions = t.parents.iter().flat_map(|p| {
+        let parent = p.parent_ref["name"].as_str().unwrap_or_default().to_owned();
+        p.conditions.iter().map(move |c| (Some(parent.clone()), c))
+    });
+    let mut events: Vec<MeshEvent> = Vec::new();
+    for (parent, c) in t.judged.iter().map(|c| (None, c)).chain(parent_conditions) {
+        let (note, action) = match (c.type_, c.status) {
+            (ACCEPTED, false) => match &parent {
+                Some(parent) => (
+                    format!(
+                        "{what} is not served for parent Service {parent}: {}",
+                        c.message
+                    ),
+                    "Route",
+                ),
+                None => (format!("{what} is not served: {}", c.message), "Validate"),
+            },
+            (L7_RULES_ON_OPAQUE_PORT, true) => {
+                (format!("{what} is served, but {}", c.message), "Validate")
+            }
+            _ => continue,
+        };
+        if events.iter().any(|e| e.reason == c.reason) {
+            continue;
+        }
+        events.push(MeshEvent {
+            regarding: regarding.clone(),
+            warning: true,
+            reason: c.reason.to_owned(),
+            action,
+            note,
+        });
+    }
+    events
 }
 
 #[cfg(test)]

@@ -1,76 +1,123 @@
-//! One kind's objects, kept from watcher events.
+//! One kind's objects, kept from watcher events in kube-runtime's reflector store.
 //!
-//! A (re-)list is buffered: `Init` opens a buffer, `InitApply` fills it, `InitDone`
-//! swaps it in whole. Until then the previous contents stay visible, so a re-list
-//! after `410 Gone` or an API-server restart never shows a half-listed kind.
+//! The reflector's [`Writer`] does the keeping, including what matters most here: a
+//! (re-)list is buffered from `Init` to `InitDone` and swapped in whole, so a re-list
+//! after `410 Gone` or an API-server restart never shows a half-listed kind. What this
+//! wrapper adds, because the reflector does not offer it:
+//!
+//! - whether an event may have changed what is visible (the registry rebuilds a
+//!   snapshot only then);
+//! - whether a list has completed, synchronously (the reflector's readiness is a
+//!   future), and marking an optional kind whose CRD is absent as listed and empty;
+//! - iteration in namespace and name order, so snapshots do not depend on a hash
+//!   map's order.
 
-use std::collections::BTreeMap;
+use std::hash::Hash;
+use std::sync::Arc;
 
-use kube::Resource;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{Lookup, ObjectRef, Store};
 use kube::runtime::watcher::Event;
 
 /// Namespace (empty for cluster-scoped kinds) and name.
 pub type ObjectKey = (String, String);
 
+/// A kind a [`KindStore`] holds, with the dynamic type its keys carry.
+pub trait StoredKind: Lookup + Clone + 'static
+where
+    Self::DynamicType: Eq + Hash + Clone,
+{
+    fn store_type() -> Self::DynamicType;
+}
+
+macro_rules! typed_kinds {
+    ($($kind:ty),*) => {$(
+        impl StoredKind for $kind {
+            fn store_type() -> Self::DynamicType {}
+        }
+    )*};
+}
+typed_kinds!(Service, EndpointSlice, Pod, Namespace, ServiceAccount);
+
+impl StoredKind for DynamicObject {
+    /// A store holds one kind, so its keys need not say which: one fixed type does.
+    fn store_type() -> ApiResource {
+        ApiResource::from_gvk(&GroupVersionKind::gvk("", "", ""))
+    }
+}
+
 /// The objects of one kind, as of the last completed list plus the events since.
-#[derive(Clone, Debug)]
-pub struct KindStore<K> {
-    objects: BTreeMap<ObjectKey, K>,
-    /// The list in progress, if any.
-    relist: Option<BTreeMap<ObjectKey, K>>,
+pub struct KindStore<K: StoredKind>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    writer: Writer<K>,
+    reader: Store<K>,
     /// A list has completed at least once.
     listed: bool,
 }
 
-impl<K> Default for KindStore<K> {
+impl<K: StoredKind> std::fmt::Debug for KindStore<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KindStore")
+            .field("objects", &self.reader.len())
+            .field("listed", &self.listed)
+            .finish()
+    }
+}
+
+impl<K: StoredKind> Default for KindStore<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
     fn default() -> Self {
+        let writer = Writer::new(K::store_type());
         KindStore {
-            objects: BTreeMap::new(),
-            relist: None,
+            reader: writer.as_reader(),
+            writer,
             listed: false,
         }
     }
 }
 
-impl<K: Resource> KindStore<K> {
+impl<K: StoredKind> KindStore<K>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
     /// A store that has completed a list with exactly `objects` (tests, and kinds
     /// whose absence counts as empty).
     pub fn listed(objects: impl IntoIterator<Item = K>) -> Self {
-        KindStore {
-            objects: objects.into_iter().map(|o| (key(&o), o)).collect(),
-            relist: None,
-            listed: true,
+        let mut store = Self::default();
+        store.apply(Event::Init);
+        for o in objects {
+            store.apply(Event::InitApply(o));
         }
+        store.apply(Event::InitDone);
+        store
     }
 
     /// Applies one watcher event. Returns whether the visible contents may have
     /// changed (a completed list or a change after one).
     pub fn apply(&mut self, event: Event<K>) -> bool {
-        match event {
-            Event::Init => {
-                self.relist = Some(BTreeMap::new());
-                false
-            }
-            Event::InitApply(o) => {
-                // An InitApply without Init cannot come from kube's watcher; start a
-                // buffer anyway rather than mix it into the served contents.
-                self.relist.get_or_insert_default().insert(key(&o), o);
-                false
-            }
-            Event::InitDone => {
-                self.objects = self.relist.take().unwrap_or_default();
-                self.listed = true;
-                true
-            }
-            Event::Apply(o) => {
-                self.objects.insert(key(&o), o);
-                self.listed
-            }
+        let changed = match &event {
+            Event::Init | Event::InitApply(_) => false,
+            Event::InitDone => true,
+            Event::Apply(_) => self.listed,
             Event::Delete(o) => {
-                let removed = self.objects.remove(&key(&o)).is_some();
-                removed && self.listed
+                self.listed && self.reader.get(&o.to_object_ref(K::store_type())).is_some()
             }
+        };
+        if matches!(event, Event::InitDone) {
+            self.listed = true;
         }
+        self.writer.apply_watcher_event(&event);
+        changed
     }
 
     /// A list has completed: the contents are a whole view of the kind.
@@ -80,34 +127,40 @@ impl<K: Resource> KindStore<K> {
 
     /// Marks the kind listed and empty (an optional kind that is not installed).
     pub fn set_absent(&mut self) -> bool {
-        let changed = !self.listed || !self.objects.is_empty();
-        self.objects.clear();
-        self.relist = None;
+        let changed = !self.listed || !self.reader.is_empty();
+        self.writer.apply_watcher_event(&Event::Init);
+        self.writer.apply_watcher_event(&Event::InitDone);
         self.listed = true;
         changed
     }
 
-    pub fn get(&self, namespace: &str, name: &str) -> Option<&K> {
-        self.objects.get(&(namespace.to_owned(), name.to_owned()))
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        let mut key = ObjectRef::<K>::new_with(name, K::store_type());
+        if !namespace.is_empty() {
+            key = key.within(namespace);
+        }
+        self.reader.get(&key)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &K> {
-        self.objects.values()
+    /// The objects, by namespace and name.
+    pub fn iter(&self) -> impl Iterator<Item = Arc<K>> + use<K> {
+        let mut objects = self.reader.state();
+        objects.sort_by_cached_key(|o| key(o.as_ref()));
+        objects.into_iter()
     }
 
     pub fn len(&self) -> usize {
-        self.objects.len()
+        self.reader.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
+        self.reader.is_empty()
     }
 }
 
-fn key<K: Resource>(o: &K) -> ObjectKey {
-    let meta = o.meta();
+fn key<K: Lookup>(o: &K) -> ObjectKey {
     (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
+        o.namespace().map(|n| n.into_owned()).unwrap_or_default(),
+        o.name().map(|n| n.into_owned()).unwrap_or_default(),
     )
 }

@@ -233,7 +233,7 @@ fn http_rules_on_a_tcp_port_are_accepted_with_a_condition_saying_so() {
     let mut state = listed_state();
     state.authorization_policies =
         KindStore::listed(dynamic_items("authorizationpolicies-list.json"));
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     assert_eq!(snapshot.authorization_policies.len(), 1);
     let judged = |report: &StatusReport| -> Vec<(&str, bool, String)> {
         report.targets[0]
@@ -254,7 +254,7 @@ fn http_rules_on_a_tcp_port_are_accepted_with_a_condition_saying_so() {
         .unwrap();
     echo.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].app_protocol = Some("tcp".into());
     state.services = KindStore::listed(services);
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     assert_eq!(snapshot.authorization_policies.len(), 1);
     let message = "rules with methods, paths or headers apply to port 8080 of \
                    default/echo-6d8f7b9c5-abcde, default/echo-6d8f7b9c5-fghij (Service \
@@ -288,7 +288,7 @@ fn a_policy_with_a_strange_status_or_shape_is_judged_not_dropped_silently() {
     unknown_field.data["spec"] = serde_json::json!({"mtls": {"mood": "STRICT"}});
     policies.push(unknown_field);
     state.peer_authentications = KindStore::listed(policies);
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     let served: Vec<_> = snapshot
         .peer_authentications
         .iter()
@@ -335,12 +335,40 @@ fn http_routes_are_served_through_the_same_path() {
     .unwrap();
     let mut state = listed_state();
     state.http_routes = KindStore::listed([route]);
-    let (snapshot, report) = evaluate(&state, "cluster.local");
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
     let rules = &snapshot.routes[&key("default", "echo")];
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].origin.name, "echo-api");
-    // Route statuses (per parent) are not written yet.
-    assert!(report.targets.is_empty());
+    // The Service parent's status: accepted, by this controller.
+    assert_eq!(report.targets.len(), 1);
+    let parents = &report.targets[0].parents;
+    assert_eq!(parents.len(), 1);
+    assert_eq!(parents[0].parent_ref["name"], "echo");
+    assert!(
+        parents[0].conditions.iter().all(|c| c.status),
+        "{parents:?}"
+    );
+    assert!(report.targets[0].judged.is_empty());
+
+    // A route to a backend that is not there is not served, and says so.
+    let mut broken = (*state.http_routes.iter().next().unwrap()).clone();
+    broken.data["spec"]["rules"][0]["backendRefs"][0]["name"] = "nope".into();
+    state.http_routes = KindStore::listed([broken]);
+    let (snapshot, report) = evaluate(&state, "cluster.local", "trellis-system");
+    assert!(!snapshot.routes.contains_key(&key("default", "echo")));
+    let accepted = &report.targets[0].parents[0].conditions[0];
+    assert_eq!(
+        (accepted.type_, accepted.status, accepted.reason),
+        (ACCEPTED, false, "BackendNotFound")
+    );
+    assert!(
+        accepted.message.contains("nope.default does not exist"),
+        "{accepted:?}"
+    );
+    let events = events_for(&report.targets[0]);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].regarding.kind.as_deref(), Some("HTTPRoute"));
+    assert_eq!(events[0].reason, "BackendNotFound");
 }
 
 #[test]

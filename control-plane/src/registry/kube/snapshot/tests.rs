@@ -96,7 +96,7 @@ fn a_service_with_no_meshed_pod_keeps_its_endpoints() {
 #[test]
 fn the_annotation_alone_does_not_make_a_pod_meshed() {
     let mut state = cluster_without_sidecar_in(&["echo-6d8f7b9c5-fghij"]);
-    let mut pods: Vec<Pod> = state.pods.iter().cloned().collect();
+    let mut pods: Vec<Pod> = state.pods.iter().map(|p| (*p).clone()).collect();
     for pod in &mut pods {
         pod.metadata.annotations =
             Some([("trellis.io/status".to_owned(), "injected".to_owned())].into());
@@ -113,7 +113,7 @@ fn the_annotation_alone_does_not_make_a_pod_meshed() {
 fn a_sidecar_among_the_containers_counts_too() {
     // Injected by hand as a plain container (older manifests, other tooling).
     let mut state = cluster_without_sidecar_in(&["echo-6d8f7b9c5-fghij"]);
-    let mut pods: Vec<Pod> = state.pods.iter().cloned().collect();
+    let mut pods: Vec<Pod> = state.pods.iter().map(|p| (*p).clone()).collect();
     let pod = pods
         .iter_mut()
         .find(|p| p.metadata.name.as_deref() == Some("echo-6d8f7b9c5-fghij"))

@@ -100,7 +100,10 @@ async fn follows_the_api_from_list_through_changes_and_a_410_relist() {
     };
     let registry = tokio::spawn(watch_cluster(
         client,
-        "cluster.local".into(),
+        MeshNames {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "trellis-system".into(),
+        },
         Duration::from_millis(20),
         out,
     ));

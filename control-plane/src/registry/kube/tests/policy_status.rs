@@ -19,6 +19,11 @@ const TRELLIS: &str = "/apis/trellis.io/v1alpha1";
 /// The recorded cluster: its core lists (watches left open and quiet), no
 /// HTTPRoute CRD, and the three Trellis lists. Returns the policy watch feeds.
 pub(super) fn cluster(api: &mut FakeApi) -> PolicyFeeds {
+    cluster_with_routes(api, None)
+}
+
+/// [`cluster`], with the HTTPRoute CRD installed when `routes` (a list) is given.
+fn cluster_with_routes(api: &mut FakeApi, routes: Option<Value>) -> PolicyFeeds {
     for (path, list) in [
         ("/api/v1/services", "services-list.json"),
         (
@@ -32,12 +37,21 @@ pub(super) fn cluster(api: &mut FakeApi) -> PolicyFeeds {
         api.list(path, fixture_json(list));
         std::mem::forget(api.watch(path, "1000"));
     }
-    api.reply(
-        Method::GET,
-        "/apis/gateway.networking.k8s.io/v1/httproutes",
-        404,
-        fixture_json("httproutes-not-found.json"),
-    );
+    let http_routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    match routes {
+        Some(list) => {
+            api.list(http_routes, list);
+            std::mem::forget(api.watch(http_routes, "1000"));
+        }
+        None => {
+            api.reply(
+                Method::GET,
+                http_routes,
+                404,
+                fixture_json("httproutes-not-found.json"),
+            );
+        }
+    }
     api.list(TRAFFIC_POLICIES, fixture_json("trafficpolicies-list.json"));
     api.list(
         AUTHORIZATION_POLICIES,
@@ -110,7 +124,27 @@ struct Running {
     snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     status: watch::Receiver<RegistryStatus>,
     progress: watch::Receiver<WriterProgress>,
+    events: tokio::sync::mpsc::Receiver<crate::events::MeshEvent>,
     tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Running {
+    /// The Events recorded so far: (reason, namespace/name, note).
+    fn events(&mut self) -> Vec<(String, String, String)> {
+        let mut events = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            assert!(e.warning, "{e:?}");
+            let r = &e.regarding;
+            let at = format!(
+                "{}/{}",
+                r.namespace.as_deref().unwrap_or_default(),
+                r.name.as_deref().unwrap_or_default()
+            );
+            events.push((e.reason, at, e.note));
+        }
+        events.sort();
+        events
+    }
 }
 
 fn start(client: kube::Client, leader: watch::Receiver<bool>) -> Running {
@@ -127,15 +161,20 @@ fn start(client: kube::Client, leader: watch::Receiver<bool>) -> Running {
     };
     let registry = tokio::spawn(watch_cluster(
         client.clone(),
-        "cluster.local".into(),
+        MeshNames {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "trellis-system".into(),
+        },
         Duration::from_millis(20),
         out,
     ));
-    let writer = tokio::spawn(write_statuses(client, statuses_rx, leader, progress));
+    let (sink, events) = crate::events::EventSink::channel();
+    let writer = tokio::spawn(write_statuses(client, statuses_rx, leader, progress, sink));
     Running {
         snapshots: snapshots_rx,
         status: status_rx,
         progress: progress_rx,
+        events,
         tasks: [registry, writer],
     }
 }
@@ -269,6 +308,33 @@ async fn policies_are_served_and_their_statuses_written_once() {
         0,
         "a status that already matches is not written"
     );
+    // Each refusal written is an Event on its object; what is accepted is not.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        running.progress.wait_for(|p| p.patched >= 5),
+    )
+    .await
+    .expect("timed out waiting for the writer's pass")
+    .unwrap();
+    let events = running.events();
+    let reasons: Vec<_> = events
+        .iter()
+        .map(|(reason, at, _)| (reason.as_str(), at.as_str()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("Conflicted", "default/canary"),
+            ("Invalid", "default/slow"),
+            ("TargetNotFound", "default/cart"),
+        ]
+    );
+    assert!(
+        events[2]
+            .2
+            .starts_with("TrafficPolicy default/cart is not served: spec.targetRef"),
+        "{events:?}"
+    );
 
     // The API server's echo of the write, then a new object in the same stream: its
     // status is written, echo's is not written again.
@@ -331,6 +397,7 @@ async fn statuses_are_written_only_while_leading() {
         .unwrap();
     assert_eq!(seen.count("PATCH "), 0, "{:#?}", seen.requests());
     assert_eq!(running.progress.borrow().patched, 0);
+    assert_eq!(running.events(), [], "a follower records no Events");
 
     // Leading now: the pending statuses are written.
     leader_tx.send(true).unwrap();
@@ -344,6 +411,121 @@ async fn statuses_are_written_only_while_leading() {
     .unwrap()
     .clone();
     assert!(progress.leader);
+    assert_eq!(running.events().len(), 3);
+    for task in running.tasks {
+        task.abort();
+    }
+}
+
+/// An HTTPRoute with a Service parent whose backend is missing, and a Gateway parent
+/// another controller has written status for: one PATCH of `status.parents`, the
+/// Gateway's entry first and untouched, ours saying why, conditional on the version
+/// read; and an Event on the route.
+#[tokio::test]
+async fn a_route_status_is_written_per_service_parent_beside_others() {
+    let gateway_entry = json!({
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public-gw"},
+        "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]
+    });
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "to-nowhere", "namespace": "default", "uid": "r-1",
+                     "generation": 2, "resourceVersion": "977",
+                     "creationTimestamp": "2025-05-01T09:50:00Z"},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "echo", "port": 80},
+                {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public-gw"}
+            ],
+            "rules": [{"backendRefs": [{"group": "", "kind": "Service", "name": "nowhere", "port": 80, "weight": 1}]}]
+        },
+        "status": {"parents": [gateway_entry]}
+    });
+    let list = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRouteList",
+        "metadata": {"resourceVersion": "1000"}, "items": [route]
+    });
+    let mut api = FakeApi::new();
+    let _feeds = cluster_with_routes(&mut api, Some(list));
+    accept_listed_patches(&mut api);
+    let route_status =
+        "/apis/gateway.networking.k8s.io/v1/namespaces/default/httproutes/to-nowhere/status";
+    api.reply(
+        Method::PATCH,
+        route_status,
+        200,
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "to-nowhere", "namespace": "default", "resourceVersion": "1001"}
+        }),
+    );
+    let (client, seen) = api.start();
+    let (_leader_tx, leader) = watch::channel(true);
+    let mut running = start(client, leader);
+
+    eventually("the route's status", || {
+        seen.requests()
+            .iter()
+            .any(|r| r.starts_with(&format!("PATCH {route_status}?")))
+    })
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        running.progress.wait_for(|p| p.patched >= 6),
+    )
+    .await
+    .expect("timed out waiting for the writer's pass")
+    .unwrap();
+    let written = patches(&seen);
+    let (_, body) = written
+        .iter()
+        .find(|(r, _)| r.starts_with(&format!("PATCH {route_status}?")))
+        .unwrap();
+    assert_eq!(body["metadata"]["resourceVersion"], "977");
+    let parents = body["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 2, "{body:#}");
+    assert_eq!(
+        parents[0], gateway_entry,
+        "the Gateway's entry is kept as it was"
+    );
+    let ours = &parents[1];
+    assert_eq!(ours["controllerName"], "trellis.io/control-plane");
+    assert_eq!(
+        ours["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "echo", "port": 80})
+    );
+    let of_ours = |type_: &str| {
+        ours["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == type_))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {type_} in {ours:#}"))
+    };
+    let accepted = of_ours("Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "BackendNotFound");
+    assert_eq!(accepted["observedGeneration"], 2);
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .contains("nowhere.default does not exist"),
+        "{accepted:#}"
+    );
+    assert_eq!(of_ours("ResolvedRefs")["reason"], "BackendNotFound");
+    // The route's Event, beside the policies'.
+    let events = running.events();
+    assert!(
+        events
+            .iter()
+            .any(|(reason, at, note)| reason == "BackendNotFound"
+                && at == "default/to-nowhere"
+                && note.contains("parent Service echo")),
+        "{events:#?}"
+    );
     for task in running.tasks {
         task.abort();
     }

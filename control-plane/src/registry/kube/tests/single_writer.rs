@@ -66,6 +66,7 @@ async fn only_the_lease_holder_writes_status() {
         KubeOptions {
             client,
             namespace: "trellis-system".into(),
+            root_namespace: "trellis-system".into(),
             identity: ME.into(),
             webhook: None,
         },
