@@ -1,6 +1,6 @@
 //! The control plane's admin ports. Public (15014, on the pod IP): /ready, /live,
-//! /metrics. Debug (127.0.0.1 only): /registry, /proxies (also at /debug/proxies) and
-//! /version, which show the mesh's workloads and every connected proxy's identity and
+//! /metrics. Debug (127.0.0.1 only): /registry, /proxies (also at /debug/proxies),
+//! /debug/workloads and /version, which show the mesh's workloads and every connected proxy's identity and
 //! must not leave the host.
 
 use std::convert::Infallible;
@@ -75,6 +75,7 @@ fn debug_route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Resp
     match req.uri().path() {
         "/registry" => json(&*state.registry.borrow()),
         "/proxies" | "/debug/proxies" => json(&proxies(state)),
+        "/debug/workloads" => json(&workloads(state)),
         "/version" => json(&VersionInfo {
             component: "trellis-control".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -96,6 +97,30 @@ fn proxies(state: &AdminState) -> Vec<ProxyStatus> {
             .last(&proxy.identity, proxy.workload.as_deref());
     }
     proxies
+}
+
+/// One workload of the model, as `trellisctl check` matches it to connected proxies.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadView {
+    /// `namespace/name`, as a proxy's certificate names it.
+    pub workload: String,
+    pub identity: String,
+    /// Whether it runs a sidecar (and so should have a proxy connected).
+    pub sidecar: bool,
+}
+
+fn workloads(state: &AdminState) -> Vec<WorkloadView> {
+    state
+        .snapshots
+        .borrow()
+        .workloads
+        .iter()
+        .map(|w| WorkloadView {
+            workload: format!("{}/{}", w.namespace, w.name),
+            identity: w.identity.to_string(),
+            sidecar: w.sidecar,
+        })
+        .collect()
 }
 
 /// Gauges read at scrape time, then every metric.

@@ -54,6 +54,8 @@ pub struct ProxyStatus {
     pub types: BTreeMap<&'static str, TypeSync>,
     /// The worst of the types: NACKED over STALE over SYNCED.
     pub sync: SyncState,
+    /// A digest of every type's version: equal on two proxies sent the same config.
+    pub config_version: String,
     /// The last leaf the CA issued to this identity and workload (filled in by the
     /// debug view).
     pub certificate: Option<IssuedLeaf>,
@@ -73,12 +75,19 @@ impl ProxyStatus {
             last_nack_unix: None,
             types: BTreeMap::new(),
             sync: SyncState::Stale,
+            config_version: String::new(),
             certificate: None,
         }
     }
 
-    /// Recomputes [`ProxyStatus::sync`] from the types.
+    /// Recomputes [`ProxyStatus::sync`] and the config version from the types.
     pub fn refresh(&mut self) {
+        let versions = self
+            .types
+            .iter()
+            .map(|(t, s)| ((*t).to_owned(), s.version.clone()))
+            .collect();
+        self.config_version = version_digest(&versions);
         let states = self.types.values().map(|t| t.state);
         self.sync = if self.types.is_empty() {
             SyncState::Stale
