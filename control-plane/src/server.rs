@@ -144,8 +144,15 @@ pub async fn start_with(
                 errors: errors.iter().map(|e| format!("  {e}\n")).collect(),
             }
         })?;
+    // Counts right from the start: the watcher publishes its first status only after
+    // two polls.
+    let status = RegistryStatus {
+        services: snapshot.services.len(),
+        workloads: snapshot.workloads.len(),
+        ..RegistryStatus::default()
+    };
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
-    let (status_tx, status_rx) = watch::channel(RegistryStatus::default());
+    let (status_tx, status_rx) = watch::channel(status);
     let tasks = vec![tokio::spawn(registry::watch_dir(
         config.registry_dir.clone(),
         config.trust_domain.clone(),
@@ -521,7 +528,9 @@ async fn count_registry_events(
     mut status: watch::Receiver<RegistryStatus>,
     metrics: ControlMetrics,
 ) {
+    // The first model counts as added, as a watch's initial list does.
     let mut last = snapshots.borrow_and_update().clone();
+    metrics.model_changed(&MeshSnapshot::default(), &last);
     let mut last_error = status.borrow_and_update().last_error.clone();
     loop {
         tokio::select! {

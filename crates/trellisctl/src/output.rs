@@ -116,6 +116,7 @@ pub fn short_duration(secs: u64) -> String {
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
         (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, 0) => format!("{h}h"),
         (0, _, _) => format!("{h}h{m}m"),
         _ => format!("{d}d{h}h"),
     }
@@ -138,6 +139,7 @@ mod tests {
         assert_eq!(short_duration(42), "42s");
         assert_eq!(short_duration(310), "5m10s");
         assert_eq!(short_duration(86399), "23h59m");
+        assert_eq!(short_duration(7200), "2h");
         assert_eq!(short_duration(2 * 86400 + 3 * 3600), "2d3h");
     }
 }

@@ -229,7 +229,7 @@ spec:
       - name: sidecar
         image: busybox
         livenessProbe:
-          exec: {command: [true]}
+          exec: {command: ['true']}
 ---
 apiVersion: v1
 kind: Pod
