@@ -22,6 +22,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::Check;
 
+#[cfg(test)]
+mod tests;
+
 /// The oldest Kubernetes the install supports (native sidecars GA; the API version
 /// the control plane is built against).
 pub const MIN_MINOR: u32 = 33;
