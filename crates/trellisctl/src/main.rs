@@ -75,12 +75,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Install(args) => install::run(args)?,
         Command::Uninstall(args) => uninstall::run(args).await?,
         Command::Completion { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "trellisctl",
-                &mut std::io::stdout(),
-            );
+            // Into a buffer: writing to a closed pipe (`| head`) is an error, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "trellisctl", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -517,3 +517,15 @@ async fn debug_proxies_shows_the_issued_certificate() {
     assert_eq!(echo["types"]["Endpoints"]["state"], "SYNCED");
     assert_eq!(echo["last_nack"], serde_json::Value::Null);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_scripts_name_every_verb() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = trellisctl(&["completion", shell]).await;
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for verb in ["check", "proxy-status", "proxy-config", "uninject", "uninstall"] {
+            assert!(script.contains(verb), "{shell} completion lacks {verb}");
+        }
+    }
+}
