@@ -524,7 +524,13 @@ async fn completion_scripts_name_every_verb() {
         let out = trellisctl(&["completion", shell]).await;
         assert!(out.status.success(), "{shell}");
         let script = String::from_utf8_lossy(&out.stdout);
-        for verb in ["check", "proxy-status", "proxy-config", "uninject", "uninstall"] {
+        for verb in [
+            "check",
+            "proxy-status",
+            "proxy-config",
+            "uninject",
+            "uninstall",
+        ] {
             assert!(script.contains(verb), "{shell} completion lacks {verb}");
         }
     }
