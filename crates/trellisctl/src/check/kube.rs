@@ -167,11 +167,13 @@ pub async fn checks(namespace: &str) -> Vec<Check> {
             break;
         }
     }
-    out.push(webhook_check(
-        webhook.as_ref(),
-        root.as_deref(),
-        SystemTime::now(),
-    ));
+    let mut webhook_result = webhook_check(webhook.as_ref(), root.as_deref(), SystemTime::now());
+    if webhook_result.ok
+        && let Some(config) = &webhook
+    {
+        webhook_result = verify_serving(webhook_result, config).await;
+    }
+    out.push(webhook_result);
     let mut pods = BTreeMap::new();
     for ns in &enabled {
         let listed = Api::<Pod>::namespaced(client.clone(), ns)
@@ -367,6 +369,43 @@ pub fn webhook_check(
         "webhook {WEBHOOK_CONFIGURATION} configured with a valid caBundle ({} webhooks)",
         hooks.len()
     ))
+}
+
+/// Adds what a TLS handshake to each webhook's Service says to a passed check.
+async fn verify_serving(passed: Check, config: &MutatingWebhookConfiguration) -> Check {
+    let mut verified = 0;
+    for hook in config.webhooks.iter().flatten() {
+        let (Some(service), Some(bundle)) =
+            (&hook.client_config.service, &hook.client_config.ca_bundle)
+        else {
+            continue;
+        };
+        let host = format!("{}.{}.svc", service.name, service.namespace);
+        let port = service
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(443);
+        match super::webhook_tls::verify(&bundle.0, &host, port).await {
+            None => {}
+            Some(Ok(())) => verified += 1,
+            Some(Err(e)) => {
+                return Check::failed(
+                    format!(
+                        "webhook {}: caBundle does not verify the certificate of {host}:{port}: {e}",
+                        hook.name
+                    ),
+                    "the leading control plane rewrites the caBundle within seconds; if it stays, see its logs",
+                );
+            }
+        }
+    }
+    let mut message = passed.message;
+    if verified > 0 {
+        message.push_str("; it verifies the webhook's serving certificate");
+    } else {
+        message.push_str("; the webhook is not reachable from here to verify its certificate");
+    }
+    Check::passed(message)
 }
 
 fn normalise_pem(pem: &str) -> String {

@@ -5,6 +5,7 @@
 
 mod kube;
 mod mesh;
+mod webhook_tls;
 
 use std::time::Duration;
 
