@@ -10,10 +10,16 @@ use trellis_tests::kube::{KubeCluster, run_cluster_tests};
 use trellis_tests::{TestBed, netns_command, run_with_timeout};
 
 fn main() {
-    run_cluster_tests(&[(
-        "check_reports_a_partial_install",
-        check_reports_a_partial_install,
-    )]);
+    run_cluster_tests(&[
+        (
+            "check_reports_a_partial_install",
+            check_reports_a_partial_install,
+        ),
+        (
+            "uninstall_apply_removes_everything_webhook_first",
+            uninstall_apply_removes_everything_webhook_first,
+        ),
+    ]);
 }
 
 /// trellisctl in the node namespace (where the API server is), as the admin.
@@ -121,5 +127,70 @@ fn check_reports_a_partial_install() -> Result<()> {
         "✖ 5 of 7 checks failed",
     ];
     ensure!(out[1..] == expected, "{}", out.join("\n"));
+    Ok(())
+}
+
+fn uninstall_apply_removes_everything_webhook_first() -> Result<()> {
+    let mut bed = TestBed::new("ctluni")?;
+    let cluster = KubeCluster::start(&mut bed)?;
+    let manifests = trellisctl(&cluster, &["install"])?;
+    ensure!(manifests.status.success());
+    // CRDs first: the rest of the stream may use them.
+    let manifests = String::from_utf8_lossy(&manifests.stdout).into_owned();
+    cluster.kubectl_apply_stdin(&manifests)?;
+    cluster.kubectl(&["create", "namespace", "shop"])?;
+    cluster.kubectl(&[
+        "create",
+        "configmap",
+        "trellis-ca-root",
+        "-n",
+        "shop",
+        "--from-literal=root-cert.pem=x",
+    ])?;
+
+    let removed = trellisctl(&cluster, &["uninstall", "--apply"])?;
+    let out = lines(&removed);
+    ensure!(removed.status.success(), "{out:?}");
+    let expected = [
+        "deleted MutatingWebhookConfiguration trellis-injector",
+        "deleted Deployment trellis-system/trellis-control",
+        "deleted PodDisruptionBudget trellis-system/trellis-control",
+        "deleted Service trellis-system/trellis-control",
+        "deleted ConfigMap shop/trellis-ca-root",
+        "deleted ServiceAccount trellis-system/trellis-control",
+        "deleted ClusterRole trellis-control",
+        "deleted ClusterRoleBinding trellis-control",
+        "deleted Role trellis-system/trellis-control",
+        "deleted RoleBinding trellis-system/trellis-control",
+        "deleted Namespace trellis-system",
+        "deleted CustomResourceDefinition trafficpolicies.trellis.io",
+        "deleted CustomResourceDefinition authorizationpolicies.trellis.io",
+        "deleted CustomResourceDefinition peerauthentications.trellis.io",
+    ];
+    ensure!(out == expected, "{}", out.join("\n"));
+    // A CRD goes once its objects are cleaned up (a finalizer): wait for that.
+    cluster.kubectl(&[
+        "wait",
+        "--for=delete",
+        "--timeout=60s",
+        "crd/trafficpolicies.trellis.io",
+        "crd/authorizationpolicies.trellis.io",
+        "crd/peerauthentications.trellis.io",
+    ])?;
+    let left = cluster.kubectl(&[
+        "get",
+        "crd,mutatingwebhookconfiguration,clusterrole",
+        "-o",
+        "name",
+    ])?;
+    ensure!(!left.contains("trellis"), "left behind: {left}");
+    // Again: nothing left to delete is no error.
+    let again = trellisctl(&cluster, &["uninstall", "--apply"])?;
+    ensure!(again.status.success(), "{:?}", lines(&again));
+    ensure!(
+        lines(&again)[0] == "MutatingWebhookConfiguration trellis-injector already gone",
+        "{:?}",
+        lines(&again)
+    );
     Ok(())
 }
