@@ -1,11 +1,10 @@
 //! The control plane's admin ports. Public (15014, on the pod IP): /ready, /live,
-//! /metrics. Debug (127.0.0.1 only): /registry and /proxies, which show the mesh's
-//! workloads and every connected proxy's identity and must not leave the host.
+//! /metrics. Debug (127.0.0.1 only): /registry, /proxies (also at /debug/proxies),
+//! /debug/workloads and /version, which show the mesh's workloads and every connected proxy's identity and
+//! must not leave the host.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -13,9 +12,10 @@ use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::discovery::ConnectedProxies;
+use crate::ca::IssuedLeaves;
+use crate::discovery::{ConnectedProxies, ProxyStatus};
 use crate::http_server::{ServerLimits, serve_http1};
-use crate::limits::LimitCounters;
+use crate::metrics::ControlMetrics;
 use crate::model::MeshSnapshot;
 use crate::registry::RegistryStatus;
 
@@ -24,7 +24,16 @@ pub struct AdminState {
     pub registry: watch::Receiver<RegistryStatus>,
     pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     pub connected: ConnectedProxies,
-    pub limits: Arc<LimitCounters>,
+    pub metrics: ControlMetrics,
+    pub issued: IssuedLeaves,
+    pub leading: watch::Receiver<bool>,
+}
+
+/// What `/version` answers.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VersionInfo {
+    pub component: String,
+    pub version: String,
 }
 
 /// Health and metrics, for the kubelet and Prometheus.
@@ -48,7 +57,16 @@ pub async fn serve_debug(listener: TcpListener, state: AdminState, limits: Serve
 fn public_route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/ready" | "/live" => text(StatusCode::OK, "ok\n".to_owned()),
-        "/metrics" => text(StatusCode::OK, metrics(state)),
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, metrics(state));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
 }
@@ -56,64 +74,68 @@ fn public_route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Res
 fn debug_route(req: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/registry" => json(&*state.registry.borrow()),
-        "/proxies" => {
-            let proxies: Vec<_> = state
-                .connected
-                .lock()
-                .map(|c| c.values().cloned().collect())
-                .unwrap_or_default();
-            json(&proxies)
-        }
+        "/proxies" | "/debug/proxies" => json(&proxies(state)),
+        "/debug/workloads" => json(&workloads(state)),
+        "/version" => json(&VersionInfo {
+            component: "trellis-control".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }),
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
 }
 
+/// Every connected proxy, oldest stream first, with the CA's last leaf for it.
+fn proxies(state: &AdminState) -> Vec<ProxyStatus> {
+    let mut proxies: Vec<ProxyStatus> = state
+        .connected
+        .lock()
+        .map(|c| c.values().cloned().collect())
+        .unwrap_or_default();
+    for proxy in &mut proxies {
+        proxy.certificate = state
+            .issued
+            .last(&proxy.identity, proxy.workload.as_deref());
+    }
+    proxies
+}
+
+/// One workload of the model, as `trellisctl check` matches it to connected proxies.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadView {
+    /// `namespace/name`, as a proxy's certificate names it.
+    pub workload: String,
+    pub identity: String,
+    /// Whether it runs a sidecar (and so should have a proxy connected).
+    pub sidecar: bool,
+}
+
+fn workloads(state: &AdminState) -> Vec<WorkloadView> {
+    state
+        .snapshots
+        .borrow()
+        .workloads
+        .iter()
+        .map(|w| WorkloadView {
+            workload: format!("{}/{}", w.namespace, w.name),
+            identity: w.identity.to_string(),
+            sidecar: w.sidecar,
+        })
+        .collect()
+}
+
+/// Gauges read at scrape time, then every metric.
 fn metrics(state: &AdminState) -> String {
-    let registry = state.registry.borrow();
-    let snapshot = state.snapshots.borrow();
+    let m = &state.metrics;
     let proxies = state.connected.lock().map(|c| c.len()).unwrap_or_default();
-    let mut out = String::new();
-    let _ = writeln!(out, "# TYPE trellis_control_connected_proxies gauge");
-    let _ = writeln!(out, "trellis_control_connected_proxies {proxies}");
-    let _ = writeln!(out, "# TYPE trellis_control_registry_generation counter");
-    let _ = writeln!(
-        out,
-        "trellis_control_registry_generation {}",
-        registry.generation
-    );
-    let _ = writeln!(out, "# TYPE trellis_control_registry_errors gauge");
-    let _ = writeln!(
-        out,
-        "trellis_control_registry_errors {}",
-        registry.last_error.len()
-    );
-    let _ = writeln!(out, "# TYPE trellis_control_services gauge");
-    let _ = writeln!(out, "trellis_control_services {}", snapshot.services.len());
-    let limited = state
-        .limits
-        .certificate_requests_limited
-        .load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# TYPE trellis_control_certificate_requests_limited counter"
-    );
-    let _ = writeln!(
-        out,
-        "trellis_control_certificate_requests_limited_total {limited}"
-    );
-    let refused = state
-        .limits
-        .discovery_streams_refused
-        .load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# TYPE trellis_control_discovery_streams_refused counter"
-    );
-    let _ = writeln!(
-        out,
-        "trellis_control_discovery_streams_refused_total {refused}"
-    );
-    out
+    m.connected_proxies
+        .set(i64::try_from(proxies).unwrap_or(i64::MAX));
+    let registry = state.registry.borrow().generation;
+    m.registry_generation
+        .set(i64::try_from(registry).unwrap_or(i64::MAX));
+    let services = state.snapshots.borrow().services.len();
+    m.services.set(i64::try_from(services).unwrap_or(i64::MAX));
+    m.leader.set(i64::from(*state.leading.borrow()));
+    m.encode()
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

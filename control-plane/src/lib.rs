@@ -10,6 +10,7 @@ pub mod http_server;
 pub mod injector;
 pub mod leader;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod server;

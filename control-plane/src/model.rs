@@ -3,6 +3,7 @@
 //! Registries (file, kube) fill it; the discovery server turns it into per-proxy
 //! resources. Nothing here knows of YAML, Kubernetes or protobuf.
 
+pub mod diff;
 mod opaque_port_rules;
 mod policy;
 mod route;

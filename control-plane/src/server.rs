@@ -12,12 +12,13 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use trellis_identity::SpiffeId;
 
 use crate::admin;
-use crate::ca::{CaService, CertificateAuthority, KubeTokenReviewer, TokenReviewer};
+use crate::ca::{CaService, CertificateAuthority, IssuedLeaves, KubeTokenReviewer, TokenReviewer};
 use crate::discovery::DiscoveryServer;
 use crate::http_server::ServerLimits;
 use crate::injector::{InjectorSettings, ca_root, webhook};
 use crate::leader::{LeaderElection, LeaseLock, LeaseSettings};
 use crate::limits::{GrpcLimits, LimitCounters, RateLimitedCa, StreamLimitedDiscovery};
+use crate::metrics::ControlMetrics;
 use crate::model::MeshSnapshot;
 use crate::registry::{self, RegistryStatus};
 
@@ -143,8 +144,15 @@ pub async fn start_with(
                 errors: errors.iter().map(|e| format!("  {e}\n")).collect(),
             }
         })?;
+    // Counts right from the start: the watcher publishes its first status only after
+    // two polls.
+    let status = RegistryStatus {
+        services: snapshot.services.len(),
+        workloads: snapshot.workloads.len(),
+        ..RegistryStatus::default()
+    };
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(snapshot));
-    let (status_tx, status_rx) = watch::channel(RegistryStatus::default());
+    let (status_tx, status_rx) = watch::channel(status);
     let tasks = vec![tokio::spawn(registry::watch_dir(
         config.registry_dir.clone(),
         config.trust_domain.clone(),
@@ -157,7 +165,13 @@ pub async fn start_with(
         &config.trust_domain,
         config.cert_ttl,
     )?);
-    let (running, _ca) = serve(config, options, ca, snapshot_rx, status_rx, tasks, None).await?;
+    let feed = RegistryFeed {
+        snapshots: snapshot_rx,
+        status: status_rx,
+        // A lone file-mode control plane is the one writer.
+        leading: watch::channel(true).1,
+    };
+    let (running, _ca) = serve(config, options, ca, feed, tasks, None).await?;
     Ok(running)
 }
 
@@ -276,12 +290,16 @@ pub async fn start_kube_with(
             config.cert_ttl,
         )
         .await?;
+        let feed = RegistryFeed {
+            snapshots: snapshot_rx,
+            status: status_rx,
+            leading: leading.clone(),
+        };
         serve(
             config,
             options,
             Arc::new(ca),
-            snapshot_rx,
-            status_rx,
+            feed,
             Vec::new(),
             Some((reviewer, events.clone())),
         )
@@ -351,16 +369,35 @@ pub async fn start_kube_with(
     Ok(running)
 }
 
+/// What any registry hands the serving half.
+struct RegistryFeed {
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    status: watch::Receiver<RegistryStatus>,
+    /// Whether this replica is the leader (for the metric).
+    leading: watch::Receiver<bool>,
+}
+
 /// The CA, discovery and admin, fed by any registry.
 async fn serve(
     config: ControlConfig,
     options: ServeOptions,
     ca: Arc<CertificateAuthority>,
-    snapshot_rx: watch::Receiver<Arc<MeshSnapshot>>,
-    status_rx: watch::Receiver<RegistryStatus>,
+    feed: RegistryFeed,
     mut tasks: Vec<tokio::task::JoinHandle<()>>,
     token_reviewer: Option<(Arc<dyn TokenReviewer>, crate::events::EventSink)>,
 ) -> Result<(RunningControlPlane, Arc<CertificateAuthority>), StartError> {
+    let RegistryFeed {
+        snapshots: snapshot_rx,
+        status: status_rx,
+        leading,
+    } = feed;
+    let metrics = ControlMetrics::new();
+    let issued = IssuedLeaves::default();
+    tasks.push(tokio::spawn(count_registry_events(
+        snapshot_rx.clone(),
+        status_rx.clone(),
+        metrics.clone(),
+    )));
     let root_pem = ca.trust_bundle_pem().concat();
     let own_id = SpiffeId::new(&config.trust_domain, "trellis-system", "trellis-control")?;
     let (cert_pem, key_pem) = ca.issue_serving(
@@ -373,7 +410,8 @@ async fn serve(
         snapshot_rx.clone(),
         config.trust_domain.clone(),
         ca.trust_bundle_pem(),
-    );
+    )
+    .with_metrics(metrics.clone());
     let connected = discovery.connected();
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)
@@ -397,11 +435,15 @@ async fn serve(
         .client_auth_optional(true)
         .timeout(grpc.handshake_timeout);
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut ca_service = CaService::new(ca.clone(), snapshot_rx.clone());
+    let mut ca_service = CaService::new(ca.clone(), snapshot_rx.clone())
+        .with_observers(metrics.clone(), issued.clone());
     if let Some((reviewer, events)) = token_reviewer {
         ca_service = ca_service.with_token_reviewer(reviewer).with_events(events);
     }
-    let counters = Arc::new(LimitCounters::default());
+    let counters = Arc::new(LimitCounters {
+        certificate_requests_limited: metrics.certificate_requests_limited.clone(),
+        discovery_streams_refused: metrics.discovery_streams_refused.clone(),
+    });
     let router = Server::builder()
         .tls_config(tls)?
         // For unary calls (certificates): a stream's call returns at once.
@@ -460,7 +502,9 @@ async fn serve(
         registry: status_rx,
         snapshots: snapshot_rx,
         connected,
-        limits: counters,
+        metrics,
+        issued,
+        leading,
     };
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
@@ -486,4 +530,39 @@ async fn serve(
         tasks,
     };
     Ok((running, ca))
+}
+
+/// Counts the registry's events: what changed in each new snapshot, by kind, and
+/// each new rejection of the registry's content.
+async fn count_registry_events(
+    mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    mut status: watch::Receiver<RegistryStatus>,
+    metrics: ControlMetrics,
+) {
+    // The first model counts as added, as a watch's initial list does.
+    let mut last = snapshots.borrow_and_update().clone();
+    metrics.model_changed(&MeshSnapshot::default(), &last);
+    let mut last_error = status.borrow_and_update().last_error.clone();
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let next = snapshots.borrow_and_update().clone();
+                metrics.model_changed(&last, &next);
+                last = next;
+            }
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let errors = status.borrow_and_update().last_error.clone();
+                if !errors.is_empty() && errors != last_error {
+                    metrics.registry_rejections.inc();
+                }
+                last_error = errors;
+            }
+        }
+    }
 }

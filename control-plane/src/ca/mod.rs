@@ -4,6 +4,7 @@
 //! and the root certificate go to proxies, and the key is never logged.
 
 mod csr_key;
+mod issued;
 mod root_secret;
 mod service;
 mod token_review;
@@ -20,6 +21,7 @@ use time::OffsetDateTime;
 use trellis_identity::{SpiffeId, WorkloadName};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+pub use issued::{IssuedLeaf, IssuedLeaves};
 pub use root_secret::{ROOT_SECRET, load_or_create_in_secret};
 pub use service::CaService;
 pub use token_review::{

@@ -10,8 +10,9 @@ use trellis_proto::ca::v1::{
     issue_certificate_request::Proof,
 };
 
-use super::{CaError, CertificateAuthority, Proven, TokenReviewError, TokenReviewer};
+use super::{CaError, CertificateAuthority, IssuedLeaves, Proven, TokenReviewError, TokenReviewer};
 use crate::events::{EventSink, MeshEvent, pod_reference};
+use crate::metrics::{ControlMetrics, RefusalReason};
 use crate::model::MeshSnapshot;
 
 pub struct CaService {
@@ -21,6 +22,8 @@ pub struct CaService {
     token_reviewer: Option<Arc<dyn TokenReviewer>>,
     /// Where refusals to a known Pod are reported.
     events: EventSink,
+    metrics: ControlMetrics,
+    issued: IssuedLeaves,
 }
 
 impl CaService {
@@ -33,7 +36,17 @@ impl CaService {
             snapshots,
             token_reviewer: None,
             events: EventSink::disabled(),
+            metrics: ControlMetrics::default(),
+            issued: IssuedLeaves::default(),
         }
+    }
+
+    /// Counts issued and refused certificates in `metrics` and remembers each leaf
+    /// in `issued`.
+    pub fn with_observers(mut self, metrics: ControlMetrics, issued: IssuedLeaves) -> Self {
+        self.metrics = metrics;
+        self.issued = issued;
+        self
     }
 
     /// Accepts projected service-account tokens, checked by `reviewer`.
@@ -62,7 +75,27 @@ impl certificate_authority_server::CertificateAuthority for CaService {
         request: Request<IssueCertificateRequest>,
     ) -> Result<Response<IssueCertificateResponse>, Status> {
         let remote = request.remote_addr();
-        let request = request.into_inner();
+        match self.issue(request.into_inner(), remote).await {
+            Ok(response) => {
+                self.metrics.certificates_issued.inc();
+                Ok(Response::new(response))
+            }
+            Err((reason, status)) => {
+                self.metrics.certificate_refused(reason);
+                Err(status)
+            }
+        }
+    }
+}
+
+type Refusal = (RefusalReason, Status);
+
+impl CaService {
+    async fn issue(
+        &self,
+        request: IssueCertificateRequest,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<IssueCertificateResponse, Refusal> {
         let granted = match &request.proof {
             Some(Proof::BootstrapToken(token)) => self
                 .snapshots
@@ -74,23 +107,40 @@ impl certificate_authority_server::CertificateAuthority for CaService {
                 })
                 .ok_or_else(|| {
                     tracing::warn!(?remote, "certificate refused: unknown bootstrap token");
-                    Status::unauthenticated("the bootstrap token is not known to the registry")
+                    (
+                        RefusalReason::UnknownBootstrapToken,
+                        Status::unauthenticated("the bootstrap token is not known to the registry"),
+                    )
                 })?,
             Some(Proof::ServiceAccountToken(token)) => {
                 let Some(reviewer) = &self.token_reviewer else {
-                    return Err(Status::unauthenticated(
-                        "service-account tokens are checked only with the kube registry",
+                    return Err((
+                        RefusalReason::TokenRefused,
+                        Status::unauthenticated(
+                            "service-account tokens are checked only with the kube registry",
+                        ),
                     ));
                 };
                 reviewer.review(token).await.map_err(|e| {
                     tracing::warn!(?remote, error = %e, "certificate refused");
                     match e {
-                        TokenReviewError::Refused(_) => Status::unauthenticated(e.to_string()),
-                        TokenReviewError::Unavailable(_) => Status::unavailable(e.to_string()),
+                        TokenReviewError::Refused(_) => (
+                            RefusalReason::TokenRefused,
+                            Status::unauthenticated(e.to_string()),
+                        ),
+                        TokenReviewError::Unavailable(_) => (
+                            RefusalReason::TokenReviewUnavailable,
+                            Status::unavailable(e.to_string()),
+                        ),
                     }
                 })?
             }
-            None => return Err(Status::unauthenticated("no proof of identity was sent")),
+            None => {
+                return Err((
+                    RefusalReason::NoProof,
+                    Status::unauthenticated("no proof of identity was sent"),
+                ));
+            }
         };
         let ttl =
             (request.validity_seconds > 0).then(|| Duration::from_secs(request.validity_seconds));
@@ -109,18 +159,28 @@ impl certificate_authority_server::CertificateAuthority for CaService {
                     });
                 }
                 match e {
-                    CaError::IdentityMismatch { .. } => Status::permission_denied(e.to_string()),
-                    CaError::MalformedCsr(_) | CaError::UnsupportedKey(_) => {
-                        Status::invalid_argument(e.to_string())
-                    }
-                    _ => Status::internal(e.to_string()),
+                    CaError::IdentityMismatch { .. } => (
+                        RefusalReason::IdentityMismatch,
+                        Status::permission_denied(e.to_string()),
+                    ),
+                    CaError::MalformedCsr(_) => (
+                        RefusalReason::MalformedCsr,
+                        Status::invalid_argument(e.to_string()),
+                    ),
+                    CaError::UnsupportedKey(_) => (
+                        RefusalReason::UnsupportedKey,
+                        Status::invalid_argument(e.to_string()),
+                    ),
+                    _ => (RefusalReason::SigningFailed, Status::internal(e.to_string())),
                 }
             })?;
-        let workload = granted.workload.as_ref().map(tracing::field::display);
+        let workload = granted.workload.as_ref().map(ToString::to_string);
+        self.issued
+            .record(&granted.identity.to_string(), workload.as_deref(), &leaf);
         tracing::info!(?remote, identity = %granted.identity, workload, "certificate issued");
-        Ok(Response::new(IssueCertificateResponse {
+        Ok(IssueCertificateResponse {
             cert_chain_pem: vec![leaf],
             trust_bundle_pem: self.ca.trust_bundle_pem(),
-        }))
+        })
     }
 }

@@ -2,11 +2,12 @@
 //! certificate, with ACK/NACK bookkeeping.
 
 mod resources;
+mod status;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
@@ -18,22 +19,10 @@ use trellis_proto::discovery::v1::{
     self as pb, DeltaDiscoveryRequest, DeltaDiscoveryResponse, aggregated_discovery_server,
 };
 
+use crate::metrics::{ControlMetrics, short_type};
 use crate::model::{MeshSnapshot, PolicyScope};
 pub use resources::{ProxyView, TYPE_URLS, view_for};
-
-/// What the control plane knows of each connected proxy (for its admin endpoint).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ProxyStatus {
-    pub identity: String,
-    /// The workload its certificate names, if any.
-    pub workload: Option<String>,
-    /// Whose security policy it gets: `workload <ns>/<name>`, or `fail-closed (…)`
-    /// when its workload is unknown.
-    pub policy_scope: String,
-    pub connected_at_unix: u64,
-    pub acked: BTreeMap<String, String>,
-    pub last_nack: Option<String>,
-}
+pub use status::{ProxyStatus, SyncState, TypeSync};
 
 pub type ConnectedProxies = Arc<Mutex<BTreeMap<u64, ProxyStatus>>>;
 
@@ -44,6 +33,7 @@ pub struct DiscoveryServer {
     roots_pem: Vec<String>,
     connected: ConnectedProxies,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
+    metrics: ControlMetrics,
 }
 
 impl DiscoveryServer {
@@ -58,7 +48,14 @@ impl DiscoveryServer {
             roots_pem,
             connected: Arc::default(),
             next_stream: Arc::default(),
+            metrics: ControlMetrics::default(),
         }
+    }
+
+    /// Counts pushes, their latency and NACKs in `metrics`.
+    pub fn with_metrics(mut self, metrics: ControlMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn connected(&self) -> ConnectedProxies {
@@ -102,6 +99,7 @@ impl aggregated_discovery_server::AggregatedDiscovery for DiscoveryServer {
             scope: String::new(),
             server: self.clone(),
             sent: BTreeMap::new(),
+            pending: BTreeMap::new(),
             nonce: 0,
             tx,
         };
@@ -122,6 +120,8 @@ struct ProxySession {
     server: DiscoveryServer,
     /// Per subscribed type: name -> version last sent.
     sent: BTreeMap<&'static str, BTreeMap<String, String>>,
+    /// Per type: the nonce of the last response and when it was sent, until answered.
+    pending: BTreeMap<&'static str, (String, Instant)>,
     nonce: u64,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
@@ -186,29 +186,13 @@ impl ProxySession {
             }
             return Ok(());
         };
+        if let Some(node) = &request.node {
+            // Outside input: kept short.
+            let version = node.metadata.get("version").map(|v| truncate(v, 64));
+            self.status(|s| s.proxy_version = version);
+        }
         if !request.response_nonce.is_empty() {
-            match &request.error_detail {
-                Some(error) => {
-                    tracing::warn!(
-                        identity = %self.identity,
-                        type_url,
-                        nonce = request.response_nonce,
-                        reason = error.message,
-                        "proxy rejected config (NACK)"
-                    );
-                    let reason = format!("{type_url}: {}", error.message);
-                    self.status(|s| s.last_nack = Some(reason));
-                }
-                None => {
-                    let versions = self.sent.get(type_url).cloned().unwrap_or_default();
-                    self.status(|s| {
-                        s.acked.retain(|k, _| !k.starts_with(type_url));
-                        for (name, version) in versions {
-                            s.acked.insert(format!("{type_url}/{name}"), version);
-                        }
-                    });
-                }
-            }
+            self.on_answer(type_url, &request);
             return Ok(());
         }
         // A subscription (first request for this type, or a reconnect): start from
@@ -218,6 +202,59 @@ impl ProxySession {
             request.initial_resource_versions.into_iter().collect(),
         );
         self.push_type(type_url, snapshot, true).await
+    }
+
+    /// An ACK or NACK of the response `request.response_nonce` of `type_url`.
+    fn on_answer(&mut self, type_url: &'static str, request: &DeltaDiscoveryRequest) {
+        let nonce = request.response_nonce.as_str();
+        let latest = match self.pending.get(type_url) {
+            Some((sent, at)) if sent == nonce => {
+                self.server.metrics.push_answered(type_url, at.elapsed());
+                self.pending.remove(type_url);
+                true
+            }
+            _ => false,
+        };
+        let now = unix_now();
+        match &request.error_detail {
+            Some(error) => {
+                tracing::warn!(
+                    identity = %self.identity,
+                    type_url,
+                    nonce,
+                    reason = error.message,
+                    "proxy rejected config (NACK)"
+                );
+                self.server.metrics.nack(type_url, error.code);
+                let message = truncate(&error.message, 1024);
+                self.status(|s| {
+                    s.last_nack = Some(format!("{type_url}: {message}"));
+                    s.last_nack_unix = Some(now);
+                    if let Some(t) = s.types.get_mut(short_type(type_url)) {
+                        t.last_nack = Some(message.clone());
+                        if latest {
+                            t.state = SyncState::Nacked;
+                        }
+                    }
+                });
+            }
+            None => {
+                let versions = self.sent.get(type_url).cloned().unwrap_or_default();
+                self.status(|s| {
+                    s.acked.retain(|k, _| !k.starts_with(type_url));
+                    for (name, version) in versions {
+                        s.acked.insert(format!("{type_url}/{name}"), version);
+                    }
+                    s.last_ack_unix = Some(now);
+                    if let Some(t) = s.types.get_mut(short_type(type_url)) {
+                        t.acked_nonce = Some(nonce.to_owned());
+                        if latest {
+                            t.state = SyncState::Synced;
+                        }
+                    }
+                });
+            }
+        }
     }
 
     async fn push(&mut self, snapshot: &MeshSnapshot) -> Result<(), Closed> {
@@ -275,6 +312,26 @@ impl ProxySession {
             sent.insert(r.name.clone(), r.version.clone());
         }
         self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let version = status::version_digest(sent);
+        let count = sent.len();
+        self.pending
+            .insert(type_url, (nonce.clone(), Instant::now()));
+        self.server.metrics.push_sent(type_url);
+        self.status(|s| {
+            let entry = s.types.entry(short_type(type_url)).or_insert(TypeSync {
+                version: String::new(),
+                resources: 0,
+                sent_nonce: String::new(),
+                acked_nonce: None,
+                state: SyncState::Stale,
+                last_nack: None,
+            });
+            entry.version = version;
+            entry.resources = count;
+            entry.sent_nonce.clone_from(&nonce);
+            entry.state = SyncState::Stale;
+        });
         tracing::debug!(
             type_url,
             changed = resources.len(),
@@ -286,27 +343,42 @@ impl ProxySession {
             system_version_info: String::new(),
             resources,
             removed_resources: removed,
-            nonce: self.nonce.to_string(),
+            nonce,
         };
         self.tx.send(Ok(response)).await.map_err(|_| Closed)
     }
 
     fn status(&self, update: impl FnOnce(&mut ProxyStatus)) {
         if let Ok(mut connected) = self.server.connected.lock() {
-            let entry = connected.entry(self.id).or_insert_with(|| ProxyStatus {
-                identity: self.identity.to_string(),
-                workload: self.workload.as_ref().map(ToString::to_string),
-                policy_scope: self.scope.clone(),
-                connected_at_unix: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or_default(),
-                acked: BTreeMap::new(),
-                last_nack: None,
+            let entry = connected.entry(self.id).or_insert_with(|| {
+                let mut status = ProxyStatus::new(
+                    self.identity.to_string(),
+                    self.workload.as_ref().map(ToString::to_string),
+                    unix_now(),
+                );
+                status.policy_scope.clone_from(&self.scope);
+                status
             });
             update(entry);
+            entry.refresh();
         }
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// At most `max` bytes of `text`, cut on a character boundary.
+fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// The proxy's side of the stream went away.

@@ -5,7 +5,6 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tonic::{Request, Response, Status};
@@ -59,9 +58,7 @@ impl CertificateAuthority for RateLimitedCa {
             self.limiter.retain_recent();
         }
         if self.limiter.check_key(&source).is_err() {
-            self.counters
-                .certificate_requests_limited
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.certificate_requests_limited.inc();
             tracing::warn!(%source, "certificate request refused: rate limit");
             return Err(Status::resource_exhausted(
                 "too many certificate requests from this address; retry later",

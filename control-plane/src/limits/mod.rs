@@ -6,7 +6,6 @@ mod streams;
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,11 +50,11 @@ impl Default for GrpcLimits {
     }
 }
 
-/// Refusals by the limits, for the metrics page.
-#[derive(Debug, Default)]
+/// Refusals by the limits: the metrics' own counters (see [`crate::metrics`]).
+#[derive(Clone, Debug, Default)]
 pub struct LimitCounters {
-    pub certificate_requests_limited: AtomicU64,
-    pub discovery_streams_refused: AtomicU64,
+    pub certificate_requests_limited: prometheus_client::metrics::counter::Counter,
+    pub discovery_streams_refused: prometheus_client::metrics::counter::Counter,
 }
 
 /// Counts what is held per key, with a cap per key.

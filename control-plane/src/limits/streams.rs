@@ -5,7 +5,6 @@
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -61,9 +60,7 @@ impl AggregatedDiscovery for StreamLimitedDiscovery {
         let remote = request.remote_addr().map(|a| a.ip());
         let key = (identity.to_string(), remote);
         let Some(slot) = self.open.take(key, self.max) else {
-            self.counters
-                .discovery_streams_refused
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.discovery_streams_refused.inc();
             tracing::warn!(
                 %identity,
                 ?remote,

@@ -89,6 +89,8 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
     let state = admin.state.borrow().clone();
     let mut services = Vec::new();
     let mut endpoints = Vec::new();
+    let mut routes = Vec::new();
+    let mut policies = Vec::new();
     let mut versions = serde_json::Map::new();
     for (type_url, resources) in &state.resources.by_type {
         for resource in resources.values() {
@@ -112,12 +114,40 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
                         "mesh_address": ep.mesh_address,
                     })).collect::<Vec<_>>(),
                 })),
+                Some(Kind::RouteTable(t)) => {
+                    for route in &t.routes {
+                        routes.push(describe_route(&resource.name, route));
+                    }
+                }
+                Some(Kind::TrafficPolicy(t)) => policies.push(json!({
+                    "kind": "TrafficPolicy",
+                    "name": resource.name,
+                    "service": format!("{}.{}", t.service, t.namespace),
+                    "load_balancer": t.load_balancer.as_ref().map(|lb| lb.algorithm().as_str_name()),
+                    "retry_attempts": t.retries.as_ref().map(|r| r.attempts),
+                    "request_timeout_ms": t.timeouts.as_ref().map(|t| t.request_ms),
+                })),
+                Some(Kind::AuthorizationPolicy(a)) => policies.push(json!({
+                    "kind": "AuthorizationPolicy",
+                    "name": format!("{}/{}", a.namespace, a.name),
+                    "action": a.action().as_str_name(),
+                    "rules": a.rules.len(),
+                })),
+                Some(Kind::PeerAuthentication(p)) => policies.push(json!({
+                    "kind": "PeerAuthentication",
+                    "name": format!("{}/{}", p.namespace, p.name),
+                    "mode": p.mode().as_str_name(),
+                    "port_modes": p.port_modes.len(),
+                })),
                 _ => {}
             }
         }
     }
     json!({
         "identity": admin.config.identity.to_string(),
+        "listeners": listeners(&admin.config),
+        "routes": routes,
+        "policies": policies,
         "ready": admin.is_ready(),
         "outbound_policy": admin.config.outbound_policy,
         "upstreams": admin.config.upstreams,
@@ -130,6 +160,64 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
             "authorization_policies_rejected": state.inbound_policy.authorizer.rejected(),
         },
         "last_rejected_config": admin.synced.borrow().last_rejected,
+    })
+}
+
+/// The addresses this proxy listens on, and what each is for.
+fn listeners(config: &ProxyConfig) -> Vec<serde_json::Value> {
+    let mut out = vec![
+        json!({"name": "inbound", "address": config.inbound_addr, "destination": "mTLS from peers"}),
+        json!({"name": "admin", "address": config.admin_addr, "destination": "admin"}),
+    ];
+    if let Some(addr) = config.outbound_addr {
+        out.push(json!({"name": "outbound", "address": addr, "destination": "transparent (original destination)"}));
+    }
+    if let Some(addr) = config.health_addr {
+        out.push(json!({"name": "health", "address": addr, "destination": "health and metrics"}));
+    }
+    for u in &config.upstreams {
+        out.push(json!({"name": "upstream", "address": u.listen, "destination": format!("{}:{}", u.service, u.port)}));
+    }
+    out
+}
+
+/// One HTTP route, flattened for tables.
+fn describe_route(
+    table: &str,
+    route: &trellis_proto::discovery::v1::HttpRoute,
+) -> serde_json::Value {
+    let matches: Vec<String> = route
+        .matches
+        .iter()
+        .map(|m| {
+            let path = m.path.as_ref().map(|p| {
+                let kind = match p.kind() {
+                    trellis_proto::discovery::v1::path_match::Kind::Prefix => "prefix",
+                    trellis_proto::discovery::v1::path_match::Kind::Exact => "exact",
+                    trellis_proto::discovery::v1::path_match::Kind::Regex => "regex",
+                };
+                format!("{kind} {}", p.value)
+            });
+            let method = (!m.method.is_empty()).then(|| m.method.clone());
+            [method, path]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let backends: Vec<String> = route
+        .backends
+        .iter()
+        .map(|b| format!("{}.{}:{} w{}", b.service, b.namespace, b.port, b.weight))
+        .collect();
+    json!({
+        "table": table,
+        "name": route.name,
+        "port": route.port,
+        "matches": matches,
+        "backends": backends,
+        "request_timeout_ms": route.request_timeout_ms,
     })
 }
 

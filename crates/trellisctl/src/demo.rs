@@ -39,20 +39,31 @@ pub struct DemoArgs {
     /// Control plane admin.
     #[arg(long, default_value = "127.0.0.1:15014")]
     control_admin_addr: SocketAddr,
+    /// Control plane debug views (what `trellisctl check --control-addr` and
+    /// `proxy-status` read).
+    #[arg(long, default_value = "127.0.0.1:15016")]
+    control_debug_addr: SocketAddr,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let state = tempfile_dir()?;
     println!("Trellis demo: a local mesh on loopback\n");
-    let control = trellis_control::start(ControlConfig {
-        registry_dir: args.registry.clone(),
-        state_dir: state.clone(),
-        trust_domain: "cluster.local".into(),
-        grpc_addr: args.control_addr,
-        admin_addr: args.control_admin_addr,
-        cert_ttl: Duration::from_secs(24 * 3600),
-        server_names: vec!["trellis-control".into()],
-    })
+    let options = trellis_control::server::ServeOptions {
+        debug_addr: args.control_debug_addr,
+        ..Default::default()
+    };
+    let control = trellis_control::server::start_with(
+        ControlConfig {
+            registry_dir: args.registry.clone(),
+            state_dir: state.clone(),
+            trust_domain: "cluster.local".into(),
+            grpc_addr: args.control_addr,
+            admin_addr: args.control_admin_addr,
+            cert_ttl: Duration::from_secs(24 * 3600),
+            server_names: vec!["trellis-control".into()],
+        },
+        options,
+    )
     .await
     .context("starting the control plane")?;
     println!(

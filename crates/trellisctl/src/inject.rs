@@ -77,7 +77,7 @@ pub fn inject_manifests(text: &str, settings: &InjectorSettings) -> anyhow::Resu
 }
 
 /// Where a kind keeps its Pod (template), as a JSON pointer.
-fn pod_pointer(kind: &str) -> Option<&'static str> {
+pub fn pod_pointer(kind: &str) -> Option<&'static str> {
     match kind {
         "Pod" => Some(""),
         "Deployment"

@@ -1,10 +1,21 @@
 //! trellisctl: the Trellis command line.
 
+mod admin_client;
+mod check;
+mod control_api;
 mod demo;
 mod inject;
 mod install;
+mod output;
+mod proxy_config;
+mod proxy_status;
+mod uninject;
+mod uninstall;
+mod version;
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The Trellis command line")]
@@ -17,8 +28,19 @@ struct Cli {
 enum Command {
     /// Run a local mesh on loopback: control plane, two services with sidecars, traffic.
     Demo(demo::DemoArgs),
+    /// Check a Kubernetes install (`--pre`: before installing) or, with
+    /// --control-addr, a control plane's mesh. Exits non-zero when a check fails.
+    Check(check::CheckArgs),
+    /// Every proxy connected to the control plane: identity, workload, config, sync.
+    ProxyStatus(proxy_status::ProxyStatusArgs),
+    /// What one proxy holds (listeners, routes, endpoints, policies, certs).
+    ProxyConfig(proxy_config::ProxyConfigArgs),
+    /// The client's version and, when it answers, the control plane's.
+    Version(version::VersionArgs),
     /// Add the sidecar to the Pods and Pod templates of a manifest (offline webhook).
     Inject(inject::InjectArgs),
+    /// Remove what `inject` added, restoring the manifest exactly.
+    Uninject(uninject::UninjectArgs),
     /// Print the install manifests (CRDs, RBAC, control plane, webhook): `| kubectl apply -f -`.
     ///
     /// Uninstall: `trellisctl install | kubectl delete -f -` removes what it printed;
@@ -26,18 +48,43 @@ enum Command {
     /// removes the mesh root ConfigMaps (`trellis-ca-root`) the control plane wrote
     /// into each namespace (after the control plane is gone, or it writes them again).
     Install(install::InstallArgs),
+    /// Remove what `install` created, webhook first and CRDs last: `| kubectl delete -f -`, or --apply.
+    Uninstall(uninstall::UninstallArgs),
+    /// Print a shell completion script: `source <(trellisctl completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo(args) => demo::run(args).await,
-        Command::Inject(args) => inject::run(args),
-        Command::Install(args) => install::run(args),
+        Command::Demo(args) => demo::run(args).await?,
+        Command::Check(args) => {
+            if !check::run(args).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::ProxyStatus(args) => proxy_status::run(args).await?,
+        Command::ProxyConfig(args) => proxy_config::run(args).await?,
+        Command::Version(args) => version::run(args).await?,
+        Command::Inject(args) => inject::run(args)?,
+        Command::Uninject(args) => uninject::run(args)?,
+        Command::Install(args) => install::run(args)?,
+        Command::Uninstall(args) => uninstall::run(args).await?,
+        Command::Completion { shell } => {
+            // Into a buffer: writing to a closed pipe (`| head`) is an error, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "trellisctl", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+        }
     }
+    Ok(ExitCode::SUCCESS)
 }
