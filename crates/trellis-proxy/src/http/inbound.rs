@@ -240,7 +240,12 @@ impl Handler {
             },
         };
         match sent {
-            Ok(response) => response,
+            Ok(mut response) => {
+                // The app cannot speak for the proxy (a forged marker would make
+                // clients send the request to another endpoint).
+                response.headers_mut().remove(super::errors::TRELLIS_ERROR);
+                response
+            }
             Err(e) => self.app_failed(&e, grpc),
         }
     }

@@ -419,8 +419,9 @@ impl Attempt<'_> {
                 Some(Replay::Stream(incoming)) => (incoming.map_err(Into::into).boxed(), None),
                 None => return Err(ProxyError::UpstreamReset),
             };
+            let replayable = replay.is_some();
             let outcome = self
-                .try_once(&mut parts, send_body, &tried, &mut last_tried)
+                .try_once(&mut parts, send_body, replayable, &tried, &mut last_tried)
                 .await;
             body = replay;
             let can_retry = body.is_some();
@@ -489,6 +490,7 @@ impl Attempt<'_> {
         &self,
         parts: &mut Option<http::request::Parts>,
         body: Body,
+        replayable: bool,
         tried: &[std::net::SocketAddr],
         picked_dial: &mut Option<std::net::SocketAddr>,
     ) -> Result<Response<Incoming>, TryError> {
@@ -565,7 +567,9 @@ impl Attempt<'_> {
                 return Err(TryError::Connect(kind));
             }
         };
-        let parts = if self.retry.is_some() {
+        // A request that can be sent again keeps its head, for a retry policy or for
+        // a peer whose app is gone (see below).
+        let parts = if self.retry.is_some() || replayable {
             parts.as_ref().map(clone_parts)
         } else {
             parts.take().map(|mut p| {
@@ -577,8 +581,18 @@ impl Attempt<'_> {
             return Err(TryError::Reset);
         };
         let send = sender.send_request(Request::from_parts(parts, body));
-        self.finish(send, endpoint.dial, &active, started, true)
-            .await
+        let response = self
+            .finish(send, endpoint.dial, &active, started, true)
+            .await?;
+        // The peer's app was not there (it exits first when its pod stops, while
+        // this proxy may still hold a connection to the pod's sidecar): nothing
+        // reached an app, so the request may go to another endpoint, like a
+        // connect failure.
+        if ProxyError::is_peer_app_unreachable(&response) {
+            tracing::debug!(endpoint = %endpoint.dial, "the peer's app is unreachable; trying another endpoint");
+            return Err(TryError::Connect(ProxyError::AppUnreachable));
+        }
+        Ok(response)
     }
 
     /// Waits for the response within the per-try timeout and feeds the outcome to
