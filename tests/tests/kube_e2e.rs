@@ -39,6 +39,8 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const CERT_TTL: &str = "60s";
 /// How long pods may take to come up on a busy 2-core machine.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(150);
+/// Rolling updates of the server under load.
+const ROLLOUTS: usize = 2;
 /// How long a policy may take to reach the proxies.
 const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -96,7 +98,8 @@ struct E2e {
 
 impl E2e {
     fn scenarios(&mut self, started: Instant) -> Result<()> {
-        self.timings.push(("cluster and kubelet start", started.elapsed()));
+        self.timings
+            .push(("cluster and kubelet start", started.elapsed()));
         self.phase("1 install", Self::install)?;
         self.phase("2 inject and mTLS", Self::inject_and_mtls)?;
         self.phase("3 policies", Self::policies)?;
@@ -134,10 +137,8 @@ impl E2e {
             manifests.contains(arg),
             "the Deployment's args changed:\n{manifests}"
         );
-        let manifests = manifests.replace(
-            arg,
-            &format!("{arg}            - --cert-ttl={CERT_TTL}\n"),
-        );
+        let manifests =
+            manifests.replace(arg, &format!("{arg}            - --cert-ttl={CERT_TTL}\n"));
         self.cluster.kubectl_apply_stdin(&manifests)?;
         self.wait_deployment(SYSTEM, "trellis-control", 2)?;
         let holder = self.leader()?;
@@ -147,10 +148,8 @@ impl E2e {
             "Lease holder {holder:?} is not one of {pods:?}"
         );
         // The leader keeps the webhook's caBundle equal to the CA root.
-        self.cluster.wait_until(
-            "the webhook's caBundle is set",
-            PROPAGATION_TIMEOUT,
-            |c| {
+        self.cluster
+            .wait_until("the webhook's caBundle is set", PROPAGATION_TIMEOUT, |c| {
                 let ca = c.kubectl(&[
                     "get",
                     "mutatingwebhookconfiguration",
@@ -159,8 +158,7 @@ impl E2e {
                     "jsonpath={.webhooks[0].clientConfig.caBundle}",
                 ])?;
                 Ok(!ca.trim().is_empty())
-            },
-        )?;
+            })?;
         // The control plane runs with its own token, as its ServiceAccount.
         let spec = self.kubectl(&[
             "get",
@@ -182,12 +180,7 @@ impl E2e {
 
     fn inject_and_mtls(&mut self) -> Result<()> {
         self.kubectl(&["create", "namespace", SHOP])?;
-        self.kubectl(&[
-            "label",
-            "namespace",
-            SHOP,
-            "trellis.io/inject=enabled",
-        ])?;
+        self.kubectl(&["label", "namespace", SHOP, "trellis.io/inject=enabled"])?;
         self.cluster.kubectl_apply_stdin(APPS)?;
         self.wait_deployment(SHOP, "web", 2)?;
         self.wait_deployment(SHOP, "client", 1)?;
@@ -197,7 +190,12 @@ impl E2e {
         // Injected: the proxy as a native sidecar, after the iptables init container.
         for pod in self.pod_names(SHOP, "app in (web, client)")? {
             let inits = self.kubectl(&[
-                "get", "pod", &pod, "-n", SHOP, "-o",
+                "get",
+                "pod",
+                &pod,
+                "-n",
+                SHOP,
+                "-o",
                 "jsonpath={range .spec.initContainers[*]}{.name}:{.restartPolicy} {end}",
             ])?;
             ensure!(
@@ -208,7 +206,11 @@ impl E2e {
         // The Job's requests went client sidecar -> mTLS -> web sidecar, whose
         // verified peer identity the app sees in x-forwarded-client-cert.
         let log = self.container_log(SHOP, "hello-", "hello")?;
-        let xfcc = format!("xfcc=By={};URI={}", spiffe(SHOP, "web"), spiffe(SHOP, "client"));
+        let xfcc = format!(
+            "xfcc=By={};URI={}",
+            spiffe(SHOP, "web"),
+            spiffe(SHOP, "client")
+        );
         ensure!(
             log.matches("HTTP 200").count() == 3 && log.matches(&xfcc).count() == 3,
             "job hello log (expected 3 answers with {xfcc}):\n{log}"
@@ -234,13 +236,25 @@ impl E2e {
         }
         // Plain text to a meshed server's pod IP, from outside the mesh, is refused.
         let web_ip = self.kubectl(&[
-            "get", "pods", "-n", SHOP, "-l", "app=web", "-o", "jsonpath={.items[0].status.podIP}",
+            "get",
+            "pods",
+            "-n",
+            SHOP,
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
         ])?;
         let node = self.cluster.node().clone();
         let out = self.bed.exec(
             &node,
             &self.app.to_string_lossy(),
-            &["http-get", &format!("http://{web_ip}:8080/hello"), "--timeout", "5"],
+            &[
+                "http-get",
+                &format!("http://{web_ip}:8080/hello"),
+                "--timeout",
+                "5",
+            ],
         )?;
         ensure!(
             !String::from_utf8_lossy(&out.stdout).contains("HTTP 200"),
@@ -282,7 +296,12 @@ impl E2e {
                 PROPAGATION_TIMEOUT,
                 |c| {
                     let out = c.kubectl(&[
-                        "get", kind, name, "-n", SHOP, "-o",
+                        "get",
+                        kind,
+                        name,
+                        "-n",
+                        SHOP,
+                        "-o",
                         "jsonpath={.status.conditions[?(@.type==\"Accepted\")].status}",
                     ])?;
                     Ok(out.trim() == "True")
@@ -371,7 +390,7 @@ impl E2e {
         let leader = self.leader()?;
         let client = self.client_pod()?;
         let client_name = self.pod_names(SHOP, "app=client")?.remove(0);
-        let load = self.start_load(&client, "failover")?;
+        let load = self.start_load(&client, "failover", 50)?;
         self.kubectl(&["delete", "pod", &leader, "-n", SYSTEM, "--wait=false"])?;
         let took = self.cluster.wait_until(
             "another replica takes the Lease",
@@ -404,20 +423,26 @@ impl E2e {
 
     // ----- 5 -----
 
+    /// Two rollouts in a row, so every request path of a pod going away (pooled
+    /// connections, endpoint removal, the app exiting before its sidecar) is crossed
+    /// several times.
     fn rolling_update(&mut self) -> Result<()> {
         let client = self.client_pod()?;
-        let before = self.pod_names(SHOP, "app=web")?;
-        let load = self.start_load(&client, "rollout")?;
-        self.kubectl(&["rollout", "restart", "deployment/web", "-n", SHOP])?;
-        self.wait_deployment(SHOP, "web", 2)?;
-        self.cluster.wait_until(
-            "the old web pods are gone",
-            ROLLOUT_TIMEOUT,
-            |c| {
-                let now = c.kubectl(&["get", "pods", "-n", SHOP, "-l", "app=web", "-o", "name"])?;
-                Ok(!before.iter().any(|p| now.contains(p.as_str())))
-            },
-        )?;
+        let load = self.start_load(&client, "rollout", 20)?;
+        for round in 0..ROLLOUTS {
+            let before = self.pod_names(SHOP, "app=web")?;
+            self.kubectl(&["rollout", "restart", "deployment/web", "-n", SHOP])?;
+            self.wait_deployment(SHOP, "web", 2)?;
+            self.cluster.wait_until(
+                &format!("rollout {round}: the old web pods are gone"),
+                ROLLOUT_TIMEOUT,
+                |c| {
+                    let now =
+                        c.kubectl(&["get", "pods", "-n", SHOP, "-l", "app=web", "-o", "name"])?;
+                    Ok(!before.iter().any(|p| now.contains(p.as_str())))
+                },
+            )?;
+        }
         self.stop_load(load, "rollout")
     }
 
@@ -434,20 +459,18 @@ impl E2e {
                      namespaces,configmaps,leases,secrets,serviceaccounts,roles,rolebindings,\
                      services,deployments,pods";
         let mut left = String::new();
-        let waited = self.cluster.wait_until(
-            "no Trellis object is left",
-            Duration::from_secs(120),
-            |c| {
-                let out = c.kubectl(&["get", kinds, "-A", "-o", "name"])?;
-                left = out
-                    .lines()
-                    // The test kubelet's Node Lease is not Trellis'.
-                    .filter(|l| l.contains("trellis") && !l.ends_with("/trellis-node"))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                Ok(left.is_empty())
-            },
-        );
+        let waited =
+            self.cluster
+                .wait_until("no Trellis object is left", Duration::from_secs(120), |c| {
+                    let out = c.kubectl(&["get", kinds, "-A", "-o", "name"])?;
+                    left = out
+                        .lines()
+                        // The test kubelet's Node Lease is not Trellis'.
+                        .filter(|l| l.contains("trellis") && !l.ends_with("/trellis-node"))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    Ok(left.is_empty())
+                });
         waited.with_context(|| format!("left behind:\n{left}"))?;
         Ok(())
     }
@@ -476,7 +499,13 @@ impl E2e {
             ROLLOUT_TIMEOUT,
             |c| {
                 let out = c.kubectl(&[
-                    "get", "job", name, "-n", ns, "-o", "jsonpath={.status.conditions[*].type}",
+                    "get",
+                    "job",
+                    name,
+                    "-n",
+                    ns,
+                    "-o",
+                    "jsonpath={.status.conditions[*].type}",
                 ])?;
                 if out.contains("Failed") {
                     bail!("job {name} failed: {out}");
@@ -504,7 +533,10 @@ impl E2e {
             .filter(|p| p["status"]["phase"] == "Running")
             .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
             .collect();
-        ensure!(!names.is_empty(), "no running pod in {ns} matches {selector}");
+        ensure!(
+            !names.is_empty(),
+            "no running pod in {ns} matches {selector}"
+        );
         Ok(names)
     }
 
@@ -566,18 +598,27 @@ impl E2e {
     }
 
     /// Steady GETs from `client` to the web Service until [`E2e::stop_load`].
-    fn start_load(&mut self, client: &Pod, name: &str) -> Result<ChildHandle> {
+    fn start_load(&mut self, client: &Pod, name: &str, interval_ms: u32) -> Result<ChildHandle> {
         let stop = self.bed.dir().join(format!("{name}.stop"));
         let url = format!("http://web.{SHOP}.svc.cluster.local/hello");
         let app = self.app.to_string_lossy().into_owned();
         let stop_arg = stop.to_string_lossy().into_owned();
+        let interval = interval_ms.to_string();
         let load = self.bed.spawn(
             client,
             Some(1000),
             &app,
             &[
-                "http-load", &url, "--count", "20000", "--interval-ms", "50", "--seconds", "300",
-                "--stop-file", &stop_arg,
+                "http-load",
+                &url,
+                "--count",
+                "20000",
+                "--interval-ms",
+                &interval,
+                "--seconds",
+                "300",
+                "--stop-file",
+                &stop_arg,
             ],
         )?;
         load.wait_for_log("load: started", Duration::from_secs(10))?;
@@ -606,7 +647,10 @@ impl E2e {
         let prefix = format!("{ns}_{pod_prefix}");
         for entry in std::fs::read_dir(&pods)? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if name.starts_with(&prefix) {
                 let log = path.join(format!("{container}.log"));
                 return std::fs::read_to_string(&log)
@@ -622,11 +666,14 @@ impl E2e {
         let mut logs = Vec::new();
         for entry in std::fs::read_dir(&pods)? {
             let path = entry?.path();
-            let dir = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let dir = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if let Some(rest) = dir.strip_prefix(&format!("{SYSTEM}_")) {
                 let pod = rest.rsplit_once('_').map_or(rest, |(name, _uid)| name);
-                let log = std::fs::read_to_string(path.join("trellis-control.log"))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(path.join("trellis-control.log")).unwrap_or_default();
                 logs.push((pod.to_owned(), strip_ansi(&log)));
             }
         }
