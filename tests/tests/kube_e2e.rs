@@ -546,8 +546,7 @@ impl E2e {
         let log = self.kubelet.log();
         let line = log
             .lines()
-            .filter(|l| l.contains(&span) && l.contains("pod network ready"))
-            .last()
+            .rfind(|l| l.contains(&span) && l.contains("pod network ready"))
             .with_context(|| format!("the kubelet never set up {ns}/{name}"))?;
         let field = |key: &str| -> Result<String> {
             line.split_whitespace()
