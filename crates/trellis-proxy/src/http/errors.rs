@@ -107,10 +107,21 @@ impl ProxyError {
     /// request never reached the app (it was gone, e.g. a pod shutting down during a
     /// rollout), so another endpoint may take it whatever its method.
     pub fn is_peer_app_unreachable<B>(response: &Response<B>) -> bool {
+        Self::is_from_peer(ProxyError::AppUnreachable, response)
+    }
+
+    /// Whether `response` is a peer sidecar's [`ProxyError::UpstreamReset`]: its app
+    /// took the request and broke off without an answer (killed mid-request, as when
+    /// its pod stops).
+    pub fn is_peer_app_reset<B>(response: &Response<B>) -> bool {
+        Self::is_from_peer(ProxyError::UpstreamReset, response)
+    }
+
+    fn is_from_peer<B>(error: ProxyError, response: &Response<B>) -> bool {
         response
             .headers()
             .get(TRELLIS_ERROR)
-            .is_some_and(|v| v.as_bytes() == ProxyError::AppUnreachable.reason().as_bytes())
+            .is_some_and(|v| v.as_bytes() == error.reason().as_bytes())
     }
 }
 

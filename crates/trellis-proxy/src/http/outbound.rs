@@ -383,6 +383,9 @@ struct Attempt<'a> {
 enum TryError {
     /// Nothing was sent: always safe to try elsewhere.
     Connect(ProxyError),
+    /// The peer's app broke off an idempotent request without an answer: safe to
+    /// send again (RFC 9110, 9.2.2), elsewhere.
+    PeerAppReset,
     /// Sent, no response.
     Reset,
     Timeout,
@@ -435,7 +438,11 @@ impl Attempt<'_> {
                     }
                     return Ok(response.map(|b| b.map_err(Into::into).boxed()));
                 }
-                Err(TryError::Connect(e)) => {
+                Err(failed @ (TryError::Connect(_) | TryError::PeerAppReset)) => {
+                    let e = match failed {
+                        TryError::Connect(e) => e,
+                        _ => ProxyError::UpstreamReset,
+                    };
                     connect_failures += 1;
                     // Nothing was sent: try another endpoint, within the budget when a
                     // policy asks for connect-failure retries.
@@ -580,6 +587,7 @@ impl Attempt<'_> {
         let Some(parts) = parts else {
             return Err(TryError::Reset);
         };
+        let idempotent = is_idempotent(&parts.method);
         let send = sender.send_request(Request::from_parts(parts, body));
         let response = self
             .finish(send, endpoint.dial, &active, started, true)
@@ -591,6 +599,10 @@ impl Attempt<'_> {
         if ProxyError::is_peer_app_unreachable(&response) {
             tracing::debug!(endpoint = %endpoint.dial, "the peer's app is unreachable; trying another endpoint");
             return Err(TryError::Connect(ProxyError::AppUnreachable));
+        }
+        if idempotent && ProxyError::is_peer_app_reset(&response) {
+            tracing::debug!(endpoint = %endpoint.dial, "the peer's app reset an idempotent request; trying another endpoint");
+            return Err(TryError::PeerAppReset);
         }
         Ok(response)
     }
