@@ -16,8 +16,9 @@
 //! 5. a rolling update of the server under steady traffic loses no request;
 //! 6. `trellisctl install | kubectl delete -f -` leaves no Trellis object behind.
 //!
-//! Not covered: HTTPRoute (the Gateway API CRDs are not shipped with Trellis, and
-//! nothing outside the package registries is reachable here to install them).
+//! Trellis does not ship the Gateway API CRDs; the test installs the HTTPRoute CRD of
+//! the standard channel from the `sigs.k8s.io/gateway-api` Go module (the module proxy
+//! serves it, as it serves the Kubernetes sources), as a user installs it.
 //!
 //! Needs root, network namespaces and Go (reported as ignored otherwise), and the
 //! workspace binaries (`cargo build -p trellisctl -p trellis-control -p trellis-proxy`).
@@ -103,6 +104,7 @@ impl E2e {
         self.phase("1 install", Self::install)?;
         self.phase("2 inject and mTLS", Self::inject_and_mtls)?;
         self.phase("3 policies", Self::policies)?;
+        self.phase("3 HTTPRoute", Self::http_route)?;
         self.phase("4 control-plane failover", Self::failover)?;
         self.phase("5 rolling update", Self::rolling_update)?;
         self.no_forbidden_in_control_plane_logs()?;
@@ -381,6 +383,48 @@ impl E2e {
         )?;
         let ok = self.get_from(&client, "/hello")?;
         ensure!(ok.contains("HTTP 200"), "GET /hello after the policy: {ok}");
+        self.no_forbidden_in_control_plane_logs()
+    }
+
+    /// A GAMMA route (parent: the web Service) sends `/v2` to another Service.
+    fn http_route(&mut self) -> Result<()> {
+        self.cluster
+            .kubectl_apply_stdin(&gateway_api_http_route_crd()?)?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/httproutes.gateway.networking.k8s.io",
+            "--timeout=50s",
+        ])?;
+        self.cluster.kubectl_apply_stdin(WEB_V2)?;
+        self.wait_deployment(SHOP, "web-v2", 1)?;
+        // The Gateway API's own CEL rules, enforced by the API server.
+        let err = self
+            .cluster
+            .kubectl_apply_stdin(BAD_ROUTE)
+            .err()
+            .context("an HTTPRoute with a port-less Service backend was accepted")?;
+        let err = format!("{err:#}");
+        ensure!(
+            err.contains("spec.rules[0].backendRefs[0]") && err.contains("Must have port"),
+            "rejection does not name the backendRef: {err}"
+        );
+        self.cluster.kubectl_apply_stdin(ROUTE)?;
+        let client = self.client_pod()?;
+        self.bed.eventually(
+            "GET /v2/hello from the client is routed to web-v2",
+            PROPAGATION_TIMEOUT,
+            || {
+                Ok(self
+                    .get_from(&client, "/v2/hello")?
+                    .contains("v2 GET /v2/hello"))
+            },
+        )?;
+        let other = self.get_from(&client, "/hello")?;
+        ensure!(
+            other.contains("HTTP 200") && other.contains("path=/hello"),
+            "GET /hello no longer reaches web: {other}"
+        );
         self.no_forbidden_in_control_plane_logs()
     }
 
@@ -741,6 +785,32 @@ fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}")
 }
 
+/// The Gateway API release whose HTTPRoute CRD the test installs.
+const GATEWAY_API_MODULE: &str = "sigs.k8s.io/gateway-api@v1.4.0";
+
+/// The standard-channel HTTPRoute CRD, from the Gateway API's Go module (downloaded
+/// through the Go module proxy into the module cache, once per machine).
+fn gateway_api_http_route_crd() -> Result<String> {
+    let out = std::process::Command::new("go")
+        .args(["mod", "download", "-json", GATEWAY_API_MODULE])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .context("run go mod download")?;
+    ensure!(
+        out.status.success(),
+        "go mod download {GATEWAY_API_MODULE}: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).context("go mod download JSON")?;
+    let dir = info["Dir"]
+        .as_str()
+        .context("no Dir from go mod download")?;
+    let crd =
+        PathBuf::from(dir).join("config/crd/standard/gateway.networking.k8s.io_httproutes.yaml");
+    std::fs::read_to_string(&crd).with_context(|| format!("read {}", crd.display()))
+}
+
 fn trellisctl(args: &[&str]) -> Result<String> {
     let bin = target_binary("trellisctl")?;
     let out = std::process::Command::new(&bin)
@@ -853,6 +923,54 @@ kind: PeerAuthentication
 metadata: { name: strict, namespace: shop }
 spec:
   mtls: { mode: STRICT }
+"#;
+
+/// A second version of the server, reached only through the route.
+const WEB_V2: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: web-v2, namespace: shop }
+spec:
+  replicas: 1
+  selector: { matchLabels: { app: web-v2 } }
+  template:
+    metadata: { labels: { app: web-v2 } }
+    spec:
+      serviceAccountName: web
+      containers:
+        - name: web
+          image: ghcr.io/trellis-mesh/trellis-testapp:latest
+          args: ["http-echo", "--listen", "0.0.0.0:8080", "--name", "v2"]
+          ports: [{ name: http, containerPort: 8080 }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web-v2, namespace: shop }
+spec:
+  selector: { app: web-v2 }
+  ports: [{ name: http, port: 80, targetPort: http }]
+"#;
+
+const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web-v2, namespace: shop }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
+  rules:
+    - matches: [{ path: { type: PathPrefix, value: /v2 } }]
+      backendRefs: [{ name: web-v2, port: 80 }]
+    - backendRefs: [{ name: web, port: 80 }]
+"#;
+
+const BAD_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: bad-route, namespace: shop }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
+  rules:
+    - backendRefs: [{ name: web-v2 }]
 "#;
 
 const BAD_ACTION: &str = r#"
