@@ -41,7 +41,7 @@ const CERT_TTL: &str = "60s";
 /// How long pods may take to come up on a busy 2-core machine.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(150);
 /// Rolling updates of the server under load.
-const ROLLOUTS: usize = 2;
+const ROLLOUTS: usize = 3;
 /// How long a policy may take to reach the proxies.
 const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(60);
 

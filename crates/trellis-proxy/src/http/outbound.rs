@@ -665,8 +665,21 @@ trait IsConnectError {
 }
 
 impl IsConnectError for hyper::Error {
-    /// The mesh connection was already up: anything failing now may have been sent.
+    /// The mesh connection was already up: a failure now may have been sent, unless
+    /// hyper never wrote the request (canceled: the connection closed first, e.g. on
+    /// the peer's GOAWAY as its pod stops) or the peer refused the stream unprocessed
+    /// (HTTP/2 REFUSED_STREAM, also what a GOAWAY's last stream id implies).
     fn is_connect_error(&self) -> bool {
+        if self.is_canceled() {
+            return true;
+        }
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = e.source();
+        }
         false
     }
 }
