@@ -323,6 +323,7 @@ pub async fn start_kube_with(
     running.tasks.push(tokio::spawn(ca_root::publish_ca_root(
         client.clone(),
         running.root_pem.clone(),
+        kube_options.namespace.clone(),
         namespaces_rx.clone(),
         leading.clone(),
     )));

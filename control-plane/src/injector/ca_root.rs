@@ -3,13 +3,16 @@
 //! proxies mount as a configMap volume. The leader writes it (server-side apply,
 //! field manager `trellis-control`) into every namespace but Kubernetes' own, so a
 //! Pod injected offline by `trellisctl inject` finds it too, and a new root reaches
-//! running Pods without re-creating them.
+//! running Pods without re-creating them. Each is owned by the control plane's
+//! Namespace, so uninstalling Trellis (which deletes that namespace) lets the garbage
+//! collector remove them from every namespace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -25,12 +28,13 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// After a failed write, how long before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
-/// The ConfigMap as applied.
-pub fn config_map(namespace: &str, root_pem: &str) -> ConfigMap {
+/// The ConfigMap as applied, owned by `owner` (the control plane's Namespace).
+pub fn config_map(namespace: &str, root_pem: &str, owner: &OwnerReference) -> ConfigMap {
     ConfigMap {
         metadata: ObjectMeta {
             name: Some(CA_ROOT_CONFIGMAP.to_owned()),
             namespace: Some(namespace.to_owned()),
+            owner_references: Some(vec![owner.clone()]),
             labels: Some(BTreeMap::from([
                 ("app.kubernetes.io/part-of".to_owned(), "trellis".to_owned()),
                 (
@@ -49,13 +53,16 @@ pub fn config_map(namespace: &str, root_pem: &str) -> ConfigMap {
 }
 
 /// Writes the root into every namespace while `leading`; runs until `namespaces`
-/// closes. A closed `leading` channel keeps its last value.
+/// closes. A closed `leading` channel keeps its last value. `own_namespace` (the
+/// control plane's) owns the ConfigMaps; none is written until it has been read.
 pub async fn publish_ca_root(
     client: Client,
     root_pem: String,
+    own_namespace: String,
     mut namespaces: watch::Receiver<Arc<NamespaceLabels>>,
     mut leading: watch::Receiver<bool>,
 ) {
+    let mut owner: Option<OwnerReference> = None;
     // Namespaces written since the last resync (or since becoming leader).
     let mut written = BTreeSet::new();
     let mut leading_open = true;
@@ -65,12 +72,21 @@ pub async fn publish_ca_root(
         let leads = *leading.borrow_and_update();
         let current = namespaces.borrow_and_update().clone();
         let mut failed = 0;
-        if leads {
+        if leads && owner.is_none() {
+            match namespace_owner(&client, &own_namespace).await {
+                Ok(reference) => owner = Some(reference),
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(namespace = %own_namespace, error = %e, "reading the control plane's namespace failed; the mesh root ConfigMaps wait for it");
+                }
+            }
+        }
+        if leads && let Some(owner) = &owner {
             for namespace in current.keys() {
                 if SKIPPED.contains(&namespace.as_str()) || written.contains(namespace) {
                     continue;
                 }
-                match apply(&client, namespace, &root_pem).await {
+                match apply(&client, namespace, &root_pem, owner).await {
                     Ok(()) => {
                         written.insert(namespace.clone());
                     }
@@ -100,10 +116,28 @@ pub async fn publish_ca_root(
     }
 }
 
-async fn apply(client: &Client, namespace: &str, root_pem: &str) -> Result<(), kube::Error> {
+/// A reference to Namespace `name` as an owner. Not blocking its deletion: the
+/// garbage collector removes the ConfigMaps once the namespace is gone.
+async fn namespace_owner(client: &Client, name: &str) -> Result<OwnerReference, kube::Error> {
+    let namespace = Api::<Namespace>::all(client.clone()).get(name).await?;
+    Ok(OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "Namespace".to_owned(),
+        name: name.to_owned(),
+        uid: namespace.metadata.uid.unwrap_or_default(),
+        ..OwnerReference::default()
+    })
+}
+
+async fn apply(
+    client: &Client,
+    namespace: &str,
+    root_pem: &str,
+    owner: &OwnerReference,
+) -> Result<(), kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let object = config_map(namespace, root_pem);
+    let object = config_map(namespace, root_pem, owner);
     api.patch(CA_ROOT_CONFIGMAP, &params, &Patch::Apply(&object))
         .await?;
     tracing::debug!(namespace, "mesh root ConfigMap written");

@@ -165,6 +165,7 @@ impl Inbound {
             state: self.state.clone(),
             metrics: self.metrics.clone(),
             path_normalization: self.config.path_normalization,
+            drain: self.drain.clone(),
         }
     }
 

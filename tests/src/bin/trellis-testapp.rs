@@ -107,6 +107,23 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Steady GETs, one connection each, every `--interval-ms`, until `--count`,
+    /// `--seconds` or `--stop-file` exists; prints each failure and a summary.
+    HttpLoad {
+        /// `http://host[:port][/path]`; the host is resolved via /etc/hosts.
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Seconds one request may take.
+        #[arg(long, default_value_t = 5)]
+        request_timeout: u64,
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+    },
     /// Sends one line to a TCP server and prints the line it answers.
     TcpSend {
         addr: String,
@@ -165,6 +182,24 @@ async fn main() {
             line,
             timeout,
         } => within(timeout, tcp_send(&addr, &line)).await,
+        Cmd::HttpLoad {
+            url,
+            count,
+            interval_ms,
+            seconds,
+            request_timeout,
+            stop_file,
+        } => {
+            load::run(load::Load {
+                url,
+                count,
+                interval: Duration::from_millis(interval_ms),
+                seconds,
+                request_timeout: Duration::from_secs(request_timeout),
+                stop_file,
+            })
+            .await
+        }
         Cmd::SlowHeaders {
             addr,
             connections,
@@ -179,6 +214,8 @@ async fn main() {
 
 #[path = "trellis-testapp/inspect.rs"]
 mod inspect;
+#[path = "trellis-testapp/load.rs"]
+mod load;
 
 async fn within(secs: u64, fut: impl Future<Output = Result<()>>) -> Result<()> {
     tokio::time::timeout(Duration::from_secs(secs), fut)

@@ -168,11 +168,22 @@ impl ServiceProxy {
         };
         let hosts = hosts_file(&views, entry.ip, &entry.hostname);
         let rules = restore_input(&views);
-        if entry.written.as_ref() == Some(&(hosts.clone(), rules.clone())) {
+        let (hosts_same, rules_same) = entry
+            .written
+            .as_ref()
+            .map_or((false, false), |(h, r)| (*h == hosts, *r == rules));
+        // Each only when it changed: the hosts file is rewritten in place (truncated,
+        // then written), so a name looked up meanwhile would not resolve, and
+        // endpoints change far more often than Services.
+        if !hosts_same {
+            crate::netns::write_hosts(netns, &hosts)?;
+        }
+        if !rules_same {
+            iptables_restore(netns, &rules).await?;
+        }
+        if hosts_same && rules_same {
             return Ok(());
         }
-        crate::netns::write_hosts(netns, &hosts)?;
-        iptables_restore(netns, &rules).await?;
         tracing::debug!(%netns, services = views.len(), "kube-proxy rules written");
         if let Ok(mut pods) = self.pods.lock()
             && let Some(e) = pods.get_mut(netns)

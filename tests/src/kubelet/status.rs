@@ -217,7 +217,8 @@ impl PodState {
             "conditions": conditions,
             "initContainerStatuses": self.inits.iter().map(|c| c.to_status(true)).collect::<Vec<_>>(),
             "containerStatuses": self.apps.iter().map(|c| c.to_status(false)).collect::<Vec<_>>(),
-            "qosClass": "BestEffort",
+            // No qosClass: the API server sets it at creation from the resources (a
+            // pod with requests is not BestEffort) and refuses any change.
         })
     }
 }

@@ -40,6 +40,12 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn the_leader_writes_the_root_into_every_namespace() {
     let mut api = FakeApi::new();
+    api.reply(
+        Method::GET,
+        "/api/v1/namespaces/trellis-system",
+        200,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "trellis-system", "uid": "ns-uid-1"}}),
+    );
     for ns in ["shop", "trellis-system", "billing"] {
         api.reply(Method::PATCH, &path(ns), 200, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "trellis-ca-root", "namespace": ns}}));
     }
@@ -47,7 +53,13 @@ async fn the_leader_writes_the_root_into_every_namespace() {
     let (namespaces_tx, namespaces) =
         watch::channel(labels(&["shop", "trellis-system", "kube-system"]));
     let (leading_tx, leading) = watch::channel(false);
-    let task = tokio::spawn(publish_ca_root(client, ROOT.into(), namespaces, leading));
+    let task = tokio::spawn(publish_ca_root(
+        client,
+        ROOT.into(),
+        "trellis-system".into(),
+        namespaces,
+        leading,
+    ));
 
     // A follower: a namespace change wakes it, and it writes nothing.
     namespaces_tx
@@ -78,12 +90,27 @@ async fn the_leader_writes_the_root_into_every_namespace() {
         seen.count("PATCH ") == 3
     })
     .await;
-    let requests = seen.requests();
+    let requests: Vec<String> = seen
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("PATCH "))
+        .collect();
     let query = "&force=true&fieldManager=trellis-control";
     for (i, ns) in ["shop", "trellis-system", "billing"].iter().enumerate() {
         assert_eq!(requests[i], format!("PATCH {}?{query}", path(ns)));
     }
-    let body = &seen.bodies()[0];
+    // The control plane's namespace is read once, as the owner of every copy.
+    assert_eq!(seen.count("GET /api/v1/namespaces/trellis-system"), 1);
+    let bodies: Vec<_> = seen
+        .bodies()
+        .into_iter()
+        .filter(|b| b["kind"] == "ConfigMap")
+        .collect();
+    let body = &bodies[0];
+    assert_eq!(
+        body["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "Namespace", "name": "trellis-system", "uid": "ns-uid-1"}])
+    );
     assert_eq!(body["kind"], "ConfigMap");
     assert_eq!(body["metadata"]["name"], "trellis-ca-root");
     assert_eq!(body["data"]["root-cert.pem"], ROOT);

@@ -263,7 +263,11 @@ impl Registry {
                 (Kind::ServiceAccount, self.state.service_accounts.apply(*e))
             }
             Change::Custom(kind, e) => {
-                if self.absent.remove(&kind).is_some() {
+                // The watcher announces every relist with `Init`, also the ones that
+                // then fail with 404: only a listed object or a finished list shows
+                // the CRD is there.
+                let listed = !matches!(*e, Event::Init);
+                if listed && self.absent.remove(&kind).is_some() {
                     tracing::info!(kind = kind.name(), "optional CRD is now installed");
                 }
                 let Some(store) = self.state.custom_mut(kind) else {

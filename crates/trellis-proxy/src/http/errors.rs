@@ -7,6 +7,10 @@ use http_body_util::{BodyExt, Full};
 
 use super::Body;
 
+/// The header on every answer the proxy makes itself, saying why. Only proxies set
+/// it: the inbound side removes it from the app's responses.
+pub const TRELLIS_ERROR: &str = "trellis-error";
+
 /// Why the proxy answered instead of the app.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProxyError {
@@ -95,8 +99,29 @@ impl ProxyError {
         };
         response
             .headers_mut()
-            .insert("trellis-error", HeaderValue::from_static(reason));
+            .insert(TRELLIS_ERROR, HeaderValue::from_static(reason));
         response
+    }
+
+    /// Whether `response` is a peer sidecar's [`ProxyError::AppUnreachable`]: the
+    /// request never reached the app (it was gone, e.g. a pod shutting down during a
+    /// rollout), so another endpoint may take it whatever its method.
+    pub fn is_peer_app_unreachable<B>(response: &Response<B>) -> bool {
+        Self::is_from_peer(ProxyError::AppUnreachable, response)
+    }
+
+    /// Whether `response` is a peer sidecar's [`ProxyError::UpstreamReset`]: its app
+    /// took the request and broke off without an answer (killed mid-request, as when
+    /// its pod stops).
+    pub fn is_peer_app_reset<B>(response: &Response<B>) -> bool {
+        Self::is_from_peer(ProxyError::UpstreamReset, response)
+    }
+
+    fn is_from_peer<B>(error: ProxyError, response: &Response<B>) -> bool {
+        response
+            .headers()
+            .get(TRELLIS_ERROR)
+            .is_some_and(|v| v.as_bytes() == error.reason().as_bytes())
     }
 }
 

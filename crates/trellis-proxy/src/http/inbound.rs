@@ -43,6 +43,10 @@ pub struct InboundConnection {
     pub state: tokio::sync::watch::Receiver<Arc<crate::discovery::MeshState>>,
     pub metrics: crate::metrics::Metrics,
     pub path_normalization: PathNormalization,
+    /// On shutdown the connection is closed gracefully (HTTP/2 GOAWAY, HTTP/1 close
+    /// after the request in flight), so callers move to other endpoints instead of
+    /// sending into a connection cut at the end of the drain.
+    pub drain: crate::drain::Drain,
 }
 
 /// How the request reached this proxy.
@@ -61,19 +65,27 @@ impl InboundConnection {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let drain = self.drain.clone();
         let this = Arc::new(Handler::new(self));
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.handle(req, Downstream::Http2).await) }
         });
-        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Fixed, generous windows: adaptive sizing pings for every BDP sample,
             // which showed in the profile.
             .initial_stream_window_size(MESH_STREAM_WINDOW)
             .initial_connection_window_size(MESH_CONNECTION_WINDOW)
-            .serve_connection(TokioIo::new(io), svc)
-            .await;
+            .serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = drain.signaled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
         if let Err(e) = result {
             tracing::debug!(error = %e, "inbound HTTP/2 connection ended");
         }
@@ -85,17 +97,25 @@ impl InboundConnection {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let drain = self.drain.clone();
         let handler = Arc::new(Handler::new(self));
         let this = handler.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.handle(req, Downstream::Http1).await) }
         });
-        let result = hyper::server::conn::http1::Builder::new()
+        let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades()
-            .await;
+            .with_upgrades();
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = drain.signaled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
         if let Err(e) = result {
             tracing::debug!(error = %e, "inbound HTTP/1 connection ended");
         }
@@ -240,7 +260,12 @@ impl Handler {
             },
         };
         match sent {
-            Ok(response) => response,
+            Ok(mut response) => {
+                // The app cannot speak for the proxy (a forged marker would make
+                // clients send the request to another endpoint).
+                response.headers_mut().remove(super::errors::TRELLIS_ERROR);
+                response
+            }
             Err(e) => self.app_failed(&e, grpc),
         }
     }

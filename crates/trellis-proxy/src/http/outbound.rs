@@ -383,6 +383,9 @@ struct Attempt<'a> {
 enum TryError {
     /// Nothing was sent: always safe to try elsewhere.
     Connect(ProxyError),
+    /// The peer's app broke off an idempotent request without an answer: safe to
+    /// send again (RFC 9110, 9.2.2), elsewhere.
+    PeerAppReset,
     /// Sent, no response.
     Reset,
     Timeout,
@@ -419,8 +422,9 @@ impl Attempt<'_> {
                 Some(Replay::Stream(incoming)) => (incoming.map_err(Into::into).boxed(), None),
                 None => return Err(ProxyError::UpstreamReset),
             };
+            let replayable = replay.is_some();
             let outcome = self
-                .try_once(&mut parts, send_body, &tried, &mut last_tried)
+                .try_once(&mut parts, send_body, replayable, &tried, &mut last_tried)
                 .await;
             body = replay;
             let can_retry = body.is_some();
@@ -434,7 +438,11 @@ impl Attempt<'_> {
                     }
                     return Ok(response.map(|b| b.map_err(Into::into).boxed()));
                 }
-                Err(TryError::Connect(e)) => {
+                Err(failed @ (TryError::Connect(_) | TryError::PeerAppReset)) => {
+                    let e = match failed {
+                        TryError::Connect(e) => e,
+                        _ => ProxyError::UpstreamReset,
+                    };
                     connect_failures += 1;
                     // Nothing was sent: try another endpoint, within the budget when a
                     // policy asks for connect-failure retries.
@@ -489,6 +497,7 @@ impl Attempt<'_> {
         &self,
         parts: &mut Option<http::request::Parts>,
         body: Body,
+        replayable: bool,
         tried: &[std::net::SocketAddr],
         picked_dial: &mut Option<std::net::SocketAddr>,
     ) -> Result<Response<Incoming>, TryError> {
@@ -565,7 +574,9 @@ impl Attempt<'_> {
                 return Err(TryError::Connect(kind));
             }
         };
-        let parts = if self.retry.is_some() {
+        // A request that can be sent again keeps its head, for a retry policy or for
+        // a peer whose app is gone (see below).
+        let parts = if self.retry.is_some() || replayable {
             parts.as_ref().map(clone_parts)
         } else {
             parts.take().map(|mut p| {
@@ -576,9 +587,24 @@ impl Attempt<'_> {
         let Some(parts) = parts else {
             return Err(TryError::Reset);
         };
+        let idempotent = is_idempotent(&parts.method);
         let send = sender.send_request(Request::from_parts(parts, body));
-        self.finish(send, endpoint.dial, &active, started, true)
-            .await
+        let response = self
+            .finish(send, endpoint.dial, &active, started, true)
+            .await?;
+        // The peer's app was not there (it exits first when its pod stops, while
+        // this proxy may still hold a connection to the pod's sidecar): nothing
+        // reached an app, so the request may go to another endpoint, like a
+        // connect failure.
+        if ProxyError::is_peer_app_unreachable(&response) {
+            tracing::debug!(endpoint = %endpoint.dial, "the peer's app is unreachable; trying another endpoint");
+            return Err(TryError::Connect(ProxyError::AppUnreachable));
+        }
+        if idempotent && ProxyError::is_peer_app_reset(&response) {
+            tracing::debug!(endpoint = %endpoint.dial, "the peer's app reset an idempotent request; trying another endpoint");
+            return Err(TryError::PeerAppReset);
+        }
+        Ok(response)
     }
 
     /// Waits for the response within the per-try timeout and feeds the outcome to
@@ -639,8 +665,21 @@ trait IsConnectError {
 }
 
 impl IsConnectError for hyper::Error {
-    /// The mesh connection was already up: anything failing now may have been sent.
+    /// The mesh connection was already up: a failure now may have been sent, unless
+    /// hyper never wrote the request (canceled: the connection closed first, e.g. on
+    /// the peer's GOAWAY as its pod stops) or the peer refused the stream unprocessed
+    /// (HTTP/2 REFUSED_STREAM, also what a GOAWAY's last stream id implies).
     fn is_connect_error(&self) -> bool {
+        if self.is_canceled() {
+            return true;
+        }
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = e.source();
+        }
         false
     }
 }
