@@ -196,6 +196,15 @@ fn target<'a>(
     }
 }
 
+/// A GET through the HTTP/1.1 pool, the way the outbound sends one.
+async fn send_h1(
+    pool: &MeshHttp1Pool,
+    target: &Target<'_>,
+) -> Result<Response<Body>, MeshHttp1Error> {
+    let checkout = pool.checkout(target).await?;
+    pool.send(checkout, target, get("/")).await
+}
+
 fn get(path: &str) -> Request<Body> {
     Request::get(path)
         .header(http::header::HOST, "web.default")
@@ -227,8 +236,7 @@ async fn http1_requests_reuse_one_connection_and_new_connections_resume_tls() {
     let web = id("web");
     for _ in 0..3 {
         gate.add_permits(1);
-        let response = pool
-            .send(&target(addr, &web, &client, 8), get("/"))
+        let response = send_h1(&pool, &target(addr, &web, &client, 8))
             .await
             .unwrap();
         read_ok(response).await;
@@ -245,8 +253,7 @@ async fn http1_requests_reuse_one_connection_and_new_connections_resume_tls() {
         .map(|_| {
             let (pool, client, web) = (pool.clone(), client.clone(), web.clone());
             tokio::spawn(async move {
-                let response = pool
-                    .send(&target(addr, &web, &client, 8), get("/"))
+                let response = send_h1(&pool, &target(addr, &web, &client, 8))
                     .await
                     .unwrap();
                 read_ok(response).await;
@@ -286,8 +293,7 @@ async fn http1_connections_are_bounded_and_requests_wait_their_turn() {
             let (pool, client) = (pool.clone(), client.clone());
             tokio::spawn(async move {
                 let web = id("web");
-                let response = pool
-                    .send(&target(addr, &web, &client, 2), get("/"))
+                let response = send_h1(&pool, &target(addr, &web, &client, 2))
                     .await
                     .unwrap();
                 read_ok(response).await;
@@ -329,8 +335,7 @@ async fn a_request_that_waits_too_long_for_a_connection_is_refused_as_busy() {
     let first = {
         let (pool, client, web) = (pool.clone(), client.clone(), web.clone());
         tokio::spawn(async move {
-            let response = pool
-                .send(&target(addr, &web, &client, 1), get("/"))
+            let response = send_h1(&pool, &target(addr, &web, &client, 1))
                 .await
                 .unwrap();
             read_ok(response).await;
@@ -342,7 +347,7 @@ async fn a_request_that_waits_too_long_for_a_connection_is_refused_as_busy() {
     .await;
     let mut short = target(addr, &web, &client, 1);
     short.connect_timeout = Duration::from_millis(100);
-    let err = pool.send(&short, get("/")).await.unwrap_err();
+    let err = send_h1(&pool, &short).await.unwrap_err();
     assert!(matches!(err, MeshHttp1Error::Busy { max: 1, .. }), "{err}");
     assert!(
         err.is_connect_error(),
@@ -365,8 +370,7 @@ async fn a_connection_the_peer_closed_while_idle_is_replaced_without_an_error() 
     let pool = MeshHttp1Pool::new(Metrics::new());
     let web = id("web");
     for round in 1..=3 {
-        let response = pool
-            .send(&target(addr, &web, &client, 4), get("/"))
+        let response = send_h1(&pool, &target(addr, &web, &client, 4))
             .await
             .unwrap();
         read_ok(response).await;
@@ -385,8 +389,7 @@ async fn an_http1_connection_is_never_made_to_a_peer_proving_another_identity() 
     let client = workload(&ca, "client");
     let pool = MeshHttp1Pool::new(Metrics::new());
     let web = id("web");
-    let err = pool
-        .send(&target(addr, &web, &client, 4), get("/"))
+    let err = send_h1(&pool, &target(addr, &web, &client, 4))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("mTLS handshake"), "{err}");
@@ -511,15 +514,21 @@ async fn evicting_a_broken_connection_leaves_a_fresh_one_alone() {
         .await
         .unwrap();
     assert!(!fresh.is_closed());
-    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    eventually(
+        "the server accepted the second connection",
+        WAIT,
+        || async { seen.accepted.load(Ordering::SeqCst) == 2 },
+    )
+    .await;
     // Only now does the request that was on the broken one report its failure.
     pool.evict(addr, &broken);
     assert_eq!(pool.len(), 1, "the fresh connection stays pooled");
-    let again = pool
+    let mut again = pool
         .sender(addr, &web, &client, timeout, "svc", None)
         .await
         .unwrap();
-    assert!(!again.is_closed());
+    let request = Request::get("http://web.default/").body(body(b"")).unwrap();
+    read_ok(again.send_request(request).await.unwrap()).await;
     assert_eq!(
         seen.accepted.load(Ordering::SeqCst),
         2,

@@ -190,15 +190,10 @@ impl MeshHttp1Pool {
         }
     }
 
-    /// Sends `request` (origin-form target, `Host` set) to the target's sidecar on an
-    /// idle connection or a new one, waiting up to the connect timeout when all the
-    /// endpoint's connections are busy. The response body holds the connection until
-    /// it ends.
-    pub async fn send(
-        &self,
-        target: &Target<'_>,
-        request: Request<Body>,
-    ) -> Result<Response<Body>, MeshHttp1Error> {
+    /// A connection to the target's sidecar for one request: an idle one or a new
+    /// one, waiting up to the connect timeout when all the endpoint's connections are
+    /// busy. Nothing is sent yet, so a failure here is safe to try elsewhere.
+    pub async fn checkout(&self, target: &Target<'_>) -> Result<Checkout, MeshHttp1Error> {
         let home = self.endpoint(target);
         let permit = match home.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -218,32 +213,46 @@ impl MeshHttp1Pool {
             }
         };
         let idle = poll_fn(|cx| Poll::Ready(home.take_idle(cx, target.tls))).await;
-        let mut request = request;
-        if let Some(conn) = idle {
-            let lease = Lease { conn, permit, home };
-            match lease.send(request, target.addr).await {
-                Ok(response) => return Ok(response),
-                // The peer closed it just before: the request comes back unsent and
-                // goes on a new connection.
-                Err(Unsent::Returned(back, lease)) => {
-                    request = back;
-                    return self
-                        .send_fresh(target, request, lease.permit, lease.home)
-                        .await;
-                }
-                Err(Unsent::Failed(e)) => return Err(e),
-            }
-        }
-        self.send_fresh(target, request, permit, home).await
+        let (conn, reused) = match idle {
+            Some(conn) => (conn, true),
+            None => (self.connect(target).await?, false),
+        };
+        Ok(Checkout {
+            lease: Lease { conn, permit, home },
+            reused,
+        })
     }
 
-    async fn send_fresh(
+    /// Sends `request` (origin-form target, `Host` set) on the checked-out connection.
+    /// The response body holds the connection until it ends.
+    pub async fn send(
         &self,
+        checkout: Checkout,
         target: &Target<'_>,
         request: Request<Body>,
-        permit: OwnedSemaphorePermit,
-        home: Arc<EndpointConns>,
     ) -> Result<Response<Body>, MeshHttp1Error> {
+        let addr = target.addr;
+        match checkout.lease.send(request, addr).await {
+            Ok(response) => Ok(response),
+            // The peer closed an idle connection just before: the request comes back
+            // unsent and goes on a new connection.
+            Err(Unsent::Returned(request, old)) if checkout.reused => {
+                let Lease { permit, home, .. } = old;
+                let conn = self.connect(target).await?;
+                let lease = Lease { conn, permit, home };
+                match lease.send(request, addr).await {
+                    Ok(response) => Ok(response),
+                    Err(Unsent::Returned(..)) => Err(MeshHttp1Error::Closed { addr }),
+                    Err(Unsent::Failed(e)) => Err(e),
+                }
+            }
+            Err(Unsent::Returned(..)) => Err(MeshHttp1Error::Closed { addr }),
+            Err(Unsent::Failed(e)) => Err(e),
+        }
+    }
+
+    /// A new connection, counted for telemetry.
+    async fn connect(&self, target: &Target<'_>) -> Result<Conn, MeshHttp1Error> {
         let conn = connect(target).await?;
         self.metrics
             .outbound_connections
@@ -252,12 +261,7 @@ impl MeshHttp1Pool {
                 peer_identity: target.identity.to_string(),
             })
             .inc();
-        let lease = Lease { conn, permit, home };
-        match lease.send(request, target.addr).await {
-            Ok(response) => Ok(response),
-            Err(Unsent::Returned(_, _)) => Err(MeshHttp1Error::Closed { addr: target.addr }),
-            Err(Unsent::Failed(e)) => Err(e),
-        }
+        Ok(conn)
     }
 
     fn endpoint(&self, target: &Target<'_>) -> Arc<EndpointConns> {
@@ -299,6 +303,13 @@ impl MeshHttp1Pool {
             .flat_map(|at_addr| at_addr.iter().map(|e| e.idle().len()).collect::<Vec<_>>())
             .sum()
     }
+}
+
+/// A connection held for one request (see `MeshHttp1Pool::checkout`).
+pub struct Checkout {
+    lease: Lease,
+    /// It was idle in the pool, so the peer may have closed it meanwhile.
+    reused: bool,
 }
 
 /// How a send on a borrowed connection ended without a response.

@@ -573,10 +573,6 @@ impl Attempt<'_> {
             .as_ref()
             .is_some_and(|p| p.version == Version::HTTP_11)
         {
-            let parts = self.parts_for_try(parts);
-            let Some(parts) = parts else {
-                return Err(TryError::Reset);
-            };
             let target = super::mesh_h1::Target {
                 addr: endpoint.dial,
                 identity,
@@ -589,11 +585,7 @@ impl Attempt<'_> {
                 idle: self.policy.idle_timeout,
                 service: &self.backend.service,
             };
-            let send = self
-                .outbound
-                .http1_pool
-                .send(&target, Request::from_parts(parts, body));
-            return self.finish(send, endpoint.dial, &active, started).await;
+            return self.try_http1(&target, parts, body, &active, started).await;
         }
         let sender = self
             .outbound
@@ -609,19 +601,7 @@ impl Attempt<'_> {
             .await;
         let mut sender = match sender {
             Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(endpoint = %endpoint.dial, error = %e, "connect failed");
-                active
-                    .stats()
-                    .observe(started.elapsed(), false, &self.policy.outlier);
-                let kind = match *e {
-                    PoolError::Connect { .. } | PoolError::Handshake { .. } => {
-                        ProxyError::ConnectFailed
-                    }
-                    _ => ProxyError::UpstreamReset,
-                };
-                return Err(TryError::Connect(kind));
-            }
+            Err(e) => return Err(self.connect_failed(endpoint.dial, &e, &active, started)),
         };
         let Some(parts) = self.parts_for_try(parts) else {
             return Err(TryError::Reset);
@@ -634,6 +614,52 @@ impl Attempt<'_> {
             self.outbound.pool.evict(endpoint.dial, &sender);
         }
         result
+    }
+
+    /// One try of an HTTP/1.1 caller's request, kept HTTP/1.1 on a pooled connection.
+    async fn try_http1(
+        &self,
+        target: &super::mesh_h1::Target<'_>,
+        parts: &mut Option<http::request::Parts>,
+        body: Body,
+        active: &crate::balance::ActiveGuard,
+        started: Instant,
+    ) -> Result<Response<Body>, TryError> {
+        let pool = &self.outbound.http1_pool;
+        let checkout = match pool.checkout(target).await {
+            Ok(checkout) => checkout,
+            Err(MeshHttp1Error::Connect(e)) => {
+                return Err(self.connect_failed(target.addr, &e, active, started));
+            }
+            Err(e) => {
+                // Every connection busy for the whole wait: not the endpoint's fault.
+                tracing::debug!(endpoint = %target.addr, error = %e, "no mesh connection free");
+                return Err(TryError::Connect(ProxyError::Overflow));
+            }
+        };
+        let Some(parts) = self.parts_for_try(parts) else {
+            return Err(TryError::Reset);
+        };
+        let send = pool.send(checkout, target, Request::from_parts(parts, body));
+        self.finish(send, target.addr, active, started).await
+    }
+
+    /// Counts a failed connect against the endpoint; says whether another may be tried.
+    fn connect_failed(
+        &self,
+        dial: std::net::SocketAddr,
+        e: &PoolError,
+        active: &crate::balance::ActiveGuard,
+        started: Instant,
+    ) -> TryError {
+        tracing::debug!(endpoint = %dial, error = %e, "connect failed");
+        active
+            .stats()
+            .observe(started.elapsed(), false, &self.policy.outlier);
+        TryError::Connect(match e {
+            PoolError::Connect { .. } | PoolError::Handshake { .. } => ProxyError::ConnectFailed,
+            _ => ProxyError::UpstreamReset,
+        })
     }
 
     /// The parts for this try: copied when a retry policy may send them again, else
