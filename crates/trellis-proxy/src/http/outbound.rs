@@ -17,7 +17,7 @@ use hyper::body::{Body as _, Incoming};
 use tokio::sync::watch;
 use trellis_identity::MeshTls;
 
-use super::errors::{ProxyError, full, is_grpc};
+use super::errors::{ProxyError, empty, full, is_grpc};
 use super::idle::IdleTracker;
 use super::mesh_h1::{MeshHttp1Error, MeshHttp1Pool};
 use super::policy::{LbAlgorithm, RetryPolicy, TrafficPolicy};
@@ -448,7 +448,12 @@ impl Attempt<'_> {
             }
             let (send_body, replay) = match body.take() {
                 Some(Replay::Buffered(bytes)) => {
-                    (full(bytes.clone()), Some(Replay::Buffered(bytes)))
+                    let send = if bytes.is_empty() {
+                        empty()
+                    } else {
+                        full(bytes.clone())
+                    };
+                    (send, Some(Replay::Buffered(bytes)))
                 }
                 Some(Replay::Stream(incoming)) => (incoming.map_err(Into::into).boxed(), None),
                 None => return Err(ProxyError::UpstreamReset),
