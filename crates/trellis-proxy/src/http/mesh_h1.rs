@@ -104,7 +104,7 @@ impl Conn {
 }
 
 struct IdleConn {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -133,7 +133,7 @@ impl EndpointConns {
     }
 
     /// The newest idle connection that is usable with `tls`; stale ones are closed.
-    fn take_idle(&self, cx: &mut Context<'_>, tls: &Arc<MeshTls>) -> Option<Conn> {
+    fn take_idle(&self, cx: &mut Context<'_>, tls: &Arc<MeshTls>) -> Option<Box<Conn>> {
         let idle_timeout = self.idle_timeout();
         let mut idle = self.idle();
         while let Some(IdleConn { mut conn, since }) = idle.pop() {
@@ -236,8 +236,8 @@ impl MeshHttp1Pool {
             Ok(response) => Ok(response),
             // The peer closed an idle connection just before: the request comes back
             // unsent and goes on a new connection.
-            Err(Unsent::Returned(request, old)) if checkout.reused => {
-                let Lease { permit, home, .. } = old;
+            Err(Unsent::Returned(returned)) if checkout.reused => {
+                let (request, Lease { permit, home, .. }) = *returned;
                 let conn = self.connect(target).await?;
                 let lease = Lease { conn, permit, home };
                 match lease.send(request, addr).await {
@@ -252,7 +252,7 @@ impl MeshHttp1Pool {
     }
 
     /// A new connection, counted for telemetry.
-    async fn connect(&self, target: &Target<'_>) -> Result<Conn, MeshHttp1Error> {
+    async fn connect(&self, target: &Target<'_>) -> Result<Box<Conn>, MeshHttp1Error> {
         let conn = connect(target).await?;
         self.metrics
             .outbound_connections
@@ -314,14 +314,17 @@ pub struct Checkout {
 
 /// How a send on a borrowed connection ended without a response.
 enum Unsent {
-    /// The connection was closed before the request went out: here it is back.
-    Returned(Request<Body>, Lease),
+    /// The connection was closed before the request went out: here it is back
+    /// (boxed: a rare path, and it keeps the common result small).
+    Returned(Box<(Request<Body>, Lease)>),
     Failed(MeshHttp1Error),
 }
 
 /// A connection lent to one request and its response.
 struct Lease {
-    conn: Conn,
+    /// Boxed once per connection: a lease moves into the response body, and the
+    /// connection (TLS state included) is about 2 KiB.
+    conn: Box<Conn>,
     /// Dropped after the connection is back in the pool, so a waiter woken by it
     /// finds the connection idle.
     permit: OwnedSemaphorePermit,
@@ -341,7 +344,7 @@ impl Lease {
                 driver,
                 closed,
                 ..
-            } = &mut self.conn;
+            } = &mut *self.conn;
             let mut send = pin!(sender.try_send_request(request));
             poll_fn(|cx| {
                 if let Poll::Ready(result) = send.as_mut().poll(cx) {
@@ -370,7 +373,7 @@ impl Lease {
                 Ok(Response::from_parts(parts, Body::new(body)))
             }
             Some(Err(mut e)) => match e.take_message() {
-                Some(unsent) => Err(Unsent::Returned(unsent, self)),
+                Some(unsent) => Err(Unsent::Returned(Box::new((unsent, self)))),
                 None => Err(Unsent::Failed(MeshHttp1Error::Request {
                     addr,
                     source: e.into_error(),
@@ -462,7 +465,7 @@ impl Drop for LeasedBody {
     }
 }
 
-async fn connect(target: &Target<'_>) -> Result<Conn, PoolError> {
+async fn connect(target: &Target<'_>) -> Result<Box<Conn>, PoolError> {
     let addr = target.addr;
     let tcp = tokio::time::timeout(target.connect_timeout, TcpStream::connect(addr))
         .await
@@ -495,10 +498,10 @@ async fn connect(target: &Target<'_>) -> Result<Conn, PoolError> {
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| PoolError::Http1 { addr, source })?;
-    Ok(Conn {
+    Ok(Box::new(Conn {
         sender,
         driver,
         tls: target.tls.clone(),
         closed: false,
-    })
+    }))
 }
