@@ -33,6 +33,9 @@ enum Command {
     /// baseline-grpc, trellis-grpc, baseline-tcp, trellis-tcp), in network namespaces
     /// when root, written to --out.
     Suite(SuiteArgs),
+    /// Instructions per request of each sidecar: one scenario at a low rate with the
+    /// sidecars under callgrind (needs valgrind), written to --out.
+    Callgrind(CallgrindArgs),
     /// Run a benchmark server until interrupted.
     #[command(subcommand)]
     Serve(ServeCommand),
@@ -164,6 +167,22 @@ enum ServeCommand {
 }
 
 #[derive(Args)]
+struct CallgrindArgs {
+    #[arg(long, default_value = "trellis-http1")]
+    scenario: String,
+    /// A sidecar under callgrind serves a few hundred requests per second at most;
+    /// saturating it would change the profile by batching.
+    #[arg(long, default_value_t = 150.0)]
+    rate: f64,
+    #[arg(long, default_value = "20", value_parser = secs)]
+    duration: Duration,
+    #[arg(long, default_value = "3", value_parser = secs)]
+    warmup: Duration,
+    #[arg(long, default_value = "results-callgrind")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct SuiteArgs {
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
@@ -274,6 +293,55 @@ async fn suite(args: SuiteArgs, threads: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn callgrind(args: CallgrindArgs, threads: usize) -> anyhow::Result<()> {
+    use trellis_bench::callgrind;
+    let dir = callgrind::profile_dir(&args.out)?;
+    for stale in std::fs::read_dir(&dir)? {
+        std::fs::remove_file(stale?.path())?;
+    }
+    let settings = SuiteSettings {
+        rate: args.rate,
+        duration: args.duration,
+        warmup: args.warmup,
+        // Requests are slow under callgrind, but they must not fail.
+        timeout: Duration::from_secs(5),
+        out_dir: Some(args.out.clone()),
+        ..SuiteSettings::default()
+    };
+    let mut opts = SuiteOptions::new(Binaries::beside_current_exe()?, settings);
+    opts.haproxy = false;
+    opts.only = vec![args.scenario.clone()];
+    opts.loadgen_threads = threads;
+    opts.ready_timeout = Duration::from_secs(120);
+    opts.proxy_wrapper = callgrind::wrapper(&dir);
+    let report = run_bench_suite(&opts).await?;
+    let Some(scenario) = report.scenarios.first() else {
+        bail!("scenario {} did not run", args.scenario);
+    };
+    if let Some(why) = &scenario.failure {
+        bail!("{}: {why}", args.scenario);
+    }
+    let r = &scenario.result;
+    let requests = r.requests + r.errors + (args.rate * args.warmup.as_secs_f64()).round() as u64;
+    let mut lines = vec![format!(
+        "# Instructions per request ({}, {} rps, {} requests with warm-up, {} errors)\n\n| sidecar | pid | instructions | per request |\n|---|---|---|---|",
+        args.scenario, args.rate, requests, r.errors
+    )];
+    for sidecar in callgrind::read_totals(&dir)? {
+        lines.push(format!(
+            "| {} | {} | {} | {:.1} k |",
+            sidecar.service_account,
+            sidecar.pid,
+            sidecar.total,
+            sidecar.total as f64 / requests.max(1) as f64 / 1000.0
+        ));
+    }
+    let text = lines.join("\n") + "\n";
+    print!("{text}");
+    std::fs::write(args.out.join("callgrind.md"), text)?;
+    Ok(())
+}
+
 async fn wait(args: WaitArgs) -> anyhow::Result<()> {
     let probe = match (args.http, args.grpc, args.tcp, args.tcp_echo) {
         (Some(addr), ..) => Probe::Http {
@@ -317,6 +385,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Load(args) => load(args).await,
             Command::Suite(args) => suite(args, cli.threads).await,
+            Command::Callgrind(args) => callgrind(args, cli.threads).await,
             Command::Wait(args) => wait(args).await,
             Command::Saturate(args) => saturate(args).await,
             Command::Serve(cmd) => serve(cmd).await,

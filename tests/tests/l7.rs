@@ -1853,30 +1853,55 @@ spec:
     );
 }
 
-/// HTTP rides one multiplexed connection per endpoint, also when many requests
-/// arrive before it exists: `maxConnections` (at least 1) cannot be exceeded.
+/// Many requests arriving before any mesh connection exists stay within the limits:
+/// HTTP/1.1 callers' requests ride at most `maxConnections` kept-alive HTTP/1.1
+/// connections (the others wait their turn), and HTTP/2 callers' streams share one
+/// multiplexed connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_first_requests_share_one_mesh_connection() {
+async fn concurrent_first_requests_stay_within_the_mesh_connection_limits() {
     let app = http_app(|_req| async {
         tokio::time::sleep(Duration::from_millis(20)).await;
         text(200, "web")
     })
     .await;
     let mesh = MeshBuilder::default()
-        .service("web", "web", &[("http", 80, Some("http"))])
-        .workload("web-1", "web", app.port)
-        .upstream("web", 80)
+        .service("idle-web", "idle-web", &[("http", 80, Some("http"))])
+        .workload("idle-web-1", "idle-web", app.port)
+        .yaml(
+            r#"apiVersion: trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: idle-web, namespace: default}
+spec:
+  targetRef: {kind: Service, name: idle-web}
+  connectionLimits: {maxConnections: 4}
+"#,
+        )
+        .expect_policy("idle-web")
+        .upstream("idle-web", 80)
         .start()
         .await;
-    let addr = mesh.upstream("web", 80);
+    let addr = mesh.upstream("idle-web", 80);
+    let opened = "trellis_outbound_connections_total{service=\"idle-web.default\",peer_identity=\"spiffe://cluster.local/ns/default/sa/idle-web\"}";
     let replies = run_requests(40, 40, move |_| get(addr, "/")).await;
     assert!(replies.iter().all(|r| r.status == StatusCode::OK));
-    let opened = mesh
-        .client_metric(
-            "trellis_outbound_connections_total{service=\"web.default\",peer_identity=\"spiffe://cluster.local/ns/default/sa/web\"}",
-        )
-        .await;
-    assert_eq!(opened, 1.0, "mesh connections opened to the one endpoint");
+    let http1 = mesh.client_metric(opened).await;
+    assert!(
+        (1.0..=4.0).contains(&http1),
+        "{http1} HTTP/1.1 mesh connections opened to the one endpoint, limit 4"
+    );
+
+    let (sender, _conn) = h2_connect(addr).await;
+    let streams: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(h2_get(sender.clone())))
+        .collect();
+    for stream in streams {
+        stream.await.unwrap();
+    }
+    assert_eq!(
+        mesh.client_metric(opened).await,
+        http1 + 1.0,
+        "HTTP/2 streams share one mesh connection"
+    );
 }
 
 // ---------------------------------------------------------------------------------

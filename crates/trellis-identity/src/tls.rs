@@ -17,6 +17,8 @@ use crate::{SpiffeClientVerifier, SpiffeId, SpiffeServerVerifier, WorkloadCertif
 pub const ALPN_TCP: &[u8] = b"trellis-tcp/1";
 /// ALPN for HTTP/2 between sidecars.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN for HTTP/1.1 between sidecars (HTTP/1.1 callers' requests, kept as they came).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
@@ -106,7 +108,7 @@ impl MeshTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(cert.chain.clone(), cert.private_key())?;
-        server.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_H2.to_vec()];
+        server.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         Ok(MeshTls {
             cert,
             provider,

@@ -202,28 +202,23 @@ impl EndpointSet {
         let ejected = ready.clone().filter(|(_, s)| s.is_ejected(now)).count();
         let max_ejected = total * outlier.max_ejection_percent as usize / 100;
         let honour_ejection = ejected <= max_ejected && ejected < total;
-        // A small set on the stack would avoid this allocation; sets are small and
-        // this is once per request.
-        let candidates: Vec<&(Endpoint, Arc<EndpointStats>)> = ready
-            .filter(|(_, s)| !honour_ejection || !s.is_ejected(now))
-            .collect();
-        let chosen = match (algorithm, candidates.len()) {
+        // Candidates are walked again by index rather than collected: no allocation
+        // per request, and sets are small.
+        let candidates = ready.filter(|(_, s)| !honour_ejection || !s.is_ejected(now));
+        let n = candidates.clone().count();
+        let nth = |i: usize| candidates.clone().nth(i);
+        let chosen = match (algorithm, n) {
             (_, 0) => return None,
-            (_, 1) => candidates[0],
-            (LbAlgorithm::RoundRobin, n) => {
-                candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]
-            }
+            (_, 1) => nth(0)?,
+            (LbAlgorithm::RoundRobin, n) => nth(self.next.fetch_add(1, Ordering::Relaxed) % n)?,
             (LbAlgorithm::ConsistentHash { .. }, _) => {
                 let key = hash.unwrap_or_else(rand::random);
                 // Rendezvous hashing: the endpoint with the highest score for the key.
-                *candidates
-                    .iter()
-                    .max_by_key(|(e, _)| {
-                        let mut h = std::collections::hash_map::DefaultHasher::new();
-                        (key, e.dial).hash(&mut h);
-                        h.finish()
-                    })
-                    .unwrap_or(&candidates[0])
+                candidates.clone().max_by_key(|(e, _)| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (key, e.dial).hash(&mut h);
+                    h.finish()
+                })?
             }
             (algorithm, n) => {
                 let a = rand::random_range(0..n);
@@ -239,7 +234,7 @@ impl EndpointSet {
                     };
                     load / f64::from(e.weight.max(1))
                 };
-                let (ca, cb) = (candidates[a], candidates[b]);
+                let (ca, cb) = (nth(a)?, nth(b)?);
                 if cost(cb) < cost(ca) { cb } else { ca }
             }
         };

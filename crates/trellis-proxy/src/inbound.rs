@@ -140,9 +140,20 @@ impl Inbound {
             .inc();
         tracing::debug!(peer_identity = %peer, port, "inbound mTLS accepted");
 
-        if downstream.get_ref().1.alpn_protocol() == Some(trellis_identity::ALPN_H2) {
+        // The mesh's own HTTP: HTTP/2, or HTTP/1.1 for HTTP/1.1 callers. Either goes
+        // through the same identity, path and policy steps.
+        let alpn = downstream.get_ref().1.alpn_protocol();
+        if alpn == Some(trellis_identity::ALPN_H2) {
             self.metrics.active_connections.inc();
             self.http(app, port, Some(peer)).serve(downstream).await;
+            self.metrics.active_connections.dec();
+            return Ok(());
+        }
+        if alpn == Some(trellis_identity::ALPN_HTTP1) {
+            self.metrics.active_connections.inc();
+            self.http(app, port, Some(peer))
+                .serve_http1(downstream)
+                .await;
             self.metrics.active_connections.dec();
             return Ok(());
         }

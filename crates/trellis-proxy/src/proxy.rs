@@ -184,6 +184,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tls: tls_rx.clone(),
         state: state_rx.clone(),
         pool: crate::http::pool::MeshPool::new(metrics.clone()),
+        http1_pool: crate::http::mesh_h1::MeshHttp1Pool::new(metrics.clone()),
         plain: crate::http::plain::PlainClients::new(config.connect_timeout),
         connect_timeout: config.connect_timeout,
         metrics: metrics.clone(),

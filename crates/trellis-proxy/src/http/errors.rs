@@ -125,8 +125,11 @@ impl ProxyError {
     }
 }
 
+/// An empty body; boxing it allocates nothing (`Empty` is zero-sized).
 pub fn empty() -> Body {
-    full(Bytes::new())
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn full(bytes: Bytes) -> Body {

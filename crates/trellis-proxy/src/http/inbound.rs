@@ -28,9 +28,14 @@ use super::normalize::PathNormalization;
 use super::{Body, ORIG_PROTO, XFCC};
 use crate::authz::{Decision, HttpInfo, RequestInfo};
 
-/// HTTP/2 flow-control windows on the mesh hop.
-pub const MESH_STREAM_WINDOW: u32 = 1024 * 1024;
-pub const MESH_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Streams one mesh HTTP/2 connection carries at once; the client side opens another
+/// connection at this limit rather than queueing behind it.
+pub const MESH_MAX_STREAMS: u32 = 64;
+/// HTTP/2 flow-control windows on the mesh hop. The connection's window covers every
+/// stream's full window (and one more), so streams whose readers are slow can never
+/// use up the connection's window and stall the others.
+pub const MESH_STREAM_WINDOW: u32 = 512 * 1024;
+pub const MESH_CONNECTION_WINDOW: u32 = (MESH_MAX_STREAMS + 1) * MESH_STREAM_WINDOW;
 
 /// What the inbound side knows of one accepted connection.
 pub struct InboundConnection {
@@ -77,6 +82,7 @@ impl InboundConnection {
             // which showed in the profile.
             .initial_stream_window_size(MESH_STREAM_WINDOW)
             .initial_connection_window_size(MESH_CONNECTION_WINDOW)
+            .max_concurrent_streams(MESH_MAX_STREAMS)
             .serve_connection(TokioIo::new(io), svc);
         tokio::pin!(connection);
         let result = tokio::select! {

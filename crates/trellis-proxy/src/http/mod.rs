@@ -5,6 +5,7 @@ pub mod app;
 pub mod errors;
 pub mod idle;
 pub mod inbound;
+pub mod mesh_h1;
 pub mod normalize;
 pub mod outbound;
 pub mod plain;

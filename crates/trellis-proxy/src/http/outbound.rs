@@ -1,6 +1,8 @@
 //! Outbound HTTP: each request is routed, balanced, retried within budget and timed
-//! out on its own, then carried over the pooled HTTP/2 mTLS connection to the chosen
-//! endpoint's sidecar.
+//! out on its own, then carried over mTLS to the chosen endpoint's sidecar: an
+//! HTTP/1.1 caller's request as HTTP/1.1 on a pooled kept-alive connection
+//! (`mesh_h1`), anything else as HTTP/2 on the endpoint's multiplexed connection
+//! (`pool`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,8 +17,9 @@ use hyper::body::{Body as _, Incoming};
 use tokio::sync::watch;
 use trellis_identity::MeshTls;
 
-use super::errors::{ProxyError, full, is_grpc};
+use super::errors::{ProxyError, empty, full, is_grpc};
 use super::idle::IdleTracker;
+use super::mesh_h1::{MeshHttp1Error, MeshHttp1Pool};
 use super::policy::{LbAlgorithm, RetryPolicy, TrafficPolicy};
 use super::pool::{MeshPool, PoolError};
 use super::{Body, ORIG_PROTO, XFCC};
@@ -33,6 +36,8 @@ pub struct HttpOutbound {
     pub tls: watch::Receiver<Option<Arc<MeshTls>>>,
     pub state: watch::Receiver<Arc<MeshState>>,
     pub pool: MeshPool,
+    /// HTTP/1.1 callers' requests, kept HTTP/1.1 on the mesh hop.
+    pub http1_pool: MeshHttp1Pool,
     /// For endpoints without a sidecar.
     pub plain: super::plain::PlainClients,
     pub connect_timeout: Duration,
@@ -121,7 +126,12 @@ impl HttpOutbound {
         {
             rule.request_headers.apply(&mut parts.headers);
         }
-        if let Err(e) = prepare(&mut parts, &backend.service) {
+        let prepared = if parts.version == Version::HTTP_11 {
+            prepare_http1(&mut parts, &backend.service)
+        } else {
+            prepare(&mut parts, &backend.service)
+        };
+        if let Err(e) = prepared {
             return e.response(grpc, None);
         }
 
@@ -215,6 +225,30 @@ fn prepare(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyE
             .insert(ORIG_PROTO, HeaderValue::from_static(proto));
     }
     parts.version = Version::HTTP_2;
+    Ok(())
+}
+
+/// An HTTP/1.1 request as it rides the mesh hop (and reaches the app): hop-by-hop
+/// headers and any `x-forwarded-client-cert` go, the target is in origin form, and
+/// `Host` is the caller's authority (an absolute-form target's overrides `Host`, as
+/// RFC 9112 says; the service name when there is neither).
+fn prepare_http1(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyError> {
+    remove_hop_by_hop(&mut parts.headers);
+    if parts.uri.authority().is_some() {
+        let uri = std::mem::take(&mut parts.uri).into_parts();
+        if let Some(authority) = &uri.authority {
+            let host =
+                HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadRequest)?;
+            parts.headers.insert(header::HOST, host);
+        }
+        parts.uri = Uri::from(
+            uri.path_and_query
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+    } else if !parts.headers.contains_key(header::HOST) {
+        let host = HeaderValue::from_str(service).map_err(|_| ProxyError::BadRequest)?;
+        parts.headers.insert(header::HOST, host);
+    }
     Ok(())
 }
 
@@ -417,7 +451,12 @@ impl Attempt<'_> {
             }
             let (send_body, replay) = match body.take() {
                 Some(Replay::Buffered(bytes)) => {
-                    (full(bytes.clone()), Some(Replay::Buffered(bytes)))
+                    let send = if bytes.is_empty() {
+                        empty()
+                    } else {
+                        full(bytes.clone())
+                    };
+                    (send, Some(Replay::Buffered(bytes)))
                 }
                 Some(Replay::Stream(incoming)) => (incoming.map_err(Into::into).boxed(), None),
                 None => return Err(ProxyError::UpstreamReset),
@@ -436,7 +475,7 @@ impl Attempt<'_> {
                     if retryable && can_retry && self.may_retry(&mut retries).await {
                         continue;
                     }
-                    return Ok(response.map(|b| b.map_err(Into::into).boxed()));
+                    return Ok(response);
                 }
                 Err(failed @ (TryError::Connect(_) | TryError::PeerAppReset)) => {
                     let e = match failed {
@@ -500,7 +539,7 @@ impl Attempt<'_> {
         replayable: bool,
         tried: &[std::net::SocketAddr],
         picked_dial: &mut Option<std::net::SocketAddr>,
-    ) -> Result<Response<Incoming>, TryError> {
+    ) -> Result<Response<Body>, TryError> {
         // Prefer endpoints not tried yet; fall back to any once all have been.
         let picked = self
             .backend
@@ -542,10 +581,30 @@ impl Attempt<'_> {
             };
             let request = Request::from_parts(parts, body);
             let send = self.outbound.plain.send(request, endpoint.dial);
-            return self
-                .finish(send, endpoint.dial, &active, started, false)
-                .await;
+            return self.finish(send, endpoint.dial, &active, started).await;
         };
+        if parts
+            .as_ref()
+            .is_some_and(|p| p.version == Version::HTTP_11)
+        {
+            let target = super::mesh_h1::Target {
+                addr: endpoint.dial,
+                identity,
+                tls: self.tls,
+                connect_timeout,
+                max: self
+                    .policy
+                    .max_connections
+                    .map_or(super::mesh_h1::DEFAULT_MAX_PER_ENDPOINT, |m| m as usize),
+                idle: self.policy.idle_timeout,
+                service: &self.backend.service,
+            };
+            let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
+            let response = self
+                .try_http1(&target, parts, body, replayable, &active, started)
+                .await?;
+            return Self::peer_answered(endpoint.dial, idempotent, response);
+        }
         let sender = self
             .outbound
             .pool
@@ -560,65 +619,121 @@ impl Attempt<'_> {
             .await;
         let mut sender = match sender {
             Ok(s) => s,
+            Err(e) => return Err(self.connect_failed(endpoint.dial, &e, &active, started)),
+        };
+        let Some(parts) = self.parts_for_try(parts, replayable) else {
+            return Err(TryError::Reset);
+        };
+        let idempotent = is_idempotent(&parts.method);
+        let result = {
+            let send = sender.send_request(Request::from_parts(parts, body));
+            self.finish(send, endpoint.dial, &active, started).await
+        };
+        if result.is_err() {
+            self.outbound.pool.evict(endpoint.dial, &sender);
+        }
+        Self::peer_answered(endpoint.dial, idempotent, result?)
+    }
+
+    /// A peer sidecar's own answer that nothing reached its app makes the try fail
+    /// like a connect failure, so the request may go to another endpoint.
+    fn peer_answered(
+        dial: std::net::SocketAddr,
+        idempotent: bool,
+        response: Response<Body>,
+    ) -> Result<Response<Body>, TryError> {
+        // The peer's app was not there (it exits first when its pod stops, while
+        // this proxy may still hold a connection to the pod's sidecar).
+        if ProxyError::is_peer_app_unreachable(&response) {
+            tracing::debug!(endpoint = %dial, "the peer's app is unreachable; trying another endpoint");
+            return Err(TryError::Connect(ProxyError::AppUnreachable));
+        }
+        if idempotent && ProxyError::is_peer_app_reset(&response) {
+            tracing::debug!(endpoint = %dial, "the peer's app reset an idempotent request; trying another endpoint");
+            return Err(TryError::PeerAppReset);
+        }
+        Ok(response)
+    }
+
+    /// One try of an HTTP/1.1 caller's request, kept HTTP/1.1 on a pooled connection.
+    async fn try_http1(
+        &self,
+        target: &super::mesh_h1::Target<'_>,
+        parts: &mut Option<http::request::Parts>,
+        body: Body,
+        replayable: bool,
+        active: &crate::balance::ActiveGuard,
+        started: Instant,
+    ) -> Result<Response<Body>, TryError> {
+        let pool = &self.outbound.http1_pool;
+        let checkout = match pool.checkout(target).await {
+            Ok(checkout) => checkout,
+            Err(MeshHttp1Error::Connect(e)) => {
+                return Err(self.connect_failed(target.addr, &e, active, started));
+            }
             Err(e) => {
-                tracing::debug!(endpoint = %endpoint.dial, error = %e, "connect failed");
-                active
-                    .stats()
-                    .observe(started.elapsed(), false, &self.policy.outlier);
-                let kind = match *e {
-                    PoolError::Connect { .. } | PoolError::Handshake { .. } => {
-                        ProxyError::ConnectFailed
-                    }
-                    _ => ProxyError::UpstreamReset,
-                };
-                return Err(TryError::Connect(kind));
+                // Every connection busy for the whole wait: not the endpoint's fault.
+                tracing::debug!(endpoint = %target.addr, error = %e, "no mesh connection free");
+                return Err(TryError::Connect(ProxyError::Overflow));
             }
         };
-        // A request that can be sent again keeps its head, for a retry policy or for
-        // a peer whose app is gone (see below).
-        let parts = if self.retry.is_some() || replayable {
+        let Some(parts) = self.parts_for_try(parts, replayable) else {
+            return Err(TryError::Reset);
+        };
+        let send = pool.send(checkout, target, Request::from_parts(parts, body));
+        self.finish(send, target.addr, active, started).await
+    }
+
+    /// Counts a failed connect against the endpoint; says whether another may be tried.
+    fn connect_failed(
+        &self,
+        dial: std::net::SocketAddr,
+        e: &PoolError,
+        active: &crate::balance::ActiveGuard,
+        started: Instant,
+    ) -> TryError {
+        tracing::debug!(endpoint = %dial, error = %e, "connect failed");
+        active
+            .stats()
+            .observe(started.elapsed(), false, &self.policy.outlier);
+        TryError::Connect(match e {
+            PoolError::Connect { .. } | PoolError::Handshake { .. } => ProxyError::ConnectFailed,
+            _ => ProxyError::UpstreamReset,
+        })
+    }
+
+    /// The parts for this try: copied when they may be sent again (a retry policy, or
+    /// a replayable request a peer may answer with 'nothing reached the app'), else
+    /// moved (then the only retries are after connect failures, before anything was
+    /// sent).
+    fn parts_for_try(
+        &self,
+        parts: &mut Option<http::request::Parts>,
+        replayable: bool,
+    ) -> Option<http::request::Parts> {
+        if self.retry.is_some() || replayable {
             parts.as_ref().map(clone_parts)
         } else {
             parts.take().map(|mut p| {
                 p.extensions.clear();
                 p
             })
-        };
-        let Some(parts) = parts else {
-            return Err(TryError::Reset);
-        };
-        let idempotent = is_idempotent(&parts.method);
-        let send = sender.send_request(Request::from_parts(parts, body));
-        let response = self
-            .finish(send, endpoint.dial, &active, started, true)
-            .await?;
-        // The peer's app was not there (it exits first when its pod stops, while
-        // this proxy may still hold a connection to the pod's sidecar): nothing
-        // reached an app, so the request may go to another endpoint, like a
-        // connect failure.
-        if ProxyError::is_peer_app_unreachable(&response) {
-            tracing::debug!(endpoint = %endpoint.dial, "the peer's app is unreachable; trying another endpoint");
-            return Err(TryError::Connect(ProxyError::AppUnreachable));
         }
-        if idempotent && ProxyError::is_peer_app_reset(&response) {
-            tracing::debug!(endpoint = %endpoint.dial, "the peer's app reset an idempotent request; trying another endpoint");
-            return Err(TryError::PeerAppReset);
-        }
-        Ok(response)
     }
 
     /// Waits for the response within the per-try timeout and feeds the outcome to
     /// the endpoint's statistics.
-    async fn finish<F, E>(
+    async fn finish<F, B, E>(
         &self,
         send: F,
         dial: std::net::SocketAddr,
         active: &crate::balance::ActiveGuard,
         started: Instant,
-        pooled: bool,
-    ) -> Result<Response<Incoming>, TryError>
+    ) -> Result<Response<Body>, TryError>
     where
-        F: std::future::Future<Output = Result<Response<Incoming>, E>>,
+        F: std::future::Future<Output = Result<Response<B>, E>>,
+        B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<super::BoxError>,
         E: std::fmt::Display + IsConnectError,
     {
         let result = match self.per_try {
@@ -639,16 +754,13 @@ impl Attempt<'_> {
                 active
                     .stats()
                     .observe(started.elapsed(), ok, &self.policy.outlier);
-                Ok(response)
+                Ok(response.map(into_body))
             }
             Err(e) => {
                 tracing::debug!(endpoint = %dial, error = %e, "request failed");
                 active
                     .stats()
                     .observe(started.elapsed(), false, &self.policy.outlier);
-                if pooled {
-                    self.outbound.pool.evict(dial);
-                }
                 if e.is_connect_error() {
                     Err(TryError::Connect(ProxyError::ConnectFailed))
                 } else {
@@ -684,13 +796,39 @@ impl IsConnectError for hyper::Error {
     }
 }
 
+impl IsConnectError for MeshHttp1Error {
+    fn is_connect_error(&self) -> bool {
+        match self {
+            MeshHttp1Error::Request { source, .. } => source.is_connect_error(),
+            other => other.is_connect_error(),
+        }
+    }
+}
+
+/// A body as the proxy sends it; one that already is needs no second box.
+fn into_body<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<super::BoxError>,
+{
+    let mut slot = Some(body);
+    let boxed = (&mut slot as &mut dyn std::any::Any)
+        .downcast_mut::<Option<Body>>()
+        .and_then(Option::take);
+    match (boxed, slot) {
+        (Some(body), _) => body,
+        (None, Some(body)) => body.map_err(Into::into).boxed(),
+        (None, None) => super::errors::empty(),
+    }
+}
+
 impl IsConnectError for super::plain::PlainError {
     fn is_connect_error(&self) -> bool {
         !matches!(self, super::plain::PlainError::Request { .. })
     }
 }
 
-fn retries_grpc(r: &RetryPolicy, response: &Response<Incoming>) -> bool {
+fn retries_grpc(r: &RetryPolicy, response: &Response<Body>) -> bool {
     !r.grpc_statuses.is_empty()
         && response
             .headers()
