@@ -1,9 +1,9 @@
 //! Requests to endpoints without a sidecar (or whose PeerAuthentication is DISABLE):
 //! sent straight to the app, in plaintext, in the protocol the caller spoke.
 //!
-//! The outbound side has already turned the request into its mesh form (HTTP/2,
-//! absolute URI, `trellis-orig-proto` for HTTP/1 callers); this undoes that, as the
-//! peer sidecar would have.
+//! The outbound side has already turned the request into its mesh form: HTTP/1.1 as
+//! the caller sent it, or HTTP/2 with an absolute URI (and `trellis-orig-proto` for
+//! HTTP/1.0 callers); this undoes the HTTP/2 form, as the peer sidecar would have.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -84,6 +84,8 @@ impl PlainClients {
                 super::restore_http1(&mut parts, &proto, &host);
                 &self.http1
             }
+            // An HTTP/1.1 caller's request keeps its version and `Host` on the way out.
+            None if parts.version < http::Version::HTTP_2 => &self.http1,
             None => &self.http2,
         };
         client
