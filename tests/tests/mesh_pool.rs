@@ -5,6 +5,8 @@
 //!   a new connection resumes the TLS session; at most `max` connections per
 //!   endpoint, with a wait queue and a clear `Busy` error when the wait runs out; a
 //!   connection the peer closed while idle is replaced without failing the request;
+//!   a request the peer closed on without a byte of answer is told apart (the outbound
+//!   sends it again elsewhere when it is idempotent);
 //!   never a connection to a peer proving another identity.
 //! - HTTP/2 (`pool`): slow readers on some streams cannot stall the connection's
 //!   other streams; at the stream limit another connection is opened instead of
@@ -380,6 +382,50 @@ async fn a_connection_the_peer_closed_while_idle_is_replaced_without_an_error() 
         })
         .await;
     }
+}
+
+/// A peer that takes the request head and closes without a byte of answer, as a
+/// sidecar does when its pod stops just as a request arrives on an idle connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_peer_closed_on_unanswered_is_reported_as_unanswered() {
+    use tokio::io::AsyncReadExt;
+    let ca = root_ca();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(workload(&ca, "web").server_config());
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen_heads = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut stream) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            seen_heads.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let client = workload(&ca, "client");
+    let pool = MeshHttp1Pool::new(Metrics::new());
+    let web = id("web");
+    let err = send_h1(&pool, &target(addr, &web, &client, 4))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        1,
+        "the request reached the peer"
+    );
+    assert!(err.is_unanswered(), "{err:?}");
+    assert!(!err.is_connect_error(), "{err:?}");
+    assert_eq!(pool.idle_count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,6 +65,39 @@ impl MeshHttp1Error {
             MeshHttp1Error::Connect(_) | MeshHttp1Error::Busy { .. }
         )
     }
+
+    /// The request went out (or may have) and the connection ended before a response
+    /// head: the peer shut it as the request arrived (its pod stopping, or the
+    /// keep-alive race), with or without TLS close_notify. An idempotent request may
+    /// be sent again (RFC 9110 9.2.2).
+    pub fn is_unanswered(&self) -> bool {
+        match self {
+            MeshHttp1Error::Request { source, .. } => {
+                source.is_incomplete_message() || connection_broke(source)
+            }
+            MeshHttp1Error::Closed { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// An I/O error that means the peer went away: end of stream without close_notify,
+/// a reset or a broken pipe.
+fn connection_broke(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Where a request goes and what the peer must prove.

@@ -417,9 +417,10 @@ struct Attempt<'a> {
 enum TryError {
     /// Nothing was sent: always safe to try elsewhere.
     Connect(ProxyError),
-    /// The peer's app broke off an idempotent request without an answer: safe to
-    /// send again (RFC 9110, 9.2.2), elsewhere.
-    PeerAppReset,
+    /// An idempotent request got no answer at all (the peer's app broke off, or
+    /// the peer closed the connection as its pod stopped): safe to send again
+    /// (RFC 9110, 9.2.2), elsewhere.
+    Unanswered,
     /// Sent, no response.
     Reset,
     Timeout,
@@ -477,14 +478,15 @@ impl Attempt<'_> {
                     }
                     return Ok(response);
                 }
-                Err(failed @ (TryError::Connect(_) | TryError::PeerAppReset)) => {
+                Err(failed @ (TryError::Connect(_) | TryError::Unanswered)) => {
                     let e = match failed {
                         TryError::Connect(e) => e,
                         _ => ProxyError::UpstreamReset,
                     };
                     connect_failures += 1;
-                    // Nothing was sent: try another endpoint, within the budget when a
-                    // policy asks for connect-failure retries.
+                    // Nothing was sent (or reached an app, or an idempotent request got
+                    // no answer): try another endpoint, within the budget when a policy
+                    // asks for connect-failure retries.
                     let again = can_retry
                         && match self.retry {
                             Some(r) if r.on_connect_failure => self.may_retry(&mut retries).await,
@@ -602,7 +604,8 @@ impl Attempt<'_> {
             let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
             let response = self
                 .try_http1(&target, parts, body, replayable, &active, started)
-                .await?;
+                .await
+                .map_err(|e| e.unless_idempotent(idempotent))?;
             return Self::peer_answered(endpoint.dial, idempotent, response);
         }
         let sender = self
@@ -632,7 +635,8 @@ impl Attempt<'_> {
         if result.is_err() {
             self.outbound.pool.evict(endpoint.dial, &sender);
         }
-        Self::peer_answered(endpoint.dial, idempotent, result?)
+        let response = result.map_err(|e| e.unless_idempotent(idempotent))?;
+        Self::peer_answered(endpoint.dial, idempotent, response)
     }
 
     /// A peer sidecar's own answer that nothing reached its app makes the try fail
@@ -650,7 +654,7 @@ impl Attempt<'_> {
         }
         if idempotent && ProxyError::is_peer_app_reset(&response) {
             tracing::debug!(endpoint = %dial, "the peer's app reset an idempotent request; trying another endpoint");
-            return Err(TryError::PeerAppReset);
+            return Err(TryError::Unanswered);
         }
         Ok(response)
     }
@@ -763,6 +767,8 @@ impl Attempt<'_> {
                     .observe(started.elapsed(), false, &self.policy.outlier);
                 if e.is_connect_error() {
                     Err(TryError::Connect(ProxyError::ConnectFailed))
+                } else if e.is_unanswered() {
+                    Err(TryError::Unanswered)
                 } else {
                     Err(TryError::Reset)
                 }
@@ -771,9 +777,25 @@ impl Attempt<'_> {
     }
 }
 
+impl TryError {
+    /// A request that is not idempotent may have had effects even unanswered.
+    fn unless_idempotent(self, idempotent: bool) -> TryError {
+        match self {
+            TryError::Unanswered if !idempotent => TryError::Reset,
+            other => other,
+        }
+    }
+}
+
 /// Whether a send failed before anything was sent (safe to try elsewhere).
 trait IsConnectError {
     fn is_connect_error(&self) -> bool;
+
+    /// The connection closed with not one byte of a response: the peer may have shut
+    /// it as the request went out (a pod stopping, or the keep-alive race).
+    fn is_unanswered(&self) -> bool {
+        false
+    }
 }
 
 impl IsConnectError for hyper::Error {
@@ -802,6 +824,10 @@ impl IsConnectError for MeshHttp1Error {
             MeshHttp1Error::Request { source, .. } => source.is_connect_error(),
             other => other.is_connect_error(),
         }
+    }
+
+    fn is_unanswered(&self) -> bool {
+        MeshHttp1Error::is_unanswered(self)
     }
 }
 

@@ -36,10 +36,10 @@ pub async fn run(load: Load) -> Result<()> {
         let started = Instant::now();
         let outcome = tokio::time::timeout(load.request_timeout, one(&addr, &host, &path)).await;
         match outcome {
-            Ok(Ok(200)) => {}
-            Ok(Ok(status)) => {
+            Ok(Ok((200, _))) => {}
+            Ok(Ok((status, reason))) => {
                 failed += 1;
-                println!("FAIL {sent}: HTTP {status}");
+                println!("FAIL {sent}: HTTP {status} (trellis-error: {reason})");
             }
             Ok(Err(e)) => {
                 failed += 1;
@@ -59,8 +59,9 @@ pub async fn run(load: Load) -> Result<()> {
     Ok(())
 }
 
-/// One GET on a new connection; the status code.
-async fn one(addr: &str, host: &str, path: &str) -> Result<u16> {
+/// One GET on a new connection; the status code and the proxy's `trellis-error`
+/// reason ("-" when none).
+async fn one(addr: &str, host: &str, path: &str) -> Result<(u16, String)> {
     let target = super::resolve(addr)?;
     let stream = TcpStream::connect(target)
         .await
@@ -75,6 +76,12 @@ async fn one(addr: &str, host: &str, path: &str) -> Result<u16> {
         .body(Full::new(Bytes::new()))?;
     let resp = sender.send_request(req).await.context("request")?;
     let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get("trellis-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     resp.into_body().collect().await.context("body")?;
-    Ok(status)
+    Ok((status, reason))
 }
