@@ -1671,6 +1671,60 @@ async fn h2_get(mut sender: H2Sender) {
     assert_eq!(&body[..], b"web");
 }
 
+/// The authority an app routes on (virtual hosts, gRPC servers) is the caller's, end to
+/// end: HTTP/2's `:authority` and HTTP/1.1's `Host`, never the pod's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_sees_the_callers_authority_over_http2_and_http1() {
+    let app = http_app(|req: Request<Incoming>| async move {
+        let seen = match req.version() {
+            http::Version::HTTP_2 => req.uri().authority().map(|a| a.to_string()),
+            _ => req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned),
+        };
+        text(200, seen.unwrap_or_else(|| "none".into()))
+    })
+    .await;
+    let mesh = MeshBuilder::default()
+        .service("vhost", "vhost", &[("http", 80, Some("http"))])
+        .workload("vhost-1", "vhost", app.port)
+        .upstream("vhost", 80)
+        .start()
+        .await;
+    let addr = mesh.upstream("vhost", 80);
+    const AUTHORITY: &str = "shop.example.test:8080";
+
+    let (mut sender, _conn) = h2_connect(addr).await;
+    let request = Request::get(format!("http://{AUTHORITY}/"))
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("no HTTP/2 response within 10 s")
+        .expect("the HTTP/2 request failed");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &body[..],
+        AUTHORITY.as_bytes(),
+        "HTTP/2 :authority at the app"
+    );
+
+    let mut http1 = TcpStream::connect(addr).await.unwrap();
+    http1
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {AUTHORITY}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let reply = read_until(&mut http1, AUTHORITY.as_bytes(), Duration::from_secs(10)).await;
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200") && reply.ends_with(AUTHORITY.as_bytes()),
+        "HTTP/1.1 Host at the app: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http_connection_and_its_pooled_mesh_connection_are_closed() {
     let app = named_app("web").await;

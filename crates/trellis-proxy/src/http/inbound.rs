@@ -251,10 +251,16 @@ impl Handler {
                     conn.app.send_http1(Request::from_parts(parts, body)).await
                 }
                 None => {
+                    // The connection is already the app's: the URI only makes the
+                    // `:authority` the app sees, which stays the caller's (gRPC servers
+                    // and virtual hosts route on it); the app's address when none.
                     let uri = std::mem::take(&mut parts.uri).into_parts();
                     let mut target = http::uri::Parts::default();
                     target.scheme = Some(Scheme::HTTP);
-                    target.authority = Some(conn.app.authority().clone());
+                    target.authority = Some(
+                        uri.authority
+                            .unwrap_or_else(|| conn.app.authority().clone()),
+                    );
                     target.path_and_query = uri.path_and_query;
                     let Ok(uri) = Uri::from_parts(target) else {
                         return ProxyError::BadRequest.response(grpc, None);
