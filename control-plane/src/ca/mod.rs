@@ -6,11 +6,12 @@
 mod csr_key;
 mod issued;
 mod root_secret;
+pub mod roots;
 mod service;
 mod token_review;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -22,7 +23,8 @@ use trellis_identity::{SpiffeId, WorkloadName};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub use issued::{IssuedLeaf, IssuedLeaves};
-pub use root_secret::{ROOT_SECRET, load_or_create_in_secret};
+pub use root_secret::{ROOT_SECRET, entries_from_secret, load_or_create_in_secret, secret_data};
+pub use roots::{RootSet, RotationError, RotationPhase};
 pub use service::CaService;
 pub use token_review::{
     KubeTokenReviewer, TOKEN_AUDIENCE, TokenReviewError, TokenReviewer, proven_by_review,
@@ -41,8 +43,6 @@ pub struct Proven {
 /// accept them.
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const ROOT_CERT_FILE: &str = "root-cert.pem";
-const ROOT_KEY_FILE: &str = "root-key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -79,12 +79,19 @@ pub enum CaError {
     },
     #[error("signing failed: {0}")]
     Signing(rcgen::Error),
+    #[error("the root set is inconsistent: {0}")]
+    RootSet(String),
+    #[error(transparent)]
+    Rotation(#[from] RotationError),
 }
 
 /// The mesh CA for one trust domain.
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
+    /// Every root relying parties trust; the signing one first.
+    bundle_pem: Vec<String>,
+    /// The fingerprint of the root that signs (see [`roots::fingerprint`]).
+    signing_root: String,
     trust_domain: String,
     default_ttl: Duration,
 }
@@ -98,44 +105,58 @@ impl std::fmt::Debug for CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// Loads the root from `state_dir`, or makes one there on first start.
+    /// Loads the roots from `state_dir`, or makes one there on first start. While
+    /// a rotation's old root is still trusted, its retirement is pushed to at least
+    /// now plus `default_ttl`: this process may be the first to sign with the new
+    /// root, and the one before it may have signed with the old one until now.
     pub fn load_or_create(
         state_dir: &Path,
         trust_domain: &str,
         default_ttl: Duration,
     ) -> Result<Self, CaError> {
-        let cert_path = state_dir.join(ROOT_CERT_FILE);
-        let key_path = state_dir.join(ROOT_KEY_FILE);
-        if cert_path.exists() && key_path.exists() {
-            let cert_pem = read(&cert_path)?;
-            let key_pem = read(&key_path)?;
-            return Self::from_pem(&cert_pem, &key_pem, trust_domain, default_ttl);
-        }
-        std::fs::create_dir_all(state_dir).map_err(|source| io_err(state_dir, source))?;
-        let ca = Self::new_root(trust_domain, default_ttl)?;
-        write_private(&key_path, &ca.key_pem())?;
-        std::fs::write(&cert_path, &ca.root_pem).map_err(|source| io_err(&cert_path, source))?;
-        tracing::info!(path = %cert_path.display(), trust_domain, "created a new mesh root CA");
+        let roots = match RootSet::load_dir(state_dir)? {
+            Some(mut roots) => {
+                let until = roots::unix(SystemTime::now()).saturating_add(default_ttl.as_secs());
+                if roots.keep_previous_until(until) {
+                    roots.save_dir(state_dir)?;
+                }
+                roots
+            }
+            None => {
+                let roots = RootSet::generate(trust_domain)?;
+                roots.save_dir(state_dir)?;
+                tracing::info!(path = %state_dir.display(), trust_domain, "created a new mesh root CA");
+                roots
+            }
+        };
+        tracing::info!(
+            phase = %roots.phase(),
+            signing = roots::fingerprint(&roots.active.cert_pem),
+            bundle = ?roots.bundle_pem().iter().map(|r| roots::fingerprint(r)).collect::<Vec<_>>(),
+            "mesh roots loaded"
+        );
+        Self::from_roots(&roots, trust_domain, default_ttl)
+    }
+
+    /// A CA that signs with the active root of `roots` and hands out all of them.
+    pub fn from_roots(
+        roots: &RootSet,
+        trust_domain: &str,
+        default_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let mut ca = Self::from_pem(
+            &roots.active.cert_pem,
+            &roots.active.key_pem,
+            trust_domain,
+            default_ttl,
+        )?;
+        ca.bundle_pem = roots.bundle_pem();
         Ok(ca)
     }
 
     /// A fresh self-signed root, in memory only.
     pub fn new_root(trust_domain: &str, default_ttl: Duration) -> Result<Self, CaError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::BadRoot)?;
-        let params = root_params(trust_domain);
-        let cert = params.self_signed(&key).map_err(CaError::BadRoot)?;
-        Ok(CertificateAuthority {
-            root_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-            trust_domain: trust_domain.to_owned(),
-            default_ttl,
-        })
-    }
-
-    /// The root's private key (PEM), to be stored where the root is kept. Never
-    /// log it.
-    fn key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
+        Self::from_roots(&RootSet::generate(trust_domain)?, trust_domain, default_ttl)
     }
 
     /// A CA from a given certificate and key (PEM), e.g. an operator's intermediate.
@@ -145,19 +166,12 @@ impl CertificateAuthority {
         trust_domain: &str,
         default_ttl: Duration,
     ) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem).map_err(CaError::BadRoot)?;
-        // A key that does not match would sign leaves nobody can verify.
-        let der = pem::parse(cert_pem)
-            .map_err(|e| CaError::BadRoot(rcgen::Error::PemError(e.to_string())))?;
-        let (_, cert) = X509Certificate::from_der(der.contents())
-            .map_err(|_| CaError::BadRoot(rcgen::Error::CouldNotParseCertificate))?;
-        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(CaError::KeyMismatch);
-        }
+        let key = check_key_matches(cert_pem, key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::BadRoot)?;
         Ok(CertificateAuthority {
             issuer,
-            root_pem: cert_pem.to_owned(),
+            bundle_pem: vec![cert_pem.to_owned()],
+            signing_root: roots::fingerprint(cert_pem),
             trust_domain: trust_domain.to_owned(),
             default_ttl,
         })
@@ -167,9 +181,14 @@ impl CertificateAuthority {
         &self.trust_domain
     }
 
-    /// The roots relying parties should trust (one now; several during a rotation).
+    /// The roots relying parties should trust (one, or two during a rotation).
     pub fn trust_bundle_pem(&self) -> Vec<String> {
-        vec![self.root_pem.clone()]
+        self.bundle_pem.clone()
+    }
+
+    /// The fingerprint of the root new leaves are signed with.
+    pub fn signing_root(&self) -> &str {
+        &self.signing_root
     }
 
     /// Signs a workload CSR for what its proof established: `granted.identity` as the
@@ -248,6 +267,20 @@ impl CertificateAuthority {
     }
 }
 
+/// Parses `key_pem` and checks that it is the key of `cert_pem`: a key that does not
+/// match would sign leaves nobody can verify.
+fn check_key_matches(cert_pem: &str, key_pem: &str) -> Result<KeyPair, CaError> {
+    let key = KeyPair::from_pem(key_pem).map_err(CaError::BadRoot)?;
+    let der = pem::parse(cert_pem)
+        .map_err(|e| CaError::BadRoot(rcgen::Error::PemError(e.to_string())))?;
+    let (_, cert) = X509Certificate::from_der(der.contents())
+        .map_err(|_| CaError::BadRoot(rcgen::Error::CouldNotParseCertificate))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(CaError::KeyMismatch);
+    }
+    Ok(key)
+}
+
 fn uri_san(id: &SpiffeId) -> Result<SanType, CaError> {
     Ok(SanType::URI(
         id.to_string().try_into().map_err(CaError::Signing)?,
@@ -303,23 +336,6 @@ fn io_err(path: &Path, source: std::io::Error) -> CaError {
         path: path.display().to_string(),
         source,
     }
-}
-
-fn read(path: &Path) -> Result<String, CaError> {
-    std::fs::read_to_string(path).map_err(|source| io_err(path, source))
-}
-
-fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| io_err(path, source))?;
-    file.write_all(contents.as_bytes())
-        .map_err(|source| io_err(path, source))
 }
 
 #[cfg(test)]

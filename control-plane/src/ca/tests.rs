@@ -84,7 +84,7 @@ fn root_survives_a_restart_and_its_key_is_private() {
     let first = ca(dir.path()).trust_bundle_pem();
     let second = ca(dir.path()).trust_bundle_pem();
     assert_eq!(first, second);
-    let mode = std::fs::metadata(dir.path().join(ROOT_KEY_FILE))
+    let mode = std::fs::metadata(dir.path().join(roots::ACTIVE_KEY))
         .unwrap()
         .permissions()
         .mode();
@@ -109,7 +109,7 @@ fn openssl_verifies_the_leaf_against_the_root() {
     std::fs::write(&leaf_path, &leaf).unwrap();
     let out = Command::new("openssl")
         .args(["verify", "-purpose", "sslclient", "-CAfile"])
-        .arg(dir.path().join(ROOT_CERT_FILE))
+        .arg(dir.path().join(roots::ACTIVE_CERT))
         .arg(&leaf_path)
         .output()
         .unwrap();

@@ -223,15 +223,16 @@ async fn proxy_status_lists_every_proxy_in_sync() {
         "both were sent the same config"
     );
     let out = ok(&trellisctl(&["proxy-status", "--control-addr", &debug]).await);
+    let root = trellis_control::ca::roots::fingerprint(&mesh.control.root_pem);
     assert_eq!(
         out,
         [
-            "IDENTITY WORKLOAD STATUS CONFIG TYPES VERSION LAST NACK".to_owned(),
+            "IDENTITY WORKLOAD STATUS CONFIG TYPES VERSION LEAF ROOT LAST NACK".to_owned(),
             format!(
-                "spiffe://cluster.local/ns/demo/sa/client demo/client-1 SYNCED {config} 7/7 0.1.0 -"
+                "spiffe://cluster.local/ns/demo/sa/client demo/client-1 SYNCED {config} 7/7 0.1.0 {root} -"
             ),
             format!(
-                "spiffe://cluster.local/ns/demo/sa/echo demo/echo-1 SYNCED {config} 7/7 0.1.0 -"
+                "spiffe://cluster.local/ns/demo/sa/echo demo/echo-1 SYNCED {config} 7/7 0.1.0 {root} -"
             ),
         ]
     );
