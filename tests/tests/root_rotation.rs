@@ -155,8 +155,11 @@ impl Mesh {
         let grpc_port = free_port();
         let control = start_control(&registry, &state, grpc_port).await;
         let config = |sa: &str| {
-            let mut config =
-                ProxyConfig::new(id(sa), control.grpc_addr.to_string(), control.root_pem.clone());
+            let mut config = ProxyConfig::new(
+                id(sa),
+                control.grpc_addr.to_string(),
+                control.root_pem.clone(),
+            );
             config.bootstrap_token = Some(token(sa));
             config.inbound_addr = "127.0.0.1:0".parse().unwrap();
             config.admin_addr = "127.0.0.1:0".parse().unwrap();
@@ -192,19 +195,23 @@ impl Mesh {
             echo_inbound,
         };
         // Both upstreams have their endpoint before the load starts.
-        eventually("the client has the echo endpoints", Duration::from_secs(10), || {
-            let state = mesh.client.admin.state.borrow().clone();
-            async move {
-                [("echo.default", 8080), ("echo-raw.default", 7000)]
-                    .iter()
-                    .all(|(s, p)| {
-                        state
-                            .services
-                            .get(&((*s).to_owned(), *p))
-                            .is_some_and(|sp| sp.endpoints.all().count() == 1)
-                    })
-            }
-        })
+        eventually(
+            "the client has the echo endpoints",
+            Duration::from_secs(10),
+            || {
+                let state = mesh.client.admin.state.borrow().clone();
+                async move {
+                    [("echo.default", 8080), ("echo-raw.default", 7000)]
+                        .iter()
+                        .all(|(s, p)| {
+                            state
+                                .services
+                                .get(&((*s).to_owned(), *p))
+                                .is_some_and(|sp| sp.endpoints.all().count() == 1)
+                        })
+                }
+            },
+        )
         .await;
         mesh
     }
@@ -303,7 +310,11 @@ impl Load {
                 }
                 tick.tick().await;
                 let client = client.clone();
-                let record = |ok: &AtomicUsize, failed: &AtomicUsize, errors: &std::sync::Mutex<Vec<String>>, result: Result<(), String>| match result {
+                let record = |ok: &AtomicUsize,
+                              failed: &AtomicUsize,
+                              errors: &std::sync::Mutex<Vec<String>>,
+                              result: Result<(), String>| match result
+                {
                     Ok(()) => {
                         ok.fetch_add(1, Ordering::SeqCst);
                     }
@@ -315,8 +326,18 @@ impl Load {
                 let (ok, failed, errors) = (ok2.clone(), failed2.clone(), errors2.clone());
                 inflight.spawn(async move {
                     let (pooled, fresh) = tokio::join!(l7_get(&client, http), raw_get(raw));
-                    record(&ok, &failed, &errors, pooled.map_err(|e| format!("L7: {e}")));
-                    record(&ok, &failed, &errors, fresh.map_err(|e| format!("opaque: {e}")));
+                    record(
+                        &ok,
+                        &failed,
+                        &errors,
+                        pooled.map_err(|e| format!("L7: {e}")),
+                    );
+                    record(
+                        &ok,
+                        &failed,
+                        &errors,
+                        fresh.map_err(|e| format!("opaque: {e}")),
+                    );
                 });
                 while inflight.try_join_next().is_some() {}
             }
@@ -414,8 +435,7 @@ fn leaf_from(ca: &CertificateAuthority) -> WorkloadCertificate {
 /// Whether the echo sidecar serves a client presenting `leaf` (which trusts the
 /// mesh's current bundle for the server): an answer from the app, or a refusal.
 async fn echo_accepts(mesh: &Mesh, leaf: WorkloadCertificate) -> bool {
-    let bundle =
-        TrustBundle::from_pem(TD, &[mesh.state_file(roots::TRUST_BUNDLE_FILE)]).unwrap();
+    let bundle = TrustBundle::from_pem(TD, &[mesh.state_file(roots::TRUST_BUNDLE_FILE)]).unwrap();
     let tls = MeshTls::new(leaf, &bundle).unwrap();
     let config = tls.client_config(&id("echo")).unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);

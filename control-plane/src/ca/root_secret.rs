@@ -42,9 +42,29 @@ pub async fn load_or_create_in_secret(
         name: name.to_owned(),
         source,
     };
-    if let Some(secret) = api.get_opt(name).await.map_err(kube_err)? {
-        let ca = from_secret(&secret, namespace, name, trust_domain, default_ttl)?;
-        tracing::info!(secret = %format!("{namespace}/{name}"), "loaded the mesh root CA");
+    if let Some(mut secret) = api.get_opt(name).await.map_err(kube_err)? {
+        let mut roots = roots_from_secret(&secret, namespace, name)?;
+        // As in file mode: this replica may be the last to stop signing with a root
+        // just replaced, so that root stays trusted one leaf TTL from now.
+        let until =
+            super::roots::unix(std::time::SystemTime::now()).saturating_add(default_ttl.as_secs());
+        if roots.keep_previous_until(until) {
+            secret.data = Some(secret_data(&roots));
+            // Carries the resourceVersion read: a concurrent writer wins, and the
+            // retirement time it wrote is as late (its replica started as late).
+            if let Err(e) = api.replace(name, &PostParams::default(), &secret).await {
+                tracing::warn!(secret = %format!("{namespace}/{name}"), error = %e, "could not push back the previous root's retirement");
+            }
+        }
+        let ca =
+            CertificateAuthority::from_roots(&roots, trust_domain, default_ttl).map_err(|e| {
+                CaError::RootSecret {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
+        tracing::info!(secret = %format!("{namespace}/{name}"), phase = %roots.phase(), signing = ca.signing_root(), "loaded the mesh root CA");
         return Ok(ca);
     }
     let roots = RootSet::generate(trust_domain)?;
@@ -130,6 +150,17 @@ fn from_secret(
     trust_domain: &str,
     default_ttl: Duration,
 ) -> Result<CertificateAuthority, CaError> {
+    let roots = roots_from_secret(secret, namespace, name)?;
+    CertificateAuthority::from_roots(&roots, trust_domain, default_ttl).map_err(|e| {
+        CaError::RootSecret {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+fn roots_from_secret(secret: &Secret, namespace: &str, name: &str) -> Result<RootSet, CaError> {
     let bad = |reason: String| CaError::RootSecret {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
@@ -142,11 +173,9 @@ fn from_secret(
             return Err(bad(format!("no {key}")));
         }
     }
-    let roots = RootSet::from_entries(&entries)
+    RootSet::from_entries(&entries)
         .map_err(|e| bad(e.to_string()))?
-        .ok_or_else(|| bad(format!("no {CERT_KEY}")))?;
-    CertificateAuthority::from_roots(&roots, trust_domain, default_ttl)
-        .map_err(|e| bad(e.to_string()))
+        .ok_or_else(|| bad(format!("no {CERT_KEY}")))
 }
 
 #[cfg(test)]

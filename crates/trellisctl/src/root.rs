@@ -132,7 +132,9 @@ impl Store {
                     .await
                     .with_context(|| format!("reading Secret {namespace}/{ROOT_SECRET}"))?
                     .with_context(|| {
-                        format!("no Secret {namespace}/{ROOT_SECRET}: is the control plane installed?")
+                        format!(
+                            "no Secret {namespace}/{ROOT_SECRET}: is the control plane installed?"
+                        )
                     })?;
                 let entries = entries_from_secret(&secret)
                     .map_err(|e| anyhow::anyhow!("Secret {namespace}/{ROOT_SECRET}: {e}"))?;
