@@ -73,12 +73,12 @@ pub async fn run(args: RootArgs) -> anyhow::Result<()> {
     let store = match (&args.store.state_dir, args.store.kube) {
         (Some(dir), false) => Store::Dir(dir.clone()),
         (None, true) => Store::Secret(
-            Api::namespaced(
+            Box::new(Api::namespaced(
                 kube::Client::try_default()
                     .await
                     .context("connecting to the Kubernetes API")?,
                 &args.store.namespace,
-            ),
+            )),
             args.store.namespace.clone(),
         ),
         _ => anyhow::bail!("say where the roots are: --state-dir DIR (file mode) or --kube"),
@@ -109,7 +109,7 @@ pub async fn run(args: RootArgs) -> anyhow::Result<()> {
 
 enum Store {
     Dir(PathBuf),
-    Secret(Api<Secret>, String),
+    Secret(Box<Api<Secret>>, String),
 }
 
 impl Store {

@@ -311,11 +311,12 @@ async fn proxy_config_shows_each_section() {
 /// A discovery client for `ghost` that NACKs every Endpoints response.
 async fn nacking_proxy(control: &RunningControlPlane) -> mpsc::Sender<DeltaDiscoveryRequest> {
     let config = proxy_config(control, "ghost");
-    let issued = trellis_proxy::identity::fetch(&config).await.unwrap();
+    let issued = trellis_proxy::identity::fetch(&config, None).await.unwrap();
     let channel = trellis_proxy::control::channel(
         &config.control_addr,
         &config.control_server_name,
         &config.control_root_pem,
+        None,
         Some(&issued.cert),
     )
     .unwrap();
@@ -444,7 +445,11 @@ async fn metrics_count_known_events() {
     // One certificate request refused: a token the registry does not know.
     let mut stranger = proxy_config(&mesh.control, "client");
     stranger.bootstrap_token = Some("not-a-token".into());
-    assert!(trellis_proxy::identity::fetch(&stranger).await.is_err());
+    assert!(
+        trellis_proxy::identity::fetch(&stranger, None)
+            .await
+            .is_err()
+    );
     // One NACK.
     std::fs::write(mesh.dir.path().join("registry/ghost.yaml"), GHOST).unwrap();
     let debug = mesh.control.debug_addr;

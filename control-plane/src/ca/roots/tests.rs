@@ -75,7 +75,7 @@ fn a_rotation_goes_single_added_activated_single() {
     roots.retire(at(1_000 + 3600), false).unwrap();
     assert_eq!(roots.phase(), RotationPhase::Single);
     let bundle: Vec<String> = roots.bundle_pem().iter().map(|r| fingerprint(r)).collect();
-    assert_eq!(bundle, [new.clone()]);
+    assert_eq!(bundle, std::slice::from_ref(&new));
     assert_eq!(signing_root_of(&roots), new);
 }
 
@@ -167,12 +167,13 @@ fn every_phase_survives_a_restart() {
     assert_eq!(roots.phase(), RotationPhase::Single);
     assert_eq!(first.trust_bundle_pem(), roots.bundle_pem());
 
-    let mut steps: Vec<Box<dyn Fn(&mut RootSet)>> = vec![
-        Box::new(|r| r.add(TD).unwrap()),
-        Box::new(|r| r.activate(SystemTime::now(), TTL).unwrap()),
-        Box::new(|r| r.retire(SystemTime::now(), true).unwrap()),
+    type Step = fn(&mut RootSet);
+    let steps: [Step; 3] = [
+        |r| r.add(TD).unwrap(),
+        |r| r.activate(SystemTime::now(), TTL).unwrap(),
+        |r| r.retire(SystemTime::now(), true).unwrap(),
     ];
-    for (step, expected) in steps.drain(..).zip([
+    for (step, expected) in steps.into_iter().zip([
         RotationPhase::Added,
         RotationPhase::Activated,
         RotationPhase::Single,
