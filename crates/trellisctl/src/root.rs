@@ -187,7 +187,7 @@ fn describe(roots: &RootSet, store: &Store, changed: bool, now: SystemTime) -> S
     );
     if let Some(previous) = &roots.previous {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(previous.retire_after_unix);
-        let wait = at.duration_since(now).unwrap_or_default();
+        let wait = Duration::from_secs(at.duration_since(now).unwrap_or_default().as_secs());
         out.push_str(&format!(
             "retiring  {} (safe after {}{})\n",
             fingerprint(&previous.cert_pem),

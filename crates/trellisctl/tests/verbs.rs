@@ -417,10 +417,12 @@ async fn check_passes_then_fails_for_a_missing_and_a_nacking_proxy() {
         ]
     );
     let status = ok(&trellisctl(&["proxy-status", "--control-addr", &debug]).await);
+    let root = trellis_control::ca::roots::fingerprint(&mesh.control.root_pem);
     assert!(
         status[3].starts_with("spiffe://cluster.local/ns/demo/sa/ghost demo/ghost-1 NACKED ")
-            && status[3]
-                .ends_with(" 0/1 - type.trellis.io/Endpoints: endpoint echo.demo:8080: not usable"),
+            && status[3].ends_with(&format!(
+                " 0/1 - {root} type.trellis.io/Endpoints: endpoint echo.demo:8080: not usable"
+            )),
         "{status:?}"
     );
 }
