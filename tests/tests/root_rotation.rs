@@ -141,10 +141,17 @@ struct Mesh {
 
 impl Mesh {
     async fn start() -> Mesh {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with `prepare` given the (new, empty) state dir first.
+    async fn start_with(prepare: impl FnOnce(&Path)) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let registry = dir.path().join("registry");
         let state = dir.path().join("state");
         std::fs::create_dir(&registry).unwrap();
+        std::fs::create_dir(&state).unwrap();
+        prepare(&state);
         let app_port = http_app().await;
         let echo_inbound = SocketAddr::from(([127, 0, 0, 1], free_port()));
         std::fs::write(
@@ -435,7 +442,8 @@ fn leaf_from(ca: &CertificateAuthority) -> WorkloadCertificate {
 /// Whether the echo sidecar serves a client presenting `leaf` (which trusts the
 /// mesh's current bundle for the server): an answer from the app, or a refusal.
 async fn echo_accepts(mesh: &Mesh, leaf: WorkloadCertificate) -> bool {
-    let bundle = TrustBundle::from_pem(TD, &[mesh.state_file(roots::TRUST_BUNDLE_FILE)]).unwrap();
+    let control_bundle = mesh.control.as_ref().unwrap().root_pem.clone();
+    let bundle = TrustBundle::from_pem(TD, &[control_bundle]).unwrap();
     let tls = MeshTls::new(leaf, &bundle).unwrap();
     let config = tls.client_config(&id("echo")).unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);
@@ -544,4 +552,99 @@ async fn a_root_rotation_under_load_fails_no_request() {
     eprintln!("root rotation under load: {ok} requests succeeded, {failed} failed");
     assert_eq!(failed, 0, "failed requests: {errors:?}");
     assert!(ok > 200, "only {ok} requests ran");
+}
+
+/// An offline root (path length unconstrained) and an intermediate it signed, in
+/// Istio's `cacerts` layout; returns the root's PEM.
+fn write_plugged_ca(dir: &Path) -> String {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_params = |cn: &str, is_ca: IsCa| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = is_ca;
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("offline root", IsCa::Ca(BasicConstraints::Unconstrained));
+    let root = root_params.self_signed(&root_key).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params(
+        "cluster intermediate",
+        IsCa::Ca(BasicConstraints::Constrained(0)),
+    )
+    .signed_by(&ca_key, &Issuer::new(root_params, root_key))
+    .unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("root-cert.pem"), root.pem()).unwrap();
+    std::fs::write(
+        dir.join("cert-chain.pem"),
+        format!("{}{}", ca.pem(), root.pem()),
+    )
+    .unwrap();
+    root.pem()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_ca_signs_and_both_sidecars_verify_its_chains() {
+    let mut root_pem = String::new();
+    let mesh = Mesh::start_with(|state| root_pem = write_plugged_ca(state)).await;
+    let root = fingerprint(&root_pem);
+    assert_eq!(
+        mesh.control.as_ref().unwrap().root_pem,
+        root_pem,
+        "proxies are given the offline root, not the intermediate"
+    );
+    let known = TrustBundle::from_pem(TD, std::slice::from_ref(&root_pem)).unwrap();
+    mesh.wait_for("plug-in CA", &known, &root, &[&root]).await;
+    for (name, proxy) in mesh.proxies() {
+        let tls = proxy.admin.tls.borrow().clone().unwrap();
+        assert_eq!(
+            tls.certificate().chain.len(),
+            2,
+            "{name}: the leaf and the intermediate"
+        );
+    }
+    // Requests through both paths: each side verified the other's chain.
+    let load = Load::start(mesh.client.upstream_addrs[0], mesh.client.upstream_addrs[1]);
+    eventually("40 requests", Duration::from_secs(30), || {
+        let done = load.ok.load(Ordering::SeqCst) + load.failed.load(Ordering::SeqCst);
+        async move { done >= 40 }
+    })
+    .await;
+    let (ok, failed, errors) = load.finish().await;
+    assert_eq!(failed, 0, "{errors:?}");
+    assert!(ok >= 40);
+    // A leaf of a stranger is still refused; one of the intermediate, sent with
+    // its chain, is served.
+    let rogue = CertificateAuthority::new_root(TD, TTL).unwrap();
+    assert!(!echo_accepts(&mesh, leaf_from(&rogue)).await);
+    let files = trellis_control::ca::plugged::read_dir(&mesh.state).unwrap();
+    let ca = CertificateAuthority::from_plugged(&files, TD, TTL).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let client = id("client");
+    let leaf = ca
+        .sign_workload(
+            &key.csr_pem(&client).unwrap(),
+            &Proven {
+                identity: client.clone(),
+                workload: None,
+            },
+            None,
+        )
+        .unwrap();
+    let bare = key.certify(std::slice::from_ref(&leaf), &client).unwrap();
+    assert!(
+        !echo_accepts(&mesh, bare).await,
+        "a leaf without its intermediate does not chain to the root"
+    );
+    let chained = key.certify(&ca.leaf_chain(leaf), &client).unwrap();
+    assert!(echo_accepts(&mesh, chained).await);
+    assert!(
+        !mesh.state.join("root-key.pem").exists(),
+        "nothing of Trellis's own roots was made"
+    );
 }

@@ -5,6 +5,7 @@
 
 mod csr_key;
 mod issued;
+pub mod plugged;
 mod root_secret;
 pub mod roots;
 mod service;
@@ -92,6 +93,9 @@ pub struct CertificateAuthority {
     bundle_pem: Vec<String>,
     /// The fingerprint of the root that signs (see [`roots::fingerprint`]).
     signing_root: String,
+    /// Intermediates sent after every leaf (PEM, the signer first): empty when a
+    /// root signs, the plug-in CA's chain otherwise (see [`plugged`]).
+    chain_pem: Vec<String>,
     trust_domain: String,
     default_ttl: Duration,
 }
@@ -114,6 +118,10 @@ impl CertificateAuthority {
         trust_domain: &str,
         default_ttl: Duration,
     ) -> Result<Self, CaError> {
+        if plugged::is_plugged(state_dir) {
+            let files = plugged::read_dir(state_dir)?;
+            return Self::from_plugged(&files, trust_domain, default_ttl);
+        }
         let roots = match RootSet::load_dir(state_dir)? {
             Some(mut roots) => {
                 let until = roots::unix(SystemTime::now()).saturating_add(default_ttl.as_secs());
@@ -172,6 +180,7 @@ impl CertificateAuthority {
             issuer,
             bundle_pem: vec![cert_pem.to_owned()],
             signing_root: roots::fingerprint(cert_pem),
+            chain_pem: Vec::new(),
             trust_domain: trust_domain.to_owned(),
             default_ttl,
         })
@@ -186,7 +195,16 @@ impl CertificateAuthority {
         self.bundle_pem.clone()
     }
 
-    /// The fingerprint of the root new leaves are signed with.
+    /// What a proxy is sent for `leaf`: the leaf, then the intermediates up to
+    /// (not including) the root.
+    pub fn leaf_chain(&self, leaf: String) -> Vec<String> {
+        let mut chain = Vec::with_capacity(1 + self.chain_pem.len());
+        chain.push(leaf);
+        chain.extend(self.chain_pem.iter().cloned());
+        chain
+    }
+
+    /// The fingerprint of the root new leaves chain to.
     pub fn signing_root(&self) -> &str {
         &self.signing_root
     }
@@ -243,8 +261,8 @@ impl CertificateAuthority {
     }
 
     /// A serving certificate for the control plane itself: its SPIFFE ID plus the DNS
-    /// names and IPs proxies dial. Returns (certificate PEM, key PEM); the key stays in
-    /// this process.
+    /// names and IPs proxies dial. Returns (certificate PEM followed by the
+    /// intermediates, key PEM); the key stays in this process.
     pub fn issue_serving(
         &self,
         id: &SpiffeId,
@@ -263,7 +281,7 @@ impl CertificateAuthority {
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(CaError::Signing)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        Ok((self.leaf_chain(cert.pem()).concat(), key.serialize_pem()))
     }
 }
 

@@ -183,7 +183,7 @@ impl CaService {
         );
         tracing::info!(?remote, identity = %granted.identity, workload, signing_root = self.ca.signing_root(), "certificate issued");
         Ok(IssueCertificateResponse {
-            cert_chain_pem: vec![leaf],
+            cert_chain_pem: self.ca.leaf_chain(leaf),
             trust_bundle_pem: self.ca.trust_bundle_pem(),
         })
     }

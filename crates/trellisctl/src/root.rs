@@ -116,6 +116,12 @@ impl Store {
     async fn load(&self) -> anyhow::Result<(RootSet, Option<Secret>)> {
         match self {
             Store::Dir(dir) => {
+                if trellis_control::ca::plugged::is_plugged(dir) {
+                    anyhow::bail!(
+                        "{} holds a plug-in CA (ca-cert.pem): its roots are rotated by replacing those files, not with trellisctl root",
+                        dir.display()
+                    );
+                }
                 let roots = RootSet::load_dir(dir)
                     .with_context(|| format!("reading the roots in {}", dir.display()))?
                     .with_context(|| {
