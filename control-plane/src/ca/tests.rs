@@ -232,7 +232,7 @@ fn plugged_files() -> (std::collections::BTreeMap<String, String>, String) {
 fn a_plug_in_intermediate_signs_and_sends_its_chain_without_the_root() {
     let (files, root) = plugged_files();
     let ca = CertificateAuthority::from_plugged(&files, "cluster.local", DAY).unwrap();
-    assert_eq!(ca.trust_bundle_pem(), [root.clone()]);
+    assert_eq!(ca.trust_bundle_pem(), std::slice::from_ref(&root));
     assert_eq!(ca.signing_root(), roots::fingerprint(&root));
     let key = WorkloadKey::generate().unwrap();
     let echo = id("default", "echo");
