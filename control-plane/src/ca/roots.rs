@@ -288,9 +288,10 @@ impl RootSet {
     }
 
     /// Writes the set to `state_dir`, keys with mode 0600, each file replaced
-    /// atomically. The order keeps every intermediate state loadable and never less
-    /// trusting than the start or the end: new trust first, then the signing root,
-    /// then removals.
+    /// atomically (the signing root last, then removals). A crash between two files
+    /// can leave a set [`Self::load_dir`] refuses with the files named (half a pair,
+    /// a key that is not its certificate's, an added and a previous root at once),
+    /// never one that loads as something else.
     pub fn save_dir(&self, state_dir: &Path) -> Result<(), CaError> {
         std::fs::create_dir_all(state_dir).map_err(|source| io_err(state_dir, source))?;
         let entries = self.to_entries();

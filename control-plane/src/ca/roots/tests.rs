@@ -263,6 +263,14 @@ fn inconsistent_sets_are_refused_not_guessed() {
     orphan.remove(ACTIVE_KEY);
     assert!(RootSet::from_entries(&orphan).is_err());
 
+    // An activation cut short after the previous root was written: refused, not
+    // read as "added" (which would sign with the old root again).
+    let mut cut = good.clone();
+    cut.insert(PREVIOUS_CERT.to_owned(), good[ACTIVE_CERT].clone());
+    cut.insert(PREVIOUS_RETIRE_AFTER.to_owned(), "1000".to_owned());
+    let err = RootSet::from_entries(&cut).unwrap_err().to_string();
+    assert!(err.contains("at most one rotation step"), "{err}");
+
     assert_eq!(RootSet::from_entries(&BTreeMap::new()).unwrap(), None);
 }
 
