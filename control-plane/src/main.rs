@@ -53,7 +53,9 @@ struct Args {
     #[arg(long, default_value = "trellis-injector")]
     webhook_configuration: String,
     /// Where the CA keeps its root certificate and key (file mode; in kube mode the
-    /// root is in the Secret `trellis-ca-root`).
+    /// root is in the Secret `trellis-ca-root`). Holding Istio's plug-in CA files
+    /// (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`), in either
+    /// mode, the CA signs with that intermediate instead.
     #[arg(long, env = "TRELLIS_STATE_DIR", default_value = "/var/lib/trellis")]
     state_dir: PathBuf,
     /// The control plane's namespace (kube mode): the CA root Secret and the leader

@@ -199,8 +199,8 @@ pub struct WebhookOptions {
     pub configuration: Option<String>,
 }
 
-/// Starts with the `kube` registry (`config.registry_dir` and `config.state_dir`
-/// are not used). Serves discovery and the CA only once every watched kind has been
+/// Starts with the `kube` registry (`config.registry_dir` is not used, nor
+/// `config.state_dir` unless it holds a plug-in CA, see [`crate::ca::plugged`]). Serves discovery and the CA only once every watched kind has been
 /// listed, so no proxy is ever sent a half-built view. The CA root comes from the
 /// Secret [`crate::ca::ROOT_SECRET`] shared by all replicas; the replicas elect one
 /// leader with a Lease.
@@ -282,14 +282,24 @@ pub async fn start_kube_with(
     let webhook = kube_options.webhook;
     let trust_domain = config.trust_domain.clone();
     let started = async {
-        let ca = crate::ca::load_or_create_in_secret(
-            client.clone(),
-            &kube_options.namespace,
-            crate::ca::ROOT_SECRET,
-            &config.trust_domain,
-            config.cert_ttl,
-        )
-        .await?;
+        // A plug-in CA (Istio's `cacerts` Secret mounted at --state-dir) replaces
+        // the shared root Secret.
+        let ca = if crate::ca::plugged::is_plugged(&config.state_dir) {
+            CertificateAuthority::load_or_create(
+                &config.state_dir,
+                &config.trust_domain,
+                config.cert_ttl,
+            )?
+        } else {
+            crate::ca::load_or_create_in_secret(
+                client.clone(),
+                &kube_options.namespace,
+                crate::ca::ROOT_SECRET,
+                &config.trust_domain,
+                config.cert_ttl,
+            )
+            .await?
+        };
         let feed = RegistryFeed {
             snapshots: snapshot_rx,
             status: status_rx,

@@ -573,11 +573,14 @@ async fn certificate_requests_are_rate_limited_per_source() {
     let (control, _dir) = control_plane(options).await;
     let config = web_config(&control);
     for i in 0..3 {
-        trellis_proxy::identity::fetch(&config)
+        trellis_proxy::identity::fetch(&config, None)
             .await
             .unwrap_or_else(|e| panic!("request {i} is within the burst: {e}"));
     }
-    let err = trellis_proxy::identity::fetch(&config).await.err().unwrap();
+    let err = trellis_proxy::identity::fetch(&config, None)
+        .await
+        .err()
+        .unwrap();
     let trellis_proxy::identity::IdentityError::Refused(status) = &err else {
         panic!("expected a refusal, got {err}");
     };
@@ -596,12 +599,13 @@ async fn discovery_streams_per_workload_are_capped() {
     options.grpc.streams_per_workload = 2;
     let (control, _dir) = control_plane(options).await;
     let config = web_config(&control);
-    let issued = trellis_proxy::identity::fetch(&config).await.unwrap();
+    let issued = trellis_proxy::identity::fetch(&config, None).await.unwrap();
     let open = || async {
         let channel = trellis_proxy::control::channel(
             &config.control_addr,
             &config.control_server_name,
             &config.control_root_pem,
+            None,
             Some(&issued.cert),
         )
         .unwrap();

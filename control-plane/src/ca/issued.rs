@@ -12,6 +12,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 pub struct IssuedLeaf {
     pub serial: String,
     pub not_after_unix: u64,
+    /// The fingerprint of the root that signed it (see `roots::fingerprint`): during
+    /// a rotation, which proxies still hold a leaf of the old root.
+    pub signing_root: String,
 }
 
 type Key = (String, Option<String>);
@@ -25,8 +28,14 @@ pub struct IssuedLeaves {
 impl IssuedLeaves {
     /// Records `leaf_pem` for `identity` and `workload`, and forgets expired leaves so
     /// the map stays as small as the set of live workloads.
-    pub fn record(&self, identity: &str, workload: Option<&str>, leaf_pem: &str) {
-        let Some(leaf) = describe(leaf_pem) else {
+    pub fn record(
+        &self,
+        identity: &str,
+        workload: Option<&str>,
+        leaf_pem: &str,
+        signing_root: &str,
+    ) {
+        let Some(leaf) = describe(leaf_pem, signing_root) else {
             tracing::debug!(identity, "issued leaf unreadable; not recorded");
             return;
         };
@@ -44,12 +53,13 @@ impl IssuedLeaves {
     }
 }
 
-fn describe(leaf_pem: &str) -> Option<IssuedLeaf> {
+fn describe(leaf_pem: &str, signing_root: &str) -> Option<IssuedLeaf> {
     let der = pem::parse(leaf_pem).ok()?;
     let (_, cert) = X509Certificate::from_der(der.contents()).ok()?;
     Some(IssuedLeaf {
         serial: cert.raw_serial_as_string(),
         not_after_unix: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+        signing_root: signing_root.to_owned(),
     })
 }
 

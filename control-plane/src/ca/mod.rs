@@ -5,12 +5,14 @@
 
 mod csr_key;
 mod issued;
+pub mod plugged;
 mod root_secret;
+pub mod roots;
 mod service;
 mod token_review;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -22,7 +24,8 @@ use trellis_identity::{SpiffeId, WorkloadName};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 pub use issued::{IssuedLeaf, IssuedLeaves};
-pub use root_secret::{ROOT_SECRET, load_or_create_in_secret};
+pub use root_secret::{ROOT_SECRET, entries_from_secret, load_or_create_in_secret, secret_data};
+pub use roots::{RootSet, RotationError, RotationPhase};
 pub use service::CaService;
 pub use token_review::{
     KubeTokenReviewer, TOKEN_AUDIENCE, TokenReviewError, TokenReviewer, proven_by_review,
@@ -41,8 +44,6 @@ pub struct Proven {
 /// accept them.
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const ROOT_CERT_FILE: &str = "root-cert.pem";
-const ROOT_KEY_FILE: &str = "root-key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -79,12 +80,22 @@ pub enum CaError {
     },
     #[error("signing failed: {0}")]
     Signing(rcgen::Error),
+    #[error("the root set is inconsistent: {0}")]
+    RootSet(String),
+    #[error(transparent)]
+    Rotation(#[from] RotationError),
 }
 
 /// The mesh CA for one trust domain.
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
+    /// Every root relying parties trust; the signing one first.
+    bundle_pem: Vec<String>,
+    /// The fingerprint of the root that signs (see [`roots::fingerprint`]).
+    signing_root: String,
+    /// Intermediates sent after every leaf (PEM, the signer first): empty when a
+    /// root signs, the plug-in CA's chain otherwise (see [`plugged`]).
+    chain_pem: Vec<String>,
     trust_domain: String,
     default_ttl: Duration,
 }
@@ -98,44 +109,62 @@ impl std::fmt::Debug for CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// Loads the root from `state_dir`, or makes one there on first start.
+    /// Loads the roots from `state_dir`, or makes one there on first start. While
+    /// a rotation's old root is still trusted, its retirement is pushed to at least
+    /// now plus `default_ttl`: this process may be the first to sign with the new
+    /// root, and the one before it may have signed with the old one until now.
     pub fn load_or_create(
         state_dir: &Path,
         trust_domain: &str,
         default_ttl: Duration,
     ) -> Result<Self, CaError> {
-        let cert_path = state_dir.join(ROOT_CERT_FILE);
-        let key_path = state_dir.join(ROOT_KEY_FILE);
-        if cert_path.exists() && key_path.exists() {
-            let cert_pem = read(&cert_path)?;
-            let key_pem = read(&key_path)?;
-            return Self::from_pem(&cert_pem, &key_pem, trust_domain, default_ttl);
+        if plugged::is_plugged(state_dir) {
+            let files = plugged::read_dir(state_dir)?;
+            return Self::from_plugged(&files, trust_domain, default_ttl);
         }
-        std::fs::create_dir_all(state_dir).map_err(|source| io_err(state_dir, source))?;
-        let ca = Self::new_root(trust_domain, default_ttl)?;
-        write_private(&key_path, &ca.key_pem())?;
-        std::fs::write(&cert_path, &ca.root_pem).map_err(|source| io_err(&cert_path, source))?;
-        tracing::info!(path = %cert_path.display(), trust_domain, "created a new mesh root CA");
+        let roots = match RootSet::load_dir(state_dir)? {
+            Some(mut roots) => {
+                let until = roots::unix(SystemTime::now()).saturating_add(default_ttl.as_secs());
+                if roots.keep_previous_until(until) {
+                    roots.save_dir(state_dir)?;
+                }
+                roots
+            }
+            None => {
+                let roots = RootSet::generate(trust_domain)?;
+                roots.save_dir(state_dir)?;
+                tracing::info!(path = %state_dir.display(), trust_domain, "created a new mesh root CA");
+                roots
+            }
+        };
+        tracing::info!(
+            phase = %roots.phase(),
+            signing = roots::fingerprint(&roots.active.cert_pem),
+            bundle = ?roots.bundle_pem().iter().map(|r| roots::fingerprint(r)).collect::<Vec<_>>(),
+            "mesh roots loaded"
+        );
+        Self::from_roots(&roots, trust_domain, default_ttl)
+    }
+
+    /// A CA that signs with the active root of `roots` and hands out all of them.
+    pub fn from_roots(
+        roots: &RootSet,
+        trust_domain: &str,
+        default_ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let mut ca = Self::from_pem(
+            &roots.active.cert_pem,
+            &roots.active.key_pem,
+            trust_domain,
+            default_ttl,
+        )?;
+        ca.bundle_pem = roots.bundle_pem();
         Ok(ca)
     }
 
     /// A fresh self-signed root, in memory only.
     pub fn new_root(trust_domain: &str, default_ttl: Duration) -> Result<Self, CaError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::BadRoot)?;
-        let params = root_params(trust_domain);
-        let cert = params.self_signed(&key).map_err(CaError::BadRoot)?;
-        Ok(CertificateAuthority {
-            root_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-            trust_domain: trust_domain.to_owned(),
-            default_ttl,
-        })
-    }
-
-    /// The root's private key (PEM), to be stored where the root is kept. Never
-    /// log it.
-    fn key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
+        Self::from_roots(&RootSet::generate(trust_domain)?, trust_domain, default_ttl)
     }
 
     /// A CA from a given certificate and key (PEM), e.g. an operator's intermediate.
@@ -145,19 +174,13 @@ impl CertificateAuthority {
         trust_domain: &str,
         default_ttl: Duration,
     ) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem).map_err(CaError::BadRoot)?;
-        // A key that does not match would sign leaves nobody can verify.
-        let der = pem::parse(cert_pem)
-            .map_err(|e| CaError::BadRoot(rcgen::Error::PemError(e.to_string())))?;
-        let (_, cert) = X509Certificate::from_der(der.contents())
-            .map_err(|_| CaError::BadRoot(rcgen::Error::CouldNotParseCertificate))?;
-        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(CaError::KeyMismatch);
-        }
+        let key = check_key_matches(cert_pem, key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::BadRoot)?;
         Ok(CertificateAuthority {
             issuer,
-            root_pem: cert_pem.to_owned(),
+            bundle_pem: vec![cert_pem.to_owned()],
+            signing_root: roots::fingerprint(cert_pem),
+            chain_pem: Vec::new(),
             trust_domain: trust_domain.to_owned(),
             default_ttl,
         })
@@ -167,9 +190,23 @@ impl CertificateAuthority {
         &self.trust_domain
     }
 
-    /// The roots relying parties should trust (one now; several during a rotation).
+    /// The roots relying parties should trust (one, or two during a rotation).
     pub fn trust_bundle_pem(&self) -> Vec<String> {
-        vec![self.root_pem.clone()]
+        self.bundle_pem.clone()
+    }
+
+    /// What a proxy is sent for `leaf`: the leaf, then the intermediates up to
+    /// (not including) the root.
+    pub fn leaf_chain(&self, leaf: String) -> Vec<String> {
+        let mut chain = Vec::with_capacity(1 + self.chain_pem.len());
+        chain.push(leaf);
+        chain.extend(self.chain_pem.iter().cloned());
+        chain
+    }
+
+    /// The fingerprint of the root new leaves chain to.
+    pub fn signing_root(&self) -> &str {
+        &self.signing_root
     }
 
     /// Signs a workload CSR for what its proof established: `granted.identity` as the
@@ -224,8 +261,8 @@ impl CertificateAuthority {
     }
 
     /// A serving certificate for the control plane itself: its SPIFFE ID plus the DNS
-    /// names and IPs proxies dial. Returns (certificate PEM, key PEM); the key stays in
-    /// this process.
+    /// names and IPs proxies dial. Returns (certificate PEM followed by the
+    /// intermediates, key PEM); the key stays in this process.
     pub fn issue_serving(
         &self,
         id: &SpiffeId,
@@ -244,8 +281,22 @@ impl CertificateAuthority {
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(CaError::Signing)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        Ok((self.leaf_chain(cert.pem()).concat(), key.serialize_pem()))
     }
+}
+
+/// Parses `key_pem` and checks that it is the key of `cert_pem`: a key that does not
+/// match would sign leaves nobody can verify.
+fn check_key_matches(cert_pem: &str, key_pem: &str) -> Result<KeyPair, CaError> {
+    let key = KeyPair::from_pem(key_pem).map_err(CaError::BadRoot)?;
+    let der = pem::parse(cert_pem)
+        .map_err(|e| CaError::BadRoot(rcgen::Error::PemError(e.to_string())))?;
+    let (_, cert) = X509Certificate::from_der(der.contents())
+        .map_err(|_| CaError::BadRoot(rcgen::Error::CouldNotParseCertificate))?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(CaError::KeyMismatch);
+    }
+    Ok(key)
 }
 
 fn uri_san(id: &SpiffeId) -> Result<SanType, CaError> {
@@ -303,23 +354,6 @@ fn io_err(path: &Path, source: std::io::Error) -> CaError {
         path: path.display().to_string(),
         source,
     }
-}
-
-fn read(path: &Path) -> Result<String, CaError> {
-    std::fs::read_to_string(path).map_err(|source| io_err(path, source))
-}
-
-fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| io_err(path, source))?;
-    file.write_all(contents.as_bytes())
-        .map_err(|source| io_err(path, source))
 }
 
 #[cfg(test)]

@@ -4,10 +4,13 @@
 //! The first replica to start makes the root and creates the Secret; creation is
 //! create-only (POST), so when two start together the API server accepts one and
 //! answers the other 409 Conflict, and the loser reads the winner's root. The
-//! Secret is `kubernetes.io/tls` (`tls.crt`, `tls.key`), so an operator can also
-//! provide their own root with `kubectl create secret tls`. The key goes from the
-//! Secret to memory and nowhere else: not to disk, not to logs.
+//! Secret is `kubernetes.io/tls` (`tls.crt`, `tls.key`: the root that signs), so an
+//! operator can also provide their own root with `kubectl create secret tls`. During
+//! a rotation (see [`super::roots`]) it also holds the other root under the state-dir
+//! file names; a Secret without them is a single root, as before. The key goes from
+//! the Secret to memory and nowhere else: not to disk, not to logs.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
@@ -15,7 +18,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
-use super::{CaError, CertificateAuthority};
+use super::roots::{ACTIVE_CERT, ACTIVE_KEY};
+use super::{CaError, CertificateAuthority, RootSet};
 
 /// The Secret holding the mesh root, in the control plane's namespace.
 pub const ROOT_SECRET: &str = "trellis-ca-root";
@@ -38,12 +42,33 @@ pub async fn load_or_create_in_secret(
         name: name.to_owned(),
         source,
     };
-    if let Some(secret) = api.get_opt(name).await.map_err(kube_err)? {
-        let ca = from_secret(&secret, namespace, name, trust_domain, default_ttl)?;
-        tracing::info!(secret = %format!("{namespace}/{name}"), "loaded the mesh root CA");
+    if let Some(mut secret) = api.get_opt(name).await.map_err(kube_err)? {
+        let mut roots = roots_from_secret(&secret, namespace, name)?;
+        // As in file mode: this replica may be the last to stop signing with a root
+        // just replaced, so that root stays trusted one leaf TTL from now.
+        let until =
+            super::roots::unix(std::time::SystemTime::now()).saturating_add(default_ttl.as_secs());
+        if roots.keep_previous_until(until) {
+            secret.data = Some(secret_data(&roots));
+            // Carries the resourceVersion read: a concurrent writer wins, and the
+            // retirement time it wrote is as late (its replica started as late).
+            if let Err(e) = api.replace(name, &PostParams::default(), &secret).await {
+                tracing::warn!(secret = %format!("{namespace}/{name}"), error = %e, "could not push back the previous root's retirement");
+            }
+        }
+        let ca =
+            CertificateAuthority::from_roots(&roots, trust_domain, default_ttl).map_err(|e| {
+                CaError::RootSecret {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
+        tracing::info!(secret = %format!("{namespace}/{name}"), phase = %roots.phase(), signing = ca.signing_root(), "loaded the mesh root CA");
         return Ok(ca);
     }
-    let ca = CertificateAuthority::new_root(trust_domain, default_ttl)?;
+    let roots = RootSet::generate(trust_domain)?;
+    let ca = CertificateAuthority::from_roots(&roots, trust_domain, default_ttl)?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -57,12 +82,7 @@ pub async fn load_or_create_in_secret(
             ..ObjectMeta::default()
         },
         type_: Some(SECRET_TYPE.to_owned()),
-        data: Some(
-            [(CERT_KEY, ca.root_pem.clone()), (KEY_KEY, ca.key_pem())]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), ByteString(v.into_bytes())))
-                .collect(),
-        ),
+        data: Some(secret_data(&roots)),
         ..Secret::default()
     };
     match api.create(&PostParams::default(), &secret).await {
@@ -90,6 +110,39 @@ pub async fn load_or_create_in_secret(
     }
 }
 
+/// The Secret's data for `roots`: the signing root as `tls.crt`/`tls.key`, the rest
+/// under the state-dir file names.
+pub fn secret_data(roots: &RootSet) -> BTreeMap<String, ByteString> {
+    roots
+        .to_entries()
+        .into_iter()
+        .map(|(name, text)| {
+            let key = match name.as_str() {
+                ACTIVE_CERT => CERT_KEY.to_owned(),
+                ACTIVE_KEY => KEY_KEY.to_owned(),
+                _ => name,
+            };
+            (key, ByteString(text.into_bytes()))
+        })
+        .collect()
+}
+
+/// The root-set entries a Secret holds (see [`secret_data`]); keys that are not
+/// PEM text are an error naming the key.
+pub fn entries_from_secret(secret: &Secret) -> Result<BTreeMap<String, String>, String> {
+    let mut entries = BTreeMap::new();
+    for (key, bytes) in secret.data.iter().flatten() {
+        let name = match key.as_str() {
+            CERT_KEY => ACTIVE_CERT,
+            KEY_KEY => ACTIVE_KEY,
+            other => other,
+        };
+        let text = std::str::from_utf8(&bytes.0).map_err(|_| format!("{key} is not PEM text"))?;
+        entries.insert(name.to_owned(), text.to_owned());
+    }
+    Ok(entries)
+}
+
 fn from_secret(
     secret: &Secret,
     namespace: &str,
@@ -97,23 +150,32 @@ fn from_secret(
     trust_domain: &str,
     default_ttl: Duration,
 ) -> Result<CertificateAuthority, CaError> {
+    let roots = roots_from_secret(secret, namespace, name)?;
+    CertificateAuthority::from_roots(&roots, trust_domain, default_ttl).map_err(|e| {
+        CaError::RootSecret {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+fn roots_from_secret(secret: &Secret, namespace: &str, name: &str) -> Result<RootSet, CaError> {
     let bad = |reason: String| CaError::RootSecret {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         reason,
     };
-    let field = |key: &str| -> Result<&str, CaError> {
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .ok_or_else(|| bad(format!("no {key}")))?;
-        std::str::from_utf8(&bytes.0).map_err(|_| bad(format!("{key} is not PEM text")))
-    };
-    let cert_pem = field(CERT_KEY)?;
-    let key_pem = field(KEY_KEY)?;
-    CertificateAuthority::from_pem(cert_pem, key_pem, trust_domain, default_ttl)
-        .map_err(|e| bad(e.to_string()))
+    let entries = entries_from_secret(secret).map_err(bad)?;
+    for key in [CERT_KEY, KEY_KEY] {
+        let present = secret.data.as_ref().is_some_and(|d| d.contains_key(key));
+        if !present {
+            return Err(bad(format!("no {key}")));
+        }
+    }
+    RootSet::from_entries(&entries)
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad(format!("no {CERT_KEY}")))
 }
 
 #[cfg(test)]

@@ -175,11 +175,15 @@ impl CaService {
                 }
             })?;
         let workload = granted.workload.as_ref().map(ToString::to_string);
-        self.issued
-            .record(&granted.identity.to_string(), workload.as_deref(), &leaf);
-        tracing::info!(?remote, identity = %granted.identity, workload, "certificate issued");
+        self.issued.record(
+            &granted.identity.to_string(),
+            workload.as_deref(),
+            &leaf,
+            self.ca.signing_root(),
+        );
+        tracing::info!(?remote, identity = %granted.identity, workload, signing_root = self.ca.signing_root(), "certificate issued");
         Ok(IssueCertificateResponse {
-            cert_chain_pem: vec![leaf],
+            cert_chain_pem: self.ca.leaf_chain(leaf),
             trust_bundle_pem: self.ca.trust_bundle_pem(),
         })
     }

@@ -84,7 +84,7 @@ fn root_survives_a_restart_and_its_key_is_private() {
     let first = ca(dir.path()).trust_bundle_pem();
     let second = ca(dir.path()).trust_bundle_pem();
     assert_eq!(first, second);
-    let mode = std::fs::metadata(dir.path().join(ROOT_KEY_FILE))
+    let mode = std::fs::metadata(dir.path().join(roots::ACTIVE_KEY))
         .unwrap()
         .permissions()
         .mode();
@@ -109,7 +109,7 @@ fn openssl_verifies_the_leaf_against_the_root() {
     std::fs::write(&leaf_path, &leaf).unwrap();
     let out = Command::new("openssl")
         .args(["verify", "-purpose", "sslclient", "-CAfile"])
-        .arg(dir.path().join(ROOT_CERT_FILE))
+        .arg(dir.path().join(roots::ACTIVE_CERT))
         .arg(&leaf_path)
         .output()
         .unwrap();
@@ -198,4 +198,92 @@ fn the_proven_workload_is_the_subject_whatever_the_csr_asks() {
     // A proof bound to no workload gives an empty Subject, not the CSR's.
     let leaf = ca.sign_workload(&csr, &proven(&echo), None).unwrap();
     assert_eq!(read(&leaf), None);
+}
+
+/// An offline root and an intermediate it signed, as Istio's `cacerts` files.
+fn plugged_files() -> (std::collections::BTreeMap<String, String>, String) {
+    let ca_params = |cn: &str, is_ca: IsCa| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = is_ca;
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("offline root", IsCa::Ca(BasicConstraints::Unconstrained));
+    let root = root_params.self_signed(&root_key).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params("intermediate", IsCa::Ca(BasicConstraints::Constrained(0)))
+        .signed_by(&ca_key, &Issuer::new(root_params, root_key))
+        .unwrap();
+    let files = [
+        (plugged::CA_CERT, ca.pem()),
+        (plugged::CA_KEY, ca_key.serialize_pem()),
+        (plugged::ROOT_CERT, root.pem()),
+        (plugged::CERT_CHAIN, format!("{}{}", ca.pem(), root.pem())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    (files, root.pem())
+}
+
+#[test]
+fn a_plug_in_intermediate_signs_and_sends_its_chain_without_the_root() {
+    let (files, root) = plugged_files();
+    let ca = CertificateAuthority::from_plugged(&files, "cluster.local", DAY).unwrap();
+    assert_eq!(ca.trust_bundle_pem(), std::slice::from_ref(&root));
+    assert_eq!(ca.signing_root(), roots::fingerprint(&root));
+    let key = WorkloadKey::generate().unwrap();
+    let echo = id("default", "echo");
+    let leaf = ca
+        .sign_workload(&key.csr_pem(&echo).unwrap(), &proven(&echo), None)
+        .unwrap();
+    let chain = ca.leaf_chain(leaf);
+    assert_eq!(chain.len(), 2, "leaf and intermediate, not the root");
+    assert_eq!(chain[1], files[plugged::CA_CERT]);
+    let cert = key.certify(&chain, &echo).unwrap();
+    let bundle = trellis_identity::TrustBundle::from_pem("cluster.local", &[root]).unwrap();
+    assert!(bundle.signer_of(&cert.chain).is_some());
+    assert!(
+        bundle.signer_of(&cert.chain[..1]).is_none(),
+        "without the intermediate the leaf chains to nothing"
+    );
+    // The control plane's own serving certificate carries the chain too.
+    let (serving, _key) = ca
+        .issue_serving(&id("trellis-system", "trellis-control"), &[], DAY)
+        .unwrap();
+    assert_eq!(pem::parse_many(serving).unwrap().len(), 2);
+}
+
+#[test]
+fn a_plug_in_ca_whose_chain_leads_to_no_given_root_is_refused() {
+    let (mut files, _root) = plugged_files();
+    let (_, other_root) = plugged_files();
+    files.insert(plugged::ROOT_CERT.to_owned(), other_root.clone());
+    files.insert(
+        plugged::CERT_CHAIN.to_owned(),
+        files[plugged::CA_CERT].clone(),
+    );
+    let err = CertificateAuthority::from_plugged(&files, "cluster.local", DAY).unwrap_err();
+    assert!(err.to_string().contains("does not chain"), "{err}");
+    let (mut files, _) = plugged_files();
+    files.remove(plugged::CA_KEY);
+    let err = CertificateAuthority::from_plugged(&files, "cluster.local", DAY).unwrap_err();
+    assert!(err.to_string().contains("ca-key.pem"), "{err}");
+}
+
+#[test]
+fn a_state_dir_holding_a_plug_in_ca_is_used_as_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (files, root) = plugged_files();
+    for (name, text) in &files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let ca = ca(dir.path());
+    assert_eq!(ca.trust_bundle_pem(), [root]);
+    assert!(
+        !dir.path().join(roots::ACTIVE_KEY).exists(),
+        "nothing written"
+    );
 }

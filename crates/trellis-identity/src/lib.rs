@@ -10,6 +10,7 @@ mod workload_name;
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};
 pub use tls::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP, MeshTls, TlsConfigError, TrustBundle, crypto_provider,
+    root_fingerprint,
 };
 pub use verify::{PeerIdentityError, SpiffeClientVerifier, SpiffeServerVerifier, spiffe_id_of};
 pub use workload::{CertificateError, WorkloadCertificate, WorkloadKey};

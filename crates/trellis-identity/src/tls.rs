@@ -56,6 +56,31 @@ impl TrustBundle {
         })
     }
 
+    /// Short names of the roots, in order (see [`root_fingerprint`]).
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.roots.iter().map(|r| root_fingerprint(r)).collect()
+    }
+
+    /// The root of this bundle that `chain` (leaf first) verifies to now, if any.
+    pub fn signer_of(&self, chain: &[CertificateDer<'_>]) -> Option<&CertificateDer<'static>> {
+        let (leaf, intermediates) = chain.split_first()?;
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf).ok()?;
+        let algorithms = crypto_provider().signature_verification_algorithms.all;
+        let now = rustls_pki_types::UnixTime::now();
+        self.roots.iter().find(|root| {
+            let mut store = RootCertStore::empty();
+            store.add((*root).clone()).is_ok()
+                && rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &parsed,
+                    &store,
+                    intermediates,
+                    now,
+                    algorithms,
+                )
+                .is_ok()
+        })
+    }
+
     fn root_store(&self) -> Result<RootCertStore, TlsConfigError> {
         let mut store = RootCertStore::empty();
         for root in &self.roots {
@@ -65,6 +90,13 @@ impl TrustBundle {
         }
         Ok(store)
     }
+}
+
+/// A short name for a root certificate: the first 8 bytes of the SHA-256 of its DER,
+/// in hex. The control plane names roots the same way.
+pub fn root_fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(der)[..8])
 }
 
 /// The provider every mesh connection uses: ring, TLS 1.3 only.
@@ -78,6 +110,7 @@ type ClientKey = (SpiffeId, &'static [u8]);
 /// Everything a proxy needs to speak mTLS as its workload.
 pub struct MeshTls {
     cert: WorkloadCertificate,
+    bundle: TrustBundle,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
     server: Arc<ServerConfig>,
@@ -111,6 +144,7 @@ impl MeshTls {
         server.alpn_protocols = vec![ALPN_TCP.to_vec(), ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         Ok(MeshTls {
             cert,
+            bundle: bundle.clone(),
             provider,
             roots,
             server: Arc::new(server),
@@ -120,6 +154,11 @@ impl MeshTls {
 
     pub fn certificate(&self) -> &WorkloadCertificate {
         &self.cert
+    }
+
+    /// The roots this config trusts, for peers as clients and as servers alike.
+    pub fn trust_bundle(&self) -> &TrustBundle {
+        &self.bundle
     }
 
     pub fn server_config(&self) -> Arc<ServerConfig> {

@@ -227,6 +227,7 @@ fn certs(admin: &AdminState) -> serde_json::Value {
         return json!({ "identity": admin.config.identity.to_string(), "certificate": null });
     };
     let cert = tls.certificate();
+    let bundle = tls.trust_bundle();
     let unix = |t: SystemTime| {
         t.duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -238,6 +239,10 @@ fn certs(admin: &AdminState) -> serde_json::Value {
         "not_before_unix": unix(cert.not_before),
         "not_after_unix": unix(cert.not_after),
         "renew_at_unix": unix(cert.renew_at()),
+        // Which root of the bundle the leaf chains to, and every root trusted: what
+        // a root rotation changes.
+        "signed_by": bundle.signer_of(&cert.chain).map(|r| trellis_identity::root_fingerprint(r)),
+        "trust_bundle": bundle.fingerprints(),
         // Public material only: the private key never leaves the TLS configs.
         "chain_pem": cert.chain_pem(),
     })

@@ -1,5 +1,7 @@
 //! Connections to trellis-control: TLS that checks the control plane's certificate
-//! by name against the configured root, with our workload certificate once we have one.
+//! by name against the configured root and the trust bundle discovery last sent (so
+//! a control plane restarted on a newly activated root is still trusted), with our
+//! workload certificate once we have one.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
-use trellis_identity::{WorkloadCertificate, crypto_provider};
+use trellis_identity::{TrustBundle, WorkloadCertificate, crypto_provider};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -27,6 +29,7 @@ pub enum ControlError {
 
 fn tls_config(
     root_pem: &str,
+    bundle: Option<&TrustBundle>,
     client_cert: Option<&WorkloadCertificate>,
 ) -> Result<ClientConfig, ControlError> {
     let mut roots = RootCertStore::empty();
@@ -34,6 +37,11 @@ fn tls_config(
         let cert = cert.map_err(|e| ControlError::Root(e.to_string()))?;
         roots
             .add(cert)
+            .map_err(|e| ControlError::Root(e.to_string()))?;
+    }
+    for cert in bundle.iter().flat_map(|b| b.roots.iter()) {
+        roots
+            .add(cert.clone())
             .map_err(|e| ControlError::Root(e.to_string()))?;
     }
     let builder = ClientConfig::builder_with_provider(crypto_provider())
@@ -47,15 +55,17 @@ fn tls_config(
     Ok(config)
 }
 
-/// A gRPC channel to the control plane. Connects lazily; each reconnect re-handshakes
-/// with the certificate given here.
+/// A gRPC channel to the control plane, trusting `root_pem` and the roots of
+/// `bundle`. Connects lazily; each reconnect re-handshakes with the certificate
+/// given here.
 pub fn channel(
     addr: &str,
     server_name: &str,
     root_pem: &str,
+    bundle: Option<&TrustBundle>,
     client_cert: Option<&WorkloadCertificate>,
 ) -> Result<Channel, ControlError> {
-    let connector = TlsConnector::from(Arc::new(tls_config(root_pem, client_cert)?));
+    let connector = TlsConnector::from(Arc::new(tls_config(root_pem, bundle, client_cert)?));
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| ControlError::ServerName(server_name.to_owned()))?;
     let addr = addr.to_owned();

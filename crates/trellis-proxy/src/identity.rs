@@ -40,8 +40,12 @@ pub struct Issued {
     pub bundle: TrustBundle,
 }
 
-/// Makes a fresh key and asks the CA to certify it.
-pub async fn fetch(config: &ProxyConfig) -> Result<Issued, IdentityError> {
+/// Makes a fresh key and asks the CA to certify it; `bundle` is the trust bundle held
+/// so far (none at first), trusted for the control plane besides `--ca-root`.
+pub async fn fetch(
+    config: &ProxyConfig,
+    bundle: Option<&TrustBundle>,
+) -> Result<Issued, IdentityError> {
     let proof = match (&config.bootstrap_token, &config.service_account_token_file) {
         (Some(token), _) => Proof::BootstrapToken(token.clone()),
         (None, Some(path)) => match tokio::fs::read_to_string(path).await {
@@ -59,6 +63,7 @@ pub async fn fetch(config: &ProxyConfig) -> Result<Issued, IdentityError> {
         &config.control_addr,
         &config.control_server_name,
         &config.control_root_pem,
+        bundle,
         None,
     )?;
     let response = CertificateAuthorityClient::new(channel)
@@ -93,11 +98,17 @@ pub async fn maintain(
             .unwrap_or(Duration::ZERO);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {
-                match renew(&config).await {
+                match renew(&config, &bundle).await {
                     Some(issued) => {
                         tracing::info!(identity = %issued.cert.id, serial = issued.cert.serial, "certificate renewed");
                         metrics.cert_renewals.inc();
                         cert = issued.cert;
+                        // The CA's bundle is as new as discovery's, and the only one
+                        // while discovery is away.
+                        if issued.bundle != bundle {
+                            tracing::info!(roots = issued.bundle.roots.len(), "trust bundle updated by the CA");
+                            bundle = issued.bundle;
+                        }
                     }
                     None => continue,
                 }
@@ -118,10 +129,10 @@ pub async fn maintain(
 }
 
 /// Renews with backoff until the old certificate is about to expire.
-async fn renew(config: &ProxyConfig) -> Option<Issued> {
+async fn renew(config: &ProxyConfig, bundle: &TrustBundle) -> Option<Issued> {
     let mut backoff = Duration::from_millis(200);
     for _ in 0..8 {
-        match fetch(config).await {
+        match fetch(config, Some(bundle)).await {
             Ok(issued) => return Some(issued),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "certificate renewal failed");

@@ -214,7 +214,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 async fn first_certificate(config: &ProxyConfig) -> Result<identity::Issued, IdentityError> {
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
-        match identity::fetch(config).await {
+        match identity::fetch(config, None).await {
             Ok(issued) => return Ok(issued),
             Err(IdentityError::Refused(status)) if status.code() != tonic::Code::Unavailable => {
                 return Err(IdentityError::Refused(status));

@@ -48,6 +48,9 @@ pub struct TypeSync {
 pub struct IssuedLeaf {
     pub serial: String,
     pub not_after_unix: u64,
+    /// Fingerprint of the root that signed the leaf (empty from older control planes).
+    #[serde(default)]
+    pub signing_root: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -27,6 +27,7 @@ pub fn table(proxies: &[ProxyStatus]) -> Table {
         "CONFIG",
         "TYPES",
         "VERSION",
+        "LEAF ROOT",
         "LAST NACK",
     ]);
     for p in proxies {
@@ -42,6 +43,14 @@ pub fn table(proxies: &[ProxyStatus]) -> Table {
             p.config_version.clone(),
             format!("{synced}/{}", p.types.len()),
             or_dash(p.proxy_version.as_deref()),
+            // Which root signed the proxy's leaf: during a root rotation, who still
+            // holds a leaf of the old one.
+            or_dash(
+                p.certificate
+                    .as_ref()
+                    .map(|c| c.signing_root.as_str())
+                    .filter(|r| !r.is_empty()),
+            ),
             or_dash(p.last_nack.as_deref()),
         ]);
     }

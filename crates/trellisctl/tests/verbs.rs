@@ -223,15 +223,16 @@ async fn proxy_status_lists_every_proxy_in_sync() {
         "both were sent the same config"
     );
     let out = ok(&trellisctl(&["proxy-status", "--control-addr", &debug]).await);
+    let root = trellis_control::ca::roots::fingerprint(&mesh.control.root_pem);
     assert_eq!(
         out,
         [
-            "IDENTITY WORKLOAD STATUS CONFIG TYPES VERSION LAST NACK".to_owned(),
+            "IDENTITY WORKLOAD STATUS CONFIG TYPES VERSION LEAF ROOT LAST NACK".to_owned(),
             format!(
-                "spiffe://cluster.local/ns/demo/sa/client demo/client-1 SYNCED {config} 7/7 0.1.0 -"
+                "spiffe://cluster.local/ns/demo/sa/client demo/client-1 SYNCED {config} 7/7 0.1.0 {root} -"
             ),
             format!(
-                "spiffe://cluster.local/ns/demo/sa/echo demo/echo-1 SYNCED {config} 7/7 0.1.0 -"
+                "spiffe://cluster.local/ns/demo/sa/echo demo/echo-1 SYNCED {config} 7/7 0.1.0 {root} -"
             ),
         ]
     );
@@ -310,11 +311,12 @@ async fn proxy_config_shows_each_section() {
 /// A discovery client for `ghost` that NACKs every Endpoints response.
 async fn nacking_proxy(control: &RunningControlPlane) -> mpsc::Sender<DeltaDiscoveryRequest> {
     let config = proxy_config(control, "ghost");
-    let issued = trellis_proxy::identity::fetch(&config).await.unwrap();
+    let issued = trellis_proxy::identity::fetch(&config, None).await.unwrap();
     let channel = trellis_proxy::control::channel(
         &config.control_addr,
         &config.control_server_name,
         &config.control_root_pem,
+        None,
         Some(&issued.cert),
     )
     .unwrap();
@@ -415,10 +417,12 @@ async fn check_passes_then_fails_for_a_missing_and_a_nacking_proxy() {
         ]
     );
     let status = ok(&trellisctl(&["proxy-status", "--control-addr", &debug]).await);
+    let root = trellis_control::ca::roots::fingerprint(&mesh.control.root_pem);
     assert!(
         status[3].starts_with("spiffe://cluster.local/ns/demo/sa/ghost demo/ghost-1 NACKED ")
-            && status[3]
-                .ends_with(" 0/1 - type.trellis.io/Endpoints: endpoint echo.demo:8080: not usable"),
+            && status[3].ends_with(&format!(
+                " 0/1 - {root} type.trellis.io/Endpoints: endpoint echo.demo:8080: not usable"
+            )),
         "{status:?}"
     );
 }
@@ -443,7 +447,11 @@ async fn metrics_count_known_events() {
     // One certificate request refused: a token the registry does not know.
     let mut stranger = proxy_config(&mesh.control, "client");
     stranger.bootstrap_token = Some("not-a-token".into());
-    assert!(trellis_proxy::identity::fetch(&stranger).await.is_err());
+    assert!(
+        trellis_proxy::identity::fetch(&stranger, None)
+            .await
+            .is_err()
+    );
     // One NACK.
     std::fs::write(mesh.dir.path().join("registry/ghost.yaml"), GHOST).unwrap();
     let debug = mesh.control.debug_addr;

@@ -195,3 +195,70 @@ async fn other_api_errors_name_the_secret() {
     assert!(matches!(err, CaError::Kube { .. }), "{err}");
     assert!(err.to_string().contains("trellis-system/trellis-ca-root"));
 }
+
+/// A Secret as `trellisctl root` leaves it mid-rotation.
+fn secret_holding(roots: &RootSet) -> Value {
+    let mut secret = fixture_json("secret-ca-root.json");
+    let data: serde_json::Map<String, Value> = secret_data(roots)
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                base64::engine::general_purpose::STANDARD.encode(v.0).into(),
+            )
+        })
+        .collect();
+    secret["data"] = Value::Object(data);
+    secret
+}
+
+#[tokio::test]
+async fn an_added_root_is_trusted_but_does_not_sign_yet() {
+    let mut roots = RootSet::generate("cluster.local").unwrap();
+    roots.add("cluster.local").unwrap();
+    let mut api = FakeApi::new();
+    api.reply(Method::GET, SECRET, 200, secret_holding(&roots));
+    let (ca, seen) = load(api).await;
+    let ca = ca.unwrap();
+    assert_eq!(ca.trust_bundle_pem(), roots.bundle_pem());
+    assert_eq!(ca.trust_bundle_pem().len(), 2);
+    assert_eq!(
+        ca.signing_root(),
+        crate::ca::roots::fingerprint(&roots.active.cert_pem)
+    );
+    assert_eq!(
+        seen.requests(),
+        [format!("GET {SECRET}?")],
+        "nothing written"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_starting_after_activation_keeps_the_old_root_one_ttl_longer() {
+    let mut roots = RootSet::generate("cluster.local").unwrap();
+    roots.add("cluster.local").unwrap();
+    let old = roots.active.cert_pem.clone();
+    roots
+        .activate(std::time::SystemTime::UNIX_EPOCH, TTL)
+        .unwrap();
+    let mut api = FakeApi::new();
+    api.reply(Method::GET, SECRET, 200, secret_holding(&roots));
+    api.reply(Method::PUT, SECRET, 200, secret_holding(&roots));
+    let (ca, seen) = load(api).await;
+    let ca = ca.unwrap();
+    assert_eq!(ca.trust_bundle_pem(), [roots.active.cert_pem.clone(), old]);
+    signs_under_its_root(&ca);
+    assert_eq!(
+        seen.requests(),
+        [format!("GET {SECRET}?"), format!("PUT {SECRET}?")]
+    );
+    let written = &seen.bodies()[0];
+    let after: u64 = data(written, "previous-root-retire-after").parse().unwrap();
+    let now = crate::ca::roots::unix(std::time::SystemTime::now());
+    assert!(after >= now + TTL.as_secs() - 5, "{after} vs {now}");
+    assert_eq!(
+        data(written, "tls.crt"),
+        roots.active.cert_pem,
+        "same signing root"
+    );
+}

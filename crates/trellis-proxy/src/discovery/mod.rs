@@ -130,10 +130,12 @@ async fn stream_once(
     synced: &watch::Sender<SyncStatus>,
     metrics: &Metrics,
 ) -> Result<(), StreamError> {
+    let bundle = bundles.borrow().clone();
     let channel = control::channel(
         &config.control_addr,
         &config.control_server_name,
         &config.control_root_pem,
+        bundle.as_ref(),
         Some(tls.certificate()),
     )?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);

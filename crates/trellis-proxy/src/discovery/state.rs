@@ -420,6 +420,45 @@ mod tests {
         assert!(!good.services.contains_key(&("b.default".to_owned(), 80)));
     }
 
+    fn bundle(version: &str, roots_pem: Vec<String>) -> pb::DeltaDiscoveryResponse {
+        typed(
+            type_url::TRUST_BUNDLE,
+            vec![pb::Resource {
+                name: "cluster.local".to_owned(),
+                version: version.to_owned(),
+                kind: Some(Kind::TrustBundle(pb::TrustBundle {
+                    trust_domain: "cluster.local".to_owned(),
+                    roots_pem,
+                })),
+            }],
+        )
+    }
+
+    fn root_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    /// A root rotation's bundle holds two roots; one that holds none is refused, so
+    /// an update can never leave a proxy trusting nothing.
+    #[test]
+    fn a_bundle_of_two_roots_is_taken_and_an_empty_one_refused() {
+        let two = MeshState::default()
+            .apply(&bundle("1", vec![root_pem(), root_pem()]))
+            .unwrap();
+        let held = two.trust_bundle.clone().unwrap();
+        assert_eq!(held.roots.len(), 2);
+        let err = two.apply(&bundle("2", vec![])).unwrap_err();
+        assert!(err.reason.contains("empty"), "{err}");
+        let err = two
+            .apply(&bundle("3", vec!["not PEM".to_owned()]))
+            .unwrap_err();
+        assert!(err.reason.contains("trust bundle"), "{err}");
+        assert_eq!(two.trust_bundle, Some(held), "the last good bundle stays");
+    }
+
     #[test]
     fn endpoints_with_a_bad_identity_are_refused() {
         let bad = pb::Resource {
