@@ -9,6 +9,7 @@ mod install;
 mod output;
 mod proxy_config;
 mod proxy_status;
+mod top;
 mod uninject;
 mod uninstall;
 mod version;
@@ -35,6 +36,9 @@ enum Command {
     ProxyStatus(proxy_status::ProxyStatusArgs),
     /// What one proxy holds (listeners, routes, endpoints, policies, certs).
     ProxyConfig(proxy_config::ProxyConfigArgs),
+    /// The busiest paths (source → destination): rps, success rate, p50/p99, from
+    /// the proxies' metrics; refreshed every second on a terminal.
+    Top(top::TopArgs),
     /// The client's version and, when it answers, the control plane's.
     Version(version::VersionArgs),
     /// Add the sidecar to the Pods and Pod templates of a manifest (offline webhook).
@@ -76,6 +80,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         Command::ProxyStatus(args) => proxy_status::run(args).await?,
         Command::ProxyConfig(args) => proxy_config::run(args).await?,
+        Command::Top(args) => top::run(args).await?,
         Command::Version(args) => version::run(args).await?,
         Command::Inject(args) => inject::run(args)?,
         Command::Uninject(args) => uninject::run(args)?,
