@@ -70,6 +70,12 @@ async fn mesh() -> Mesh {
         workload("echo", "127.0.0.1", echo_app, echo_sidecar),
         workload("gone", "127.0.0.3", gone_app, gone_sidecar),
         workload("tcpecho", "127.0.0.1", tcp_app, tcp_sidecar),
+        // `/fail` goes through a route rule (its name becomes `route_name`).
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: echo-routes, namespace: default}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: echo, port: 80}]\n\
+         \x20 rules:\n  - matches: [{path: {type: PathPrefix, value: /fail}}]\n"
+            .to_owned(),
     ];
     for sa in ["client", "echo", "gone", "tcpecho"] {
         docs.push(format!(
@@ -128,12 +134,13 @@ async fn mesh() -> Mesh {
         || {
             let state = client.admin.state.borrow().clone();
             async move {
-                wanted.iter().all(|(name, port)| {
-                    state
-                        .services
-                        .get(&(format!("{name}.default"), *port))
-                        .is_some_and(|s| s.endpoints.all().count() == 1)
-                })
+                state.routes.contains_key("echo.default")
+                    && wanted.iter().all(|(name, port)| {
+                        state
+                            .services
+                            .get(&(format!("{name}.default"), *port))
+                            .is_some_and(|s| s.endpoints.all().count() == 1)
+                    })
             }
         },
     )
@@ -429,6 +436,33 @@ async fn both_sidecars_report_known_traffic_exactly() {
         assert_eq!(metric(text, "trellis_response_bytes_sum", &grpc), 7.0);
     };
     check_echo(&client, &source);
+    // The route rule `/fail` matched is named on the caller's side (the callee does
+    // not know routes: `-`).
+    let routed = client
+        .lines()
+        .find(|l| {
+            l.starts_with("trellis_requests_total{")
+                && l.contains("response_code=\"500\"")
+                && l.contains("reporter=\"source\"")
+        })
+        .unwrap();
+    assert!(
+        routed.contains("route_name=\"default/echo-routes"),
+        "{routed}"
+    );
+    assert_eq!(
+        metric(
+            &client,
+            "trellis_requests_total",
+            &[
+                ("route_name", "-"),
+                ("response_code", "200"),
+                ("request_protocol", "http"),
+                ("destination_service", "echo.default")
+            ]
+        ),
+        3.0
+    );
     // The proxy-made 503s, at the source only: the connection never got anywhere.
     assert_eq!(
         metric(

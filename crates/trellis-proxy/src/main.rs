@@ -295,4 +295,16 @@ mod tests {
         assert_eq!(parse_opt_in("True"), Ok(true));
         assert!(parse_opt_in("maybe").is_err());
     }
+
+    #[test]
+    fn the_access_log_is_off_unless_asked_for() {
+        use trellis_proxy::access_log::AccessLogTarget;
+        let off = run_args(&[]).unwrap().access_log;
+        assert_eq!(AccessLogTarget::parse_option(&off), Ok(None));
+        let on = run_args(&["--access-log", "stdout"]).unwrap().access_log;
+        assert_eq!(
+            AccessLogTarget::parse_option(&on),
+            Ok(Some(AccessLogTarget::Stdout))
+        );
+    }
 }

@@ -17,7 +17,7 @@ use hyper::body::{Body as _, Incoming};
 use tokio::sync::watch;
 use trellis_identity::MeshTls;
 
-use super::errors::{ProxyError, empty, full, is_grpc};
+use super::errors::{ProxyError, empty, full};
 use super::idle::IdleTracker;
 use super::mesh_h1::{MeshHttp1Error, MeshHttp1Pool};
 use super::policy::{LbAlgorithm, RetryPolicy, TrafficPolicy};
@@ -127,8 +127,9 @@ impl HttpOutbound {
         });
         let mut outcome = Outcome::default();
         let mut request_size = RequestSize::Known(0);
+        let grpc = protocol == crate::request_metrics::RequestProtocol::Grpc;
         let response = self
-            .route_and_send(req, service, &mut outcome, &mut request_size)
+            .route_and_send(req, service, grpc, &mut outcome, &mut request_size)
             .await;
         let peers = labels.get(self, service, &outcome);
         let log = head.map(|mut record| {
@@ -150,10 +151,10 @@ impl HttpOutbound {
         &self,
         req: Request<Incoming>,
         service: &ServicePort,
+        grpc: bool,
         outcome: &mut Outcome,
         request_size: &mut RequestSize,
     ) -> Response<Body> {
-        let grpc = is_grpc(&req);
         let state = self.state.borrow().clone();
         let routes = state.routes.get(&service.service);
         let rule = routes.and_then(|t| t.find(service.port, &req));
