@@ -113,6 +113,8 @@ async fn mesh() -> Mesh {
     let access_log = dir.path().join("access.log");
     let mut config = proxy_config(&control, "client");
     config.access_log = Some(AccessLogTarget::File(access_log.clone()));
+    // The scrape port (15020 in a pod) serves the same metrics as admin.
+    config.health_addr = Some("127.0.0.1:0".parse().unwrap());
     config.upstreams = [("echo", 80), ("gone", 80), ("tcpecho", 9000)]
         .into_iter()
         .map(|(name, port)| Upstream {
@@ -555,9 +557,16 @@ async fn both_sidecars_report_known_traffic_exactly() {
     );
     assert_eq!(metric(&tcp_side, "trellis_tcp_sent_bytes_total", &tcp), 5.0);
 
-    // The 15020-style scrape serves the same registry: checked in the admin test of
-    // the proxy crate; here the access log of the client's sidecar (on) and of the
-    // callee's (off by default: no such file, nothing logged).
+    // The scrape port serves the same series.
+    let (status, scraped) = http_get(mesh.client.health_addr.unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(&scraped, "trellis_requests_total", &both(&source, &to_echo)),
+        6.0,
+        "{scraped}"
+    );
+
+    // The access log of the client's sidecar (on; the callee's is off by default).
     let lines = read_access_log(&mesh.access_log, 9).await;
     let ok_line = lines
         .iter()

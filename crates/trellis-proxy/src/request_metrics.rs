@@ -6,9 +6,10 @@
 //! Cost on the data path: the labels that name who talks to whom ([`Peers`]) are
 //! built once per connection (inbound) or per connection and route/backend/endpoint
 //! (outbound, cached per connection) and shared as an `Arc`. A request adds a status
-//! code, a gRPC status and a flag to them; the metric handles for a success are
-//! fetched once per label set and kept, so a successful request hashes no strings
-//! and allocates nothing here but its response body's wrapper.
+//! code, a gRPC status and a flag to them; the metric handles for each outcome are
+//! fetched once per label set and kept (a success without even a hash), so a request
+//! hashes no label strings and allocates nothing here but its response body's
+//! wrapper (and a shared counter for a request body of unknown length).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -309,7 +310,13 @@ pub struct LabelledPeers {
     peers: Arc<Peers>,
     ok_http: OnceLock<Arc<RequestHandles>>,
     ok_grpc: OnceLock<Arc<RequestHandles>>,
+    /// Every other outcome seen on this label set, keyed without the strings, so a
+    /// repeated 404 or 503 does not hash the peers' labels again.
+    others: dashmap::DashMap<Outcome, Arc<RequestHandles>>,
 }
+
+/// What varies per request.
+type Outcome = (RequestProtocol, u16, Option<u8>, &'static str);
 
 impl LabelledPeers {
     pub fn new(families: Arc<Families>, peers: Peers) -> Arc<Self> {
@@ -318,6 +325,7 @@ impl LabelledPeers {
             peers: Arc::new(peers),
             ok_http: OnceLock::new(),
             ok_grpc: OnceLock::new(),
+            others: dashmap::DashMap::with_shard_amount(4),
         })
     }
 
@@ -364,7 +372,14 @@ impl LabelledPeers {
                 _ => {}
             }
         }
-        self.families.handles(&labels())
+        let outcome = (protocol, response_code, grpc_status, response_flags);
+        if let Some(handles) = self.others.get(&outcome) {
+            return handles.clone();
+        }
+        self.others
+            .entry(outcome)
+            .or_insert_with(|| self.families.handles(&labels()))
+            .clone()
     }
 
     /// Counts an opened TCP connection; the returned tally records its close.

@@ -122,6 +122,8 @@ fn the_success_series_is_fetched_once() {
     assert!(Arc::ptr_eq(&a, &b));
     let c = peers.handles(RequestProtocol::Http, 503, None, "no_endpoints");
     assert!(!Arc::ptr_eq(&a, &c));
+    let d = peers.handles(RequestProtocol::Http, 503, None, "no_endpoints");
+    assert!(Arc::ptr_eq(&c, &d), "other outcomes are kept too");
 }
 
 #[tokio::test]
