@@ -201,11 +201,9 @@ impl HttpOutbound {
         let replay = if body.is_end_stream() {
             Replay::Buffered(Bytes::new())
         } else if retry.is_some() {
-            buffer_if_small(body).await
+            buffer_if_small(body, request_size).await
         } else {
-            let (body, size) = measure_request(body);
-            *request_size = size;
-            Replay::Stream(body)
+            stream(body, request_size)
         };
         if let Replay::Buffered(bytes) = &replay {
             *request_size = RequestSize::Known(bytes.len() as u64);
@@ -540,20 +538,27 @@ enum Replay {
 }
 
 /// Buffers a body that is known to be small (or empty); streams anything else.
-async fn buffer_if_small(body: Incoming) -> Replay {
+async fn buffer_if_small(body: Incoming, request_size: &mut RequestSize) -> Replay {
     let small = body.is_end_stream()
         || body
             .size_hint()
             .upper()
             .is_some_and(|upper| upper <= REPLAY_LIMIT);
     if !small {
-        return Replay::Stream(measure_request(body).0);
+        return stream(body, request_size);
     }
     match body.collect().await {
         Ok(collected) => Replay::Buffered(collected.to_bytes()),
         // The client broke off; what we send now does not matter.
         Err(_) => Replay::Buffered(Bytes::new()),
     }
+}
+
+/// A body sent as it comes (once), its size measured on the way.
+fn stream(body: Incoming, request_size: &mut RequestSize) -> Replay {
+    let (body, size) = measure_request(body);
+    *request_size = size;
+    Replay::Stream(body)
 }
 
 struct Attempt<'a> {
