@@ -722,6 +722,43 @@ async fn trellisctl_top_once_shows_the_paths() {
         .unwrap_or_else(|| panic!("no gone row in {rows:?}"));
     assert_eq!(gone["total"], 2.0);
     assert_eq!(gone["rps"], 0.0);
+    // `stat`: per service, as the service's own sidecar reports it.
+    let stat = tokio::process::Command::new(&trellisctl)
+        .args([
+            "stat",
+            "--once",
+            "--interval",
+            "100ms",
+            "-o",
+            "json",
+            &mesh.client.admin_addr.to_string(),
+            &mesh.echo.admin_addr.to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+    let echo = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["destination"] == "echo.default")
+        .unwrap_or_else(|| panic!("no echo row in {rows}"));
+    assert_eq!(echo["reporter"], "destination");
+    assert_eq!(echo["source"], "");
+    // The callee's sidecar saw 6 known requests and the load; the dead endpoint's
+    // service has no sidecar scraped, so its callers' count stands in.
+    assert!(echo["total"].as_f64().unwrap() >= 6.0, "{echo}");
+    let gone = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["destination"] == "gone.default")
+        .unwrap_or_else(|| panic!("no gone row in {rows}"));
+    assert_eq!(
+        (gone["reporter"].as_str(), gone["total"].as_f64()),
+        (Some("source"), Some(2.0))
+    );
     // And the table form.
     let table = tokio::process::Command::new(&trellisctl)
         .args([

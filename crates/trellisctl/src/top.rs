@@ -6,6 +6,10 @@
 //! A path is counted from its callers' sidecars (`reporter="source"`), which see
 //! what the caller got, proxy-made failures included; a path without a reporting
 //! caller (a caller without a sidecar) is counted from the destination's sidecar.
+//!
+//! `trellisctl stat` is the same per destination service, all callers together,
+//! counted where the service's own sidecars report it (`reporter="destination"`)
+//! and from callers' sidecars only for a service whose sidecars are not scraped.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
@@ -15,6 +19,13 @@ use serde::Serialize;
 
 use crate::admin_client::get;
 use crate::output::{self, OutputFormat, Table};
+
+/// Rows per path (`top`) or per destination service (`stat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grouping {
+    Path,
+    Destination,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct TopArgs {
@@ -31,20 +42,20 @@ pub struct TopArgs {
     output: OutputFormat,
 }
 
-pub async fn run(args: TopArgs) -> anyhow::Result<()> {
+pub async fn run(args: TopArgs, grouping: Grouping) -> anyhow::Result<()> {
     let live = !args.once && std::io::stdout().is_terminal();
-    let mut before = scrape_all(&args.admin_addrs).await?;
+    let mut before = scrape_all(&args.admin_addrs, grouping).await?;
     let mut taken = Instant::now();
     loop {
         tokio::time::sleep(args.interval).await;
-        let after = scrape_all(&args.admin_addrs).await?;
+        let after = scrape_all(&args.admin_addrs, grouping).await?;
         let now = Instant::now();
         let rows = paths(&before, &after, now.duration_since(taken));
         if live {
             // Clear the screen and home the cursor, as `top` does.
             print!("\x1b[2J\x1b[H");
         }
-        output::print(args.output, &rows, || table(&rows))?;
+        output::print(args.output, &rows, || table(&rows, grouping))?;
         if !live {
             return Ok(());
         }
@@ -54,8 +65,9 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
 }
 
 /// One sample of the proxies' request series, summed per path.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Scrape {
+    grouping: Grouping,
     paths: BTreeMap<PathKey, PathSample>,
 }
 
@@ -98,8 +110,8 @@ impl Ord for OrderedBound {
     }
 }
 
-async fn scrape_all(addrs: &[String]) -> anyhow::Result<Scrape> {
-    let mut scrape = Scrape::default();
+async fn scrape_all(addrs: &[String], grouping: Grouping) -> anyhow::Result<Scrape> {
+    let mut scrape = Scrape::new(grouping);
     for addr in addrs {
         let body = get(addr, "/metrics").await?;
         scrape.add(&String::from_utf8_lossy(&body));
@@ -108,9 +120,16 @@ async fn scrape_all(addrs: &[String]) -> anyhow::Result<Scrape> {
 }
 
 impl Scrape {
+    pub fn new(grouping: Grouping) -> Self {
+        Scrape {
+            grouping,
+            paths: BTreeMap::new(),
+        }
+    }
+
     #[cfg(test)]
-    pub fn parse(text: &str) -> Self {
-        let mut scrape = Scrape::default();
+    pub fn parse(text: &str, grouping: Grouping) -> Self {
+        let mut scrape = Scrape::new(grouping);
         scrape.add(text);
         scrape
     }
@@ -131,10 +150,17 @@ impl Scrape {
                     .find(|(k, _)| k == key)
                     .map_or("", |(_, v)| v.as_str())
             };
-            let key = PathKey {
-                source: label("source_workload").to_owned(),
-                source_namespace: label("source_workload_namespace").to_owned(),
-                destination: label("destination_service").to_owned(),
+            let key = match self.grouping {
+                Grouping::Path => PathKey {
+                    source: label("source_workload").to_owned(),
+                    source_namespace: label("source_workload_namespace").to_owned(),
+                    destination: label("destination_service").to_owned(),
+                },
+                Grouping::Destination => PathKey {
+                    source: String::new(),
+                    source_namespace: String::new(),
+                    destination: label("destination_service").to_owned(),
+                },
             };
             let counts = self
                 .paths
@@ -257,10 +283,14 @@ pub fn paths(before: &Scrape, after: &Scrape, elapsed: Duration) -> Vec<PathRow>
     let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
     let mut rows = Vec::new();
     for (key, sample) in &after.paths {
-        let reporter = if sample.by_reporter.contains_key("source") {
-            "source"
+        let preferred = match after.grouping {
+            Grouping::Path => ["source", "destination"],
+            Grouping::Destination => ["destination", "source"],
+        };
+        let reporter = if sample.by_reporter.contains_key(preferred[0]) {
+            preferred[0]
         } else {
-            "destination"
+            preferred[1]
         };
         let Some(now) = sample.by_reporter.get(reporter) else {
             continue;
@@ -330,20 +360,27 @@ fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     Some(lower.0)
 }
 
-fn table(rows: &[PathRow]) -> Table {
-    let mut table = Table::new(&[
-        "SOURCE",
-        "DESTINATION",
-        "RPS",
-        "SUCCESS",
-        "P50",
-        "P99",
-        "TOTAL",
-    ]);
+fn table(rows: &[PathRow], grouping: Grouping) -> Table {
+    let headers: &[&'static str] = match grouping {
+        Grouping::Path => &[
+            "SOURCE",
+            "DESTINATION",
+            "RPS",
+            "SUCCESS",
+            "P50",
+            "P99",
+            "TOTAL",
+        ],
+        Grouping::Destination => &["DESTINATION", "RPS", "SUCCESS", "P50", "P99", "TOTAL"],
+    };
+    let mut table = Table::new(headers);
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}ms"));
     for row in rows {
-        table.row(vec![
-            format!("{}.{}", row.source, row.source_namespace),
+        let mut cells = Vec::new();
+        if grouping == Grouping::Path {
+            cells.push(format!("{}.{}", row.source, row.source_namespace));
+        }
+        cells.extend([
             row.destination.clone(),
             format!("{:.1}", row.rps),
             row.success_rate
@@ -352,6 +389,7 @@ fn table(rows: &[PathRow]) -> Table {
             ms(row.p99_ms),
             format!("{}", row.total),
         ]);
+        table.row(cells);
     }
     table
 }
@@ -363,6 +401,10 @@ mod tests {
     const SERIES: &str = r#"reporter="source",source_workload="web",source_workload_namespace="shop",destination_service="api.shop",route_name="-",destination_port="80",request_protocol="http",response_flags="-""#;
 
     fn scrape(ok: u64, failed: u64, buckets: [u64; 3]) -> Scrape {
+        scrape_as(ok, failed, buckets, Grouping::Path)
+    }
+
+    fn scrape_as(ok: u64, failed: u64, buckets: [u64; 3], grouping: Grouping) -> Scrape {
         let mut text = String::from("# HELP trellis_requests Requests\n");
         text.push_str(&format!(
             "trellis_requests_total{{{SERIES},response_code=\"200\",grpc_response_status=\"\"}} {ok}\n"
@@ -379,7 +421,7 @@ mod tests {
         text.push_str(
             "trellis_requests_total{reporter=\"destination\",source_workload=\"web\",source_workload_namespace=\"shop\",destination_service=\"api.shop\",response_code=\"200\"} 1000\n",
         );
-        Scrape::parse(&text)
+        Scrape::parse(&text, grouping)
     }
 
     #[test]
@@ -400,6 +442,20 @@ mod tests {
         assert_eq!(row.p50_ms, Some(10.0 + 90.0 * (10.0 - 8.0) / 10.0));
         // The 99th percentile lands in +Inf: the highest finite bound.
         assert_eq!(row.p99_ms, Some(100.0));
+    }
+
+    #[test]
+    fn stat_counts_a_service_where_its_own_sidecars_report() {
+        let before = scrape_as(10, 0, [10, 10, 10], Grouping::Destination);
+        let after = scrape_as(28, 2, [18, 28, 30], Grouping::Destination);
+        let rows = paths(&before, &after, Duration::from_secs(2));
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].reporter, "destination");
+        assert_eq!(rows[0].destination, "api.shop");
+        assert_eq!(rows[0].source, "");
+        assert_eq!(rows[0].total, 1000.0);
+        let text = table(&rows, Grouping::Destination).render();
+        assert!(text.starts_with("DESTINATION"), "{text}");
     }
 
     #[test]
