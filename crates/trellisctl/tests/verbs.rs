@@ -530,6 +530,8 @@ async fn completion_scripts_name_every_verb() {
             "proxy-config",
             "uninject",
             "uninstall",
+            "top",
+            "stat",
         ] {
             assert!(script.contains(verb), "{shell} completion lacks {verb}");
         }
