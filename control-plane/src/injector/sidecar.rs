@@ -146,6 +146,11 @@ pub fn proxy_container(
             "TRELLIS_INBOUND_TO_LOCALHOST",
             "metadata.annotations['trellis.io/inbound-to-localhost']",
         ),
+        // Access logs: `stdout` or a path (empty, the default: off).
+        field_env(
+            "TRELLIS_ACCESS_LOG",
+            "metadata.annotations['trellis.io/access-log']",
+        ),
     ];
     if let Some(probes) = app_probes {
         env.push(EnvVar {

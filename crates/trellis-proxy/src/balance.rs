@@ -255,6 +255,7 @@ mod tests {
             dial: addr,
             ready,
             weight: 1,
+            workload: Default::default(),
         }
     }
 

@@ -192,6 +192,8 @@ pub struct ProxyConfig {
     pub inbound_to_localhost: bool,
     /// Header deadline and connection caps of the admin and health servers.
     pub http_server_limits: crate::http_server::ServerLimits,
+    /// Access logs (one JSON line per request or TCP connection); off when `None`.
+    pub access_log: Option<crate::access_log::AccessLogTarget>,
 }
 
 impl ProxyConfig {
@@ -221,6 +223,7 @@ impl ProxyConfig {
             path_normalization: Default::default(),
             inbound_to_localhost: false,
             http_server_limits: Default::default(),
+            access_log: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::http::inbound::{AppClients, InboundConnection};
 use crate::http::sniff::{Sniffed, sniff};
 use crate::metrics::{Metrics, PeerLabels, PolicyLabels, ReasonLabels};
 use crate::orig_dst::original_dst;
+use crate::request_metrics::{self, LabelledPeers, Peers, Reporter, Workload};
 
 /// Shared by every inbound connection.
 #[derive(Clone)]
@@ -168,7 +169,9 @@ impl Inbound {
     }
 
     fn http(&self, app: SocketAddr, port: u16, peer: Option<SpiffeId>) -> InboundConnection {
+        let peers = self.peers(app, port, peer.as_ref());
         InboundConnection {
+            peers,
             app: self.apps.pool(app),
             port,
             own_identity: Arc::new(self.config.identity.clone()),
@@ -178,6 +181,33 @@ impl Inbound {
             path_normalization: self.config.path_normalization,
             drain: self.drain.clone(),
         }
+    }
+
+    /// The request metrics' labels of a connection to `app` (`reporter="destination"`),
+    /// resolved once for the connection: the caller by its certificate, this
+    /// workload by its own, the service by the endpoint the caller dialed.
+    fn peers(&self, app: SocketAddr, port: u16, peer: Option<&SpiffeId>) -> Arc<LabelledPeers> {
+        let service = {
+            let state = self.state.borrow();
+            state
+                .services
+                .values()
+                .find(|s| s.endpoints.all().any(|e| e.address == app))
+                .map(|s| (s.service.clone(), s.port))
+        };
+        let (destination_service, destination_port) =
+            service.unwrap_or_else(|| (request_metrics::UNKNOWN.to_owned(), port));
+        LabelledPeers::new(
+            self.metrics.requests.clone(),
+            Peers {
+                reporter: Reporter::Destination,
+                source: Arc::new(peer.map_or_else(Workload::unknown, Workload::of)),
+                destination: Arc::new(Workload::of(&self.config.identity)),
+                destination_service,
+                destination_port,
+                route_name: request_metrics::NO_FLAGS.to_owned(),
+            },
+        )
     }
 
     /// A stream that is not the mesh's HTTP/2 (plaintext, or an mTLS upgrade or TCP
@@ -237,7 +267,8 @@ impl Inbound {
             },
         };
         let io = PrefixedIo::new(prefix, downstream);
-        Ok(self.carry(io, upstream, peer.as_ref(), port).await)
+        let peers = self.peers(app, port, peer.as_ref());
+        Ok(self.carry(io, upstream, peer.as_ref(), port, &peers).await)
     }
 
     /// Where the app is for a connection redirected to `original`: the pod address
@@ -314,18 +345,21 @@ impl Inbound {
         mut upstream: TcpStream,
         peer: Option<&SpiffeId>,
         port: u16,
+        peers: &Arc<LabelledPeers>,
     ) -> u64
     where
         D: AsyncRead + AsyncWrite + Unpin,
     {
         self.metrics.active_connections.inc();
+        let tally = peers.tcp_opened();
+        let app = upstream.peer_addr().ok();
         let mut state = self.state.clone();
         state.mark_unchanged();
         let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
         tokio::pin!(copy);
-        let bytes = loop {
+        let (received, sent) = loop {
             tokio::select! {
-                copied = &mut copy => break copied.map(|(a, b)| a + b).unwrap_or_default(),
+                copied = &mut copy => break copied.unwrap_or_default(),
                 changed = state.changed() => {
                     if changed.is_err() {
                         continue;
@@ -335,13 +369,15 @@ impl Inbound {
                     if let Decision::Deny { policy } = decision {
                         tracing::info!(peer_identity = ?peer.map(ToString::to_string), port, policy, "closing a connection that policy now denies");
                         record(&self.metrics, &Decision::Deny { policy }, peer, port);
-                        break 0;
+                        break (0, 0);
                     }
                 }
             }
         };
         self.metrics.active_connections.dec();
-        bytes
+        // As in Istio: received is the caller's direction, sent the answer's.
+        tally.closed(app, received, sent);
+        received + sent
     }
 }
 

@@ -1,6 +1,7 @@
 //! trellis-proxy: the sidecar. It gets its identity from the CA, its view of the mesh
 //! from discovery, and carries the app's connections over mutual TLS.
 
+pub mod access_log;
 pub mod admin;
 pub mod app_probe;
 pub mod authz;
@@ -21,6 +22,7 @@ pub mod orig_dst;
 pub mod outbound;
 pub mod ports;
 pub mod proxy;
+pub mod request_metrics;
 pub mod tcp;
 
 pub use config::{OutboundPolicy, ProxyConfig, Upstream};

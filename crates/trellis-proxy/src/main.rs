@@ -116,6 +116,10 @@ struct RunArgs {
         value_parser = parse_opt_in
     )]
     inbound_to_localhost: bool,
+    /// Access logs, one JSON line per request or TCP connection: `stdout`, a file
+    /// path, or `off` (the injector sets it from `trellis.io/access-log`).
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", default_value = "off")]
+    access_log: String,
     /// Worker threads (0: one per core).
     #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -192,6 +196,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.opaque_ports = args.opaque_ports;
     config.path_normalization = args.path_normalization;
     config.inbound_to_localhost = args.inbound_to_localhost;
+    config.access_log = trellis_proxy::access_log::AccessLogTarget::parse_option(&args.access_log)
+        .context("--access-log")?;
     if let Some(json) = &args.app_probes {
         config.app_probes =
             trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
@@ -288,5 +294,17 @@ mod tests {
         assert_eq!(parse_opt_in(""), Ok(false));
         assert_eq!(parse_opt_in("True"), Ok(true));
         assert!(parse_opt_in("maybe").is_err());
+    }
+
+    #[test]
+    fn the_access_log_is_off_unless_asked_for() {
+        use trellis_proxy::access_log::AccessLogTarget;
+        let off = run_args(&[]).unwrap().access_log;
+        assert_eq!(AccessLogTarget::parse_option(&off), Ok(None));
+        let on = run_args(&["--access-log", "stdout"]).unwrap().access_log;
+        assert_eq!(
+            AccessLogTarget::parse_option(&on),
+            Ok(Some(AccessLogTarget::Stdout))
+        );
     }
 }

@@ -56,12 +56,19 @@ pub struct Metrics {
     pub http_retries: Counter,
     pub http_proxy_errors: Family<ReasonLabels, Counter>,
     pub cert_expiry_seconds: Gauge,
+    /// Istio's standard request and TCP metrics, and the access log.
+    pub requests: Arc<crate::request_metrics::Families>,
     registry: Arc<Registry>,
 }
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_access_log(crate::access_log::AccessLog::off())
+    }
+
+    pub fn with_access_log(access_log: crate::access_log::AccessLog) -> Self {
         let mut registry = Registry::with_prefix("trellis");
+        let requests = crate::request_metrics::Families::register(&mut registry, access_log);
         let m = Metrics {
             inbound_connections: Family::default(),
             inbound_bytes: Family::default(),
@@ -78,6 +85,7 @@ impl Metrics {
             http_retries: Counter::default(),
             http_proxy_errors: Family::default(),
             cert_expiry_seconds: Gauge::default(),
+            requests,
             registry: Arc::new(Registry::default()),
         };
         registry.register(

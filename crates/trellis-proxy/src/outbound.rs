@@ -20,6 +20,7 @@ use crate::discovery::state::ServicePort;
 use crate::http::outbound::HttpOutbound;
 use crate::metrics::{Metrics, ReasonLabels, ServiceLabels};
 use crate::orig_dst::original_dst;
+use crate::request_metrics::{self, LabelledPeers, Peers, Reporter, Workload};
 use crate::tcp;
 use bytes::Bytes;
 use trellis_proto::discovery::v1::Protocol;
@@ -229,14 +230,31 @@ impl Outbound {
                     .map_or_else(|| PLAINTEXT_PEER.to_owned(), ToString::to_string),
             };
             let idle = policy.idle_timeout;
+            let peers = LabelledPeers::new(
+                self.metrics.requests.clone(),
+                Peers {
+                    reporter: Reporter::Source,
+                    source: Arc::new(Workload::of(&self.config.identity)),
+                    destination: endpoint.workload.clone(),
+                    destination_service: service.service.clone(),
+                    destination_port: service.port,
+                    route_name: request_metrics::NO_FLAGS.to_owned(),
+                },
+            );
             let connected: Result<(), OutboundError> = match &endpoint.identity {
                 Some(identity) => {
                     async {
                         let mut upstream = self
                             .connect_mtls(tls.as_deref(), identity, endpoint.dial)
                             .await?;
-                        self.splice(&mut downstream, &mut upstream, &labels(), idle)
-                            .await;
+                        self.splice(
+                            &mut downstream,
+                            &mut upstream,
+                            &labels(),
+                            idle,
+                            (&peers, endpoint.dial),
+                        )
+                        .await;
                         Ok(())
                     }
                     .await
@@ -245,8 +263,14 @@ impl Outbound {
                 None => {
                     async {
                         let mut upstream = self.connect(endpoint.dial).await?;
-                        self.splice(&mut downstream, &mut upstream, &labels(), idle)
-                            .await;
+                        self.splice(
+                            &mut downstream,
+                            &mut upstream,
+                            &labels(),
+                            idle,
+                            (&peers, endpoint.dial),
+                        )
+                        .await;
                         Ok(())
                     }
                     .await
@@ -296,6 +320,7 @@ impl Outbound {
         upstream: &mut U,
         labels: &ServiceLabels,
         idle: Option<std::time::Duration>,
+        (peers, upstream_addr): (&Arc<LabelledPeers>, SocketAddr),
     ) where
         D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
@@ -305,8 +330,11 @@ impl Outbound {
             .get_or_create(labels)
             .inc();
         self.metrics.active_connections.inc();
+        let tally = peers.tcp_opened();
         let carried = tcp::carry(downstream, upstream, idle).await;
         self.metrics.active_connections.dec();
+        let (received, sent) = carried.as_ref().map_or((0, 0), |c| (c.a_to_b, c.b_to_a));
+        tally.closed(Some(upstream_addr), received, sent);
         if let Ok(carried) = carried {
             if carried.idle_timeout {
                 tracing::debug!(?idle, "closed an idle connection");

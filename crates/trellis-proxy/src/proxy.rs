@@ -25,6 +25,11 @@ pub enum StartError {
     },
     #[error("getting a workload certificate: {0}")]
     Identity(#[from] IdentityError),
+    #[error("opening the access log {target}: {source}")]
+    AccessLog {
+        target: String,
+        source: std::io::Error,
+    },
 }
 
 /// A proxy running in this process; its tasks stop when it is dropped.
@@ -91,7 +96,16 @@ fn first_local(listeners: &[TcpListener], fallback: SocketAddr) -> SocketAddr {
 /// first certificate with retries while admin already answers /live.
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let config = Arc::new(config);
-    let metrics = Metrics::new();
+    let access_log = match &config.access_log {
+        Some(target) => {
+            crate::access_log::AccessLog::start(target).map_err(|source| StartError::AccessLog {
+                target: format!("{target:?}"),
+                source,
+            })?
+        }
+        None => crate::access_log::AccessLog::off(),
+    };
+    let metrics = Metrics::with_access_log(access_log);
     let (tls_tx, tls_rx) = watch::channel(None);
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::default()));
     let (bundle_tx, bundle_rx) = watch::channel(None);
@@ -187,6 +201,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         http1_pool: crate::http::mesh_h1::MeshHttp1Pool::new(metrics.clone()),
         plain: crate::http::plain::PlainClients::new(config.connect_timeout),
         connect_timeout: config.connect_timeout,
+        own_workload: Arc::new(crate::request_metrics::Workload::of(&config.identity)),
         metrics: metrics.clone(),
     });
     let outbound = Outbound {

@@ -10,6 +10,7 @@ mod output;
 mod proxy_config;
 mod proxy_status;
 mod root;
+mod top;
 mod uninject;
 mod uninstall;
 mod version;
@@ -38,6 +39,12 @@ enum Command {
     ProxyConfig(proxy_config::ProxyConfigArgs),
     /// Rotate the mesh root: status, add, activate, retire (state dir or Secret).
     Root(root::RootArgs),
+    /// The busiest paths (source → destination): rps, success rate, p50/p99, from
+    /// the proxies' metrics; refreshed every second on a terminal.
+    Top(top::TopArgs),
+    /// Per destination service, all callers together: rps, success rate, p50/p99, as
+    /// the service's own sidecars report them.
+    Stat(top::TopArgs),
     /// The client's version and, when it answers, the control plane's.
     Version(version::VersionArgs),
     /// Add the sidecar to the Pods and Pod templates of a manifest (offline webhook).
@@ -80,6 +87,8 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::ProxyStatus(args) => proxy_status::run(args).await?,
         Command::ProxyConfig(args) => proxy_config::run(args).await?,
         Command::Root(args) => root::run(args).await?,
+        Command::Top(args) => top::run(args, top::Grouping::Path).await?,
+        Command::Stat(args) => top::run(args, top::Grouping::Destination).await?,
         Command::Version(args) => version::run(args).await?,
         Command::Inject(args) => inject::run(args)?,
         Command::Uninject(args) => uninject::run(args)?,

@@ -538,6 +538,9 @@ async fn completion_scripts_name_every_verb() {
             "proxy-config",
             "uninject",
             "uninstall",
+            "top",
+            "root",
+            "stat",
         ] {
             assert!(script.contains(verb), "{shell} completion lacks {verb}");
         }

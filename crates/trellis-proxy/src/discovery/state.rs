@@ -174,6 +174,8 @@ pub struct Endpoint {
     pub dial: SocketAddr,
     pub ready: bool,
     pub weight: u32,
+    /// Its labels in request metrics, built once with the endpoint.
+    pub workload: Arc<crate::request_metrics::Workload>,
 }
 
 fn endpoint(name: &str, ep: &pb::Endpoint) -> Result<Endpoint, InvalidResource> {
@@ -214,7 +216,12 @@ fn endpoint(name: &str, ep: &pb::Endpoint) -> Result<Endpoint, InvalidResource> 
             )
         })?
     };
+    let workload = Arc::new(identity.as_ref().map_or_else(
+        crate::request_metrics::Workload::unknown,
+        crate::request_metrics::Workload::of,
+    ));
     Ok(Endpoint {
+        workload,
         address,
         identity,
         dial,

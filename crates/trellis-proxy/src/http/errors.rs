@@ -35,6 +35,40 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    pub const ALL: [ProxyError; 9] = [
+        ProxyError::NoBackend,
+        ProxyError::NoEndpoints,
+        ProxyError::ConnectFailed,
+        ProxyError::Overflow,
+        ProxyError::UpstreamReset,
+        ProxyError::Timeout,
+        ProxyError::AppUnreachable,
+        ProxyError::Forbidden,
+        ProxyError::BadRequest,
+    ];
+
+    /// The short name metrics (`response_flags`) and access logs use.
+    pub fn flag(self) -> &'static str {
+        match self {
+            ProxyError::NoBackend => "no_backend",
+            ProxyError::NoEndpoints => "no_endpoints",
+            ProxyError::ConnectFailed => "connect_failed",
+            ProxyError::Overflow => "overflow",
+            ProxyError::UpstreamReset => "upstream_reset",
+            ProxyError::Timeout => "timeout",
+            ProxyError::AppUnreachable => "app_unreachable",
+            ProxyError::Forbidden => "forbidden",
+            ProxyError::BadRequest => "bad_request",
+        }
+    }
+
+    /// The error whose [`reason`](Self::reason) a `trellis-error` header carries.
+    pub fn from_reason(reason: &[u8]) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|e| e.reason().as_bytes() == reason)
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,

@@ -23,10 +23,12 @@ use trellis_identity::SpiffeId;
 
 pub use super::app::AppClients;
 use super::app::{AppError, AppPool};
-use super::errors::{ProxyError, is_grpc};
+use super::errors::ProxyError;
 use super::normalize::PathNormalization;
 use super::{Body, ORIG_PROTO, XFCC};
+use crate::access_log::AccessRecord;
 use crate::authz::{Decision, HttpInfo, RequestInfo};
+use crate::request_metrics::{Exchange, LabelledPeers, measure_request, request_protocol};
 
 /// Streams one mesh HTTP/2 connection carries at once; the client side opens another
 /// connection at this limit rather than queueing behind it.
@@ -47,6 +49,8 @@ pub struct InboundConnection {
     pub peer: Option<Arc<SpiffeId>>,
     pub state: tokio::sync::watch::Receiver<Arc<crate::discovery::MeshState>>,
     pub metrics: crate::metrics::Metrics,
+    /// The request metrics' labels for this connection (`reporter="destination"`).
+    pub peers: Arc<LabelledPeers>,
     pub path_normalization: PathNormalization,
     /// On shutdown the connection is closed gracefully (HTTP/2 GOAWAY, HTTP/1 close
     /// after the request in flight), so callers move to other endpoints instead of
@@ -159,10 +163,48 @@ impl Handler {
         }
     }
 
+    /// Handles one request and records it (metrics, and the access log when on).
     async fn handle(&self, req: Request<Incoming>, downstream: Downstream) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let protocol = request_protocol(&req);
+        let peers = &self.conn.peers;
+        let mut log = peers.access_log().is_on().then(|| {
+            let mut record = AccessRecord::new(peers.peers_arc(), protocol.as_str());
+            record.method = req.method().to_string();
+            record.authority = authority_of(&req);
+            record.upstream = Some(self.conn.app.addr());
+            Box::new(record)
+        });
+        let (parts, body) = req.into_parts();
+        let (body, request_size) = measure_request(body);
+        let response = self
+            .forward(
+                parts,
+                body,
+                downstream,
+                protocol == crate::request_metrics::RequestProtocol::Grpc,
+                &mut log,
+            )
+            .await;
+        Exchange {
+            peers: peers.clone(),
+            protocol,
+            started,
+            request_size,
+            log,
+        }
+        .respond(response)
+    }
+
+    async fn forward(
+        &self,
+        mut parts: http::request::Parts,
+        body: Body,
+        downstream: Downstream,
+        grpc: bool,
+        log: &mut Option<Box<AccessRecord>>,
+    ) -> Response<Body> {
         let conn = &self.conn;
-        let grpc = is_grpc(&req);
-        let (mut parts, body) = req.into_parts();
         let upgrade = downstream == Downstream::Http1 && wants_upgrade(&parts);
         if downstream == Downstream::Http1 {
             // What a caller says about the protocol or the route is not ours to trust.
@@ -198,6 +240,9 @@ impl Handler {
                 return ProxyError::BadRequest.response(grpc, Some(&e.to_string()));
             }
         };
+        if let Some(log) = log {
+            log.path = normalized.to_string();
+        }
         // Policy is read per request, so a change applies to the next one.
         let authorizer = conn.state.borrow().inbound_policy.authorizer.clone();
         if !authorizer.is_empty() {
@@ -223,7 +268,6 @@ impl Handler {
             }
         }
 
-        let body = body.map_err(Into::into).boxed();
         let sent = match downstream {
             Downstream::Http1 => {
                 let on_upgrade = parts.extensions.remove::<OnUpgrade>();
@@ -367,6 +411,19 @@ fn with_path(uri: Uri, path: &str) -> Result<Uri, http::Error> {
     };
     parts.path_and_query = Some(path_and_query);
     Ok(Uri::from_parts(parts)?)
+}
+
+/// The request's authority for the access log: the URI's, else `Host`.
+pub(crate) fn authority_of<B>(req: &Request<B>) -> String {
+    match req.uri().authority() {
+        Some(authority) => authority.to_string(),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    }
 }
 
 /// An HTTP/1 request as the app gets it: origin-form target, and `Host` from an

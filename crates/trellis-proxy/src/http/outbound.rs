@@ -17,14 +17,19 @@ use hyper::body::{Body as _, Incoming};
 use tokio::sync::watch;
 use trellis_identity::MeshTls;
 
-use super::errors::{ProxyError, empty, full, is_grpc};
+use super::errors::{ProxyError, empty, full};
 use super::idle::IdleTracker;
 use super::mesh_h1::{MeshHttp1Error, MeshHttp1Pool};
 use super::policy::{LbAlgorithm, RetryPolicy, TrafficPolicy};
 use super::pool::{MeshPool, PoolError};
 use super::{Body, ORIG_PROTO, XFCC};
+use crate::access_log::AccessRecord;
 use crate::discovery::MeshState;
 use crate::discovery::state::ServicePort;
+use crate::request_metrics::{
+    Exchange, LabelledPeers, Peers, Reporter, RequestSize, Workload, measure_request,
+    request_protocol,
+};
 
 /// Bodies up to this size are kept so that the request can be retried.
 const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -42,6 +47,8 @@ pub struct HttpOutbound {
     pub plain: super::plain::PlainClients,
     pub connect_timeout: Duration,
     pub metrics: crate::metrics::Metrics,
+    /// This proxy's workload, the source in request metrics.
+    pub own_workload: Arc<Workload>,
 }
 
 impl HttpOutbound {
@@ -54,12 +61,14 @@ impl HttpOutbound {
         let tracker = idle.map(|_| IdleTracker::new());
         let requests = tracker.clone();
         let this = self.clone();
+        let labels = Arc::new(PeersCache::default());
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let service = service.clone();
+            let labels = labels.clone();
             let in_flight = requests.as_ref().map(|t| t.start());
             async move {
-                let response = this.handle(req, &service).await;
+                let response = this.handle(req, &service, &labels).await;
                 Ok::<_, Infallible>(match in_flight {
                     Some(in_flight) => in_flight.attach(response),
                     None => response,
@@ -100,8 +109,52 @@ impl HttpOutbound {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, service: &ServicePort) -> Response<Body> {
-        let grpc = is_grpc(&req);
+    /// Handles one request and records it (metrics, and the access log when on).
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        service: &Arc<ServicePort>,
+        labels: &PeersCache,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let protocol = request_protocol(&req);
+        let head = self.metrics.requests.access_log.is_on().then(|| {
+            let mut record = AccessRecord::new(Arc::new(placeholder_peers()), protocol.as_str());
+            record.method = req.method().to_string();
+            record.authority = super::inbound::authority_of(&req);
+            record.path = req.uri().path().to_owned();
+            Box::new(record)
+        });
+        let mut outcome = Outcome::default();
+        let mut request_size = RequestSize::Known(0);
+        let grpc = protocol == crate::request_metrics::RequestProtocol::Grpc;
+        let response = self
+            .route_and_send(req, service, grpc, &mut outcome, &mut request_size)
+            .await;
+        let peers = labels.get(self, service, &outcome);
+        let log = head.map(|mut record| {
+            record.peers = peers.peers_arc();
+            record.upstream = outcome.endpoint.as_ref().map(|(dial, _)| *dial);
+            record
+        });
+        Exchange {
+            peers,
+            protocol,
+            started,
+            request_size,
+            log,
+        }
+        .respond(response)
+    }
+
+    async fn route_and_send(
+        &self,
+        req: Request<Incoming>,
+        service: &ServicePort,
+        grpc: bool,
+        outcome: &mut Outcome,
+        request_size: &mut RequestSize,
+    ) -> Response<Body> {
         let state = self.state.borrow().clone();
         let routes = state.routes.get(&service.service);
         let rule = routes.and_then(|t| t.find(service.port, &req));
@@ -115,6 +168,8 @@ impl HttpOutbound {
                 None => return ProxyError::NoBackend.response(grpc, None),
             },
         };
+        outcome.backend = Some(backend.clone());
+        outcome.route = rule.map(|r| r.name.clone());
         let policy = state.policy(&backend.service);
         let Some(tls) = self.tls.borrow().clone() else {
             return ProxyError::ConnectFailed.response(grpc, Some("no workload certificate"));
@@ -146,10 +201,13 @@ impl HttpOutbound {
         let replay = if body.is_end_stream() {
             Replay::Buffered(Bytes::new())
         } else if retry.is_some() {
-            buffer_if_small(body).await
+            buffer_if_small(body, request_size).await
         } else {
-            Replay::Stream(body)
+            stream(body, request_size)
         };
+        if let Replay::Buffered(bytes) = &replay {
+            *request_size = RequestSize::Known(bytes.len() as u64);
+        }
         let hash = hash_key(&policy.load_balancer, &parts);
         let attempt = Attempt {
             outbound: self,
@@ -160,12 +218,13 @@ impl HttpOutbound {
             per_try,
             hash,
         };
+        let chosen = &mut outcome.endpoint;
         let result = match deadline {
-            Some(d) => match tokio::time::timeout(d, attempt.run(parts, replay)).await {
+            Some(d) => match tokio::time::timeout(d, attempt.run(parts, replay, chosen)).await {
                 Ok(r) => r,
                 Err(_) => Err(ProxyError::Timeout),
             },
-            None => attempt.run(parts, replay).await,
+            None => attempt.run(parts, replay, chosen).await,
         };
         match result {
             Ok(mut response) => {
@@ -186,6 +245,98 @@ impl HttpOutbound {
                 e.response(grpc, None)
             }
         }
+    }
+}
+
+/// What routing chose for a request, for its metrics' labels.
+#[derive(Default)]
+struct Outcome {
+    backend: Option<Arc<ServicePort>>,
+    route: Option<Arc<str>>,
+    /// The last try's endpoint: where it dialed, and who it is.
+    endpoint: Option<(std::net::SocketAddr, Arc<Workload>)>,
+}
+
+/// A connection's last label set, kept while its backend, route and endpoint stay
+/// the same (usually the whole connection): a request then builds no labels. The
+/// lock is per connection, held for a few pointer compares.
+#[derive(Default)]
+pub struct PeersCache {
+    last: std::sync::Mutex<Option<CachedPeers>>,
+}
+
+struct CachedPeers {
+    backend: Arc<ServicePort>,
+    route: Option<Arc<str>>,
+    workload: Option<Arc<Workload>>,
+    peers: Arc<LabelledPeers>,
+}
+
+impl PeersCache {
+    fn get(
+        &self,
+        outbound: &HttpOutbound,
+        parent: &Arc<ServicePort>,
+        outcome: &Outcome,
+    ) -> Arc<LabelledPeers> {
+        let backend = outcome.backend.as_ref().unwrap_or(parent);
+        let workload = outcome.endpoint.as_ref().map(|(_, w)| w);
+        let same = |c: &CachedPeers| {
+            Arc::ptr_eq(&c.backend, backend)
+                && match (&c.route, &outcome.route) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+                && match (&c.workload, workload) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+        };
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(cached) = last.as_ref()
+            && same(cached)
+        {
+            return cached.peers.clone();
+        }
+        let peers = LabelledPeers::new(
+            outbound.metrics.requests.clone(),
+            Peers {
+                reporter: Reporter::Source,
+                source: outbound.own_workload.clone(),
+                destination: workload.cloned().unwrap_or_default(),
+                destination_service: backend.service.clone(),
+                destination_port: backend.port,
+                route_name: outcome
+                    .route
+                    .as_deref()
+                    .unwrap_or(crate::request_metrics::NO_FLAGS)
+                    .to_owned(),
+            },
+        );
+        *last = Some(CachedPeers {
+            backend: backend.clone(),
+            route: outcome.route.clone(),
+            workload: workload.cloned(),
+            peers: peers.clone(),
+        });
+        peers
+    }
+}
+
+/// Peers for an access-log record whose labels are filled in once routing is done.
+fn placeholder_peers() -> Peers {
+    Peers {
+        reporter: Reporter::Source,
+        source: Arc::default(),
+        destination: Arc::default(),
+        destination_service: String::new(),
+        destination_port: 0,
+        route_name: String::new(),
     }
 }
 
@@ -383,24 +534,31 @@ enum Replay {
     /// Kept whole: may be sent again.
     Buffered(Bytes),
     /// Streams once: no retry after it has been sent.
-    Stream(Incoming),
+    Stream(Body),
 }
 
 /// Buffers a body that is known to be small (or empty); streams anything else.
-async fn buffer_if_small(body: Incoming) -> Replay {
+async fn buffer_if_small(body: Incoming, request_size: &mut RequestSize) -> Replay {
     let small = body.is_end_stream()
         || body
             .size_hint()
             .upper()
             .is_some_and(|upper| upper <= REPLAY_LIMIT);
     if !small {
-        return Replay::Stream(body);
+        return stream(body, request_size);
     }
     match body.collect().await {
         Ok(collected) => Replay::Buffered(collected.to_bytes()),
         // The client broke off; what we send now does not matter.
         Err(_) => Replay::Buffered(Bytes::new()),
     }
+}
+
+/// A body sent as it comes (once), its size measured on the way.
+fn stream(body: Incoming, request_size: &mut RequestSize) -> Replay {
+    let (body, size) = measure_request(body);
+    *request_size = size;
+    Replay::Stream(body)
 }
 
 struct Attempt<'a> {
@@ -427,10 +585,13 @@ enum TryError {
 }
 
 impl Attempt<'_> {
+    /// Tries until an answer or the end of retries; `chosen` ends up naming the
+    /// endpoint of the last try (for request metrics).
     async fn run(
         &self,
         parts: http::request::Parts,
         body: Replay,
+        chosen: &mut Option<(std::net::SocketAddr, Arc<Workload>)>,
     ) -> Result<Response<Body>, ProxyError> {
         let endpoints = &self.backend.endpoints;
         if endpoints.ready_count() == 0 {
@@ -459,12 +620,19 @@ impl Attempt<'_> {
                     };
                     (send, Some(Replay::Buffered(bytes)))
                 }
-                Some(Replay::Stream(incoming)) => (incoming.map_err(Into::into).boxed(), None),
+                Some(Replay::Stream(body)) => (body, None),
                 None => return Err(ProxyError::UpstreamReset),
             };
             let replayable = replay.is_some();
             let outcome = self
-                .try_once(&mut parts, send_body, replayable, &tried, &mut last_tried)
+                .try_once(
+                    &mut parts,
+                    send_body,
+                    replayable,
+                    &tried,
+                    &mut last_tried,
+                    chosen,
+                )
                 .await;
             body = replay;
             let can_retry = body.is_some();
@@ -541,6 +709,7 @@ impl Attempt<'_> {
         replayable: bool,
         tried: &[std::net::SocketAddr],
         picked_dial: &mut Option<std::net::SocketAddr>,
+        chosen: &mut Option<(std::net::SocketAddr, Arc<Workload>)>,
     ) -> Result<Response<Body>, TryError> {
         // Prefer endpoints not tried yet; fall back to any once all have been.
         let picked = self
@@ -569,6 +738,7 @@ impl Attempt<'_> {
             return Err(TryError::Connect(ProxyError::Overflow));
         }
         *picked_dial = Some(endpoint.dial);
+        *chosen = Some((endpoint.dial, endpoint.workload.clone()));
         let started = Instant::now();
         let connect_timeout = self
             .policy

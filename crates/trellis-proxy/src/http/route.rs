@@ -21,7 +21,8 @@ pub struct RouteTable {
 
 #[derive(Debug)]
 pub struct RouteRule {
-    pub name: String,
+    /// Shared, so request metrics keep it without copying.
+    pub name: std::sync::Arc<str>,
     /// 0: every port.
     pub port: u16,
     pub matches: Vec<Match>,
@@ -207,7 +208,7 @@ impl RouteTable {
             }
             let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
             rules.push(RouteRule {
-                name: r.name.clone(),
+                name: r.name.as_str().into(),
                 port: u16::try_from(r.port).map_err(|_| err(format!("port {}", r.port)))?,
                 matches,
                 request_headers: edits(name, r.request_headers.as_ref())?,
@@ -383,7 +384,7 @@ mod tests {
                 },
             ),
         ]);
-        let name = |r: Request<()>| t.find(80, &r).map(|r| r.name.as_str());
+        let name = |r: Request<()>| t.find(80, &r).map(|r| &*r.name);
         assert_eq!(name(req("GET", "/a", &[])), Some("exact"));
         assert_eq!(
             name(req("GET", "/b", &[("x-canary", "yes")])),
