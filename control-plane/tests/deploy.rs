@@ -604,6 +604,13 @@ fn rbac_is_least_privilege() {
             "get",
             named(trellis_control::ca::ROOT_SECRET),
         ),
+        // A replica starting mid-rotation writes the old root's retirement time back.
+        (
+            "",
+            "secrets",
+            "update",
+            named(trellis_control::ca::ROOT_SECRET),
+        ),
         ("", "secrets", "create", None),
     ]
     .into_iter()
