@@ -15,6 +15,9 @@
 //!   the projected token volume (audience `trellis-ca`), the control plane's root
 //!   (the ConfigMap `trellis-ca-root`, see [`ca_root`]), and rewrites the app's HTTP, TCP
 //!   and gRPC probes to go through the proxy (see [`probes`]).
+//! - Unless the Pod has its own `prometheus.io/*` annotations, it gets the three that
+//!   point Prometheus at the proxy's `:15020/metrics`
+//!   ([`annotations::PROMETHEUS_SCRAPE`]).
 
 pub mod ca_root;
 pub mod probes;
@@ -46,6 +49,16 @@ pub mod annotations {
     pub const PROXY_MEMORY_LIMIT: &str = "trellis.io/proxy-memory-limit";
     pub const EXCLUDE_INBOUND_PORTS: &str = "trellis.io/exclude-inbound-ports";
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "trellis.io/exclude-outbound-ports";
+    /// Prometheus' conventional scrape annotations, as the injector sets them: the
+    /// proxy's `/metrics` on its health port (15020, outside the inbound redirect, so
+    /// a Prometheus outside the mesh can scrape it under STRICT mTLS). Added only
+    /// when the Pod sets none of the keys itself: a Pod that points Prometheus at its
+    /// app keeps that (merging the app's metrics behind 15020 is not done).
+    pub const PROMETHEUS_SCRAPE: [(&str, &str); 3] = [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", "15020"),
+        ("prometheus.io/path", "/metrics"),
+    ];
 }
 
 /// The proxy's default requests and limits (Kubernetes quantities).
@@ -203,7 +216,13 @@ pub fn pod_patch(
 
     let mut ops = Vec::new();
     let add = |path: String, value: Value| json!({"op": "add", "path": path, "value": value});
-    let new_annotations = [(annotations::STATUS, "injected".to_owned())];
+    let mut new_annotations = vec![(annotations::STATUS, "injected")];
+    if !annotations::PROMETHEUS_SCRAPE
+        .iter()
+        .any(|(key, _)| pod_annotations.contains_key(*key))
+    {
+        new_annotations.extend(annotations::PROMETHEUS_SCRAPE);
+    }
     if pod.get("metadata").is_none() {
         let map: BTreeMap<_, _> = new_annotations.into_iter().collect();
         ops.push(add(

@@ -278,6 +278,42 @@ fn host_network_pods_updates_and_other_kinds_are_left_alone() {
 }
 
 #[test]
+fn prometheus_is_pointed_at_the_proxy_unless_the_pod_says_otherwise() {
+    let (_, pod) = run(&fixture("review-deployment-pod.json"), Some(&enabled()));
+    let annotations = &pod.unwrap()["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    assert_eq!(
+        annotations::PROMETHEUS_SCRAPE[1].1,
+        sidecar::HEALTH_PORT.to_string(),
+        "the annotation names the health port, where the proxy serves /metrics"
+    );
+
+    // A Pod that names its own port keeps all of its annotations as they were.
+    let mut review_json = fixture("review-deployment-pod.json");
+    let own = &mut review_json["request"]["object"]["metadata"]["annotations"];
+    own["prometheus.io/port"] = json!("9102");
+    let (_, pod) = run(&review_json, Some(&enabled()));
+    let annotations = &pod.unwrap()["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], "9102");
+    assert!(annotations.get("prometheus.io/scrape").is_none());
+    assert!(annotations.get("prometheus.io/path").is_none());
+    assert_eq!(annotations["trellis.io/status"], "injected");
+
+    // A Pod without any annotations gets them in the map the patch creates.
+    let mut bare = fixture("review-deployment-pod.json");
+    bare["request"]["object"]["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    let (_, pod) = run(&bare, Some(&enabled()));
+    let annotations = &pod.unwrap()["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    assert_eq!(annotations["trellis.io/status"], "injected");
+}
+
+#[test]
 fn annotations_tune_the_proxy() {
     let mut review_json = fixture("review-deployment-pod.json");
     let annotations = &mut review_json["request"]["object"]["metadata"]["annotations"];

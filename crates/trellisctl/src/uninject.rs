@@ -1,6 +1,7 @@
 //! `trellisctl uninject -f FILE`: the inverse of `inject`. Removes what the injector
 //! added (the two init containers, the three volumes, the `trellis.io/status`
-//! annotation) and puts back the app probes it rewrote, from the proxy's
+//! annotation, and the `prometheus.io/*` ones when they are exactly the injector's)
+//! and puts back the app probes it rewrote, from the proxy's
 //! `TRELLIS_APP_PROBES`. `uninject(inject(x)) == x` object for object.
 
 use std::io::Read as _;
@@ -116,6 +117,17 @@ pub fn uninject_pod(pod: &mut Value) -> anyhow::Result<()> {
             .and_then(Value::as_object_mut)
         {
             map.remove(annotations::STATUS);
+            // The injector adds these only where the Pod had none of the keys, so
+            // the injector's exact values are its own (a Pod's app cannot serve
+            // on the proxy's port 15020).
+            let scrape_is_injected = annotations::PROMETHEUS_SCRAPE
+                .iter()
+                .all(|(key, value)| map.get(*key).and_then(Value::as_str) == Some(*value));
+            if scrape_is_injected {
+                for (key, _) in annotations::PROMETHEUS_SCRAPE {
+                    map.remove(key);
+                }
+            }
             if map.is_empty() {
                 metadata.remove("annotations");
             }
@@ -236,7 +248,7 @@ kind: Pod
 metadata:
   name: lone
   namespace: shop
-  annotations: {team: payments}
+  annotations: {team: payments, prometheus.io/scrape: 'true', prometheus.io/port: '9102'}
 spec:
   initContainers: [{name: migrate, image: migrate:1}]
   volumes: [{name: data, emptyDir: {}}]
