@@ -19,6 +19,10 @@ fn main() {
             "uninstall_apply_removes_everything_webhook_first",
             uninstall_apply_removes_everything_webhook_first,
         ),
+        (
+            "root_rotation_steps_edit_the_root_secret",
+            root_rotation_steps_edit_the_root_secret,
+        ),
     ]);
 }
 
@@ -207,5 +211,115 @@ fn uninstall_apply_removes_everything_webhook_first() -> Result<()> {
         "{:?}",
         lines(&again)
     );
+    Ok(())
+}
+
+/// `trellisctl root --kube` on the real API server: each step rewrites the shared root
+/// Secret (read, then replaced with its resourceVersion), retiring too early is refused,
+/// and the old root's key never stays in the Secret once the new root signs.
+fn root_rotation_steps_edit_the_root_secret() -> Result<()> {
+    use trellis_control::ca::{RootSet, secret_data};
+    let mut bed = TestBed::new("ctlroot")?;
+    let cluster = KubeCluster::start(&mut bed)?;
+    cluster.kubectl(&["create", "namespace", "trellis-system"])?;
+    // The Secret as a control plane makes it on first start.
+    let roots = RootSet::generate("cluster.local")?;
+    let secret = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": trellis_control::ca::ROOT_SECRET, "namespace": "trellis-system"},
+        "data": secret_data(&roots),
+    });
+    cluster.kubectl_stdin(&["create", "-f", "-"], &secret.to_string())?;
+    let keys = || -> Result<Vec<String>> {
+        let out = cluster.kubectl(&[
+            "get",
+            "secret",
+            "-n",
+            "trellis-system",
+            trellis_control::ca::ROOT_SECRET,
+            "-o",
+            "json",
+        ])?;
+        let secret: serde_json::Value = serde_json::from_str(&out)?;
+        let mut keys: Vec<String> = secret["data"]
+            .as_object()
+            .map(|data| data.keys().cloned().collect())
+            .unwrap_or_default();
+        keys.sort();
+        Ok(keys)
+    };
+    let root = |step: &[&str]| -> Result<Output> {
+        let mut args = vec!["root"];
+        args.extend_from_slice(step);
+        args.push("--kube");
+        trellisctl(&cluster, &args)
+    };
+    let ok = |out: Output| -> Result<String> {
+        ensure!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let single = keys()?;
+    // `phase     <phase>`, the first line of every step's output.
+    let phase = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("phase"))
+            .map(|p| p.trim().to_owned())
+    };
+
+    let status = ok(root(&["status"])?)?;
+    ensure!(phase(&status).as_deref() == Some("single"), "{status}");
+
+    ok(root(&["add"])?)?;
+    let added = keys()?;
+    ensure!(
+        added.iter().any(|k| k.contains("next")) && added.len() > single.len(),
+        "add left the Secret with {added:?}"
+    );
+    let status = ok(root(&["status"])?)?;
+    ensure!(phase(&status).as_deref() == Some("added"), "{status}");
+
+    let activated_out = ok(root(&["activate", "--max-leaf-ttl", "1h"])?)?;
+    ensure!(
+        phase(&activated_out).as_deref() == Some("activated"),
+        "{activated_out}"
+    );
+    let activated = keys()?;
+    ensure!(
+        !activated.iter().any(|k| k.contains("next")),
+        "activate left {activated:?}"
+    );
+    ensure!(
+        activated.iter().any(|k| k.contains("previous")),
+        "activate kept no previous root: {activated:?}"
+    );
+    ensure!(
+        !activated
+            .iter()
+            .any(|k| k.contains("previous") && k.contains("key")),
+        "the old root's key stayed in the Secret: {activated:?}"
+    );
+
+    let early = root(&["retire"])?;
+    ensure!(
+        !early.status.success(),
+        "retiring an hour early was allowed: {}",
+        String::from_utf8_lossy(&early.stdout)
+    );
+    ensure!(keys()? == activated, "a refused retire changed the Secret");
+
+    ok(root(&["retire", "--force"])?)?;
+    let retired = keys()?;
+    ensure!(
+        retired == single,
+        "after retire: {retired:?}, at first: {single:?}"
+    );
+    let status = ok(root(&["status"])?)?;
+    ensure!(phase(&status).as_deref() == Some("single"), "{status}");
     Ok(())
 }
