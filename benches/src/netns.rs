@@ -95,20 +95,7 @@ fn path_str(p: &Path) -> Result<&str> {
 
 /// A folder the sidecars (UID 1337) can read: world-readable, parents traversable.
 fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
-    let dir = base.join(name);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let mut up = base.to_path_buf();
-    loop {
-        let mode = std::fs::metadata(&up)?.permissions().mode();
-        if mode & 0o111 != 0o111 {
-            std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode | 0o111))?;
-        }
-        if !up.pop() || up.as_os_str().len() <= 4 {
-            break;
-        }
-    }
-    Ok(dir)
+    trellis_tests::shared_dir(base, name).map_err(setup)
 }
 
 fn registry_yaml(client: &Pod, server: &Pod) -> String {

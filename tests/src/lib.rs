@@ -36,7 +36,8 @@ pub use bed::{
 };
 pub use process::{ChildHandle, netns_command, run_with_input, run_with_timeout};
 
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Result, bail};
@@ -128,4 +129,23 @@ pub fn testapp_path() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     target_binary("trellis-testapp")
+}
+
+/// A folder `base/name` whose files the proxy (UID 1337) can read: world-readable, and
+/// every folder above it made traversable.
+pub fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let mut up = base.to_path_buf();
+    loop {
+        let mode = std::fs::metadata(&up)?.permissions().mode();
+        if mode & 0o111 != 0o111 {
+            std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode | 0o111))?;
+        }
+        if !up.pop() || up.as_os_str().len() <= 4 {
+            break;
+        }
+    }
+    Ok(dir)
 }

@@ -8,12 +8,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use trellis_init::InitConfig;
-use trellis_tests::{ChildHandle, NODE_IP, Pod, TestBed, run_root_tests, target_binary};
+use trellis_tests::{
+    ChildHandle, NODE_IP, Pod, TestBed, run_root_tests, shared_dir, target_binary,
+};
 
 const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
 const READY: Duration = Duration::from_secs(20);
@@ -29,22 +31,6 @@ fn main() {
             a_slowloris_on_the_health_port_does_not_stop_probes,
         ),
     ]);
-}
-
-/// Files the proxy (UID 1337) must read: world-readable, in traversable folders.
-fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
-    let dir = base.join(name);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let mut up = base.to_path_buf();
-    loop {
-        let mode = std::fs::metadata(&up)?.permissions().mode();
-        std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode | 0o111))?;
-        if !up.pop() || up.as_os_str().len() <= 4 {
-            break;
-        }
-    }
-    Ok(dir)
 }
 
 /// A workload: its WorkloadEntry and BootstrapToken (service account = pod name).

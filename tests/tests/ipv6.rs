@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use trellis_init::InitConfig;
 use trellis_tests::{
     ChildHandle, NODE_IP, Pod, TestBed, netns_command, run_root_tests, run_with_timeout,
-    target_binary,
+    shared_dir, target_binary,
 };
 
 const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
@@ -98,22 +98,6 @@ spec: {{serviceAccount: {sa}, token: {sa}-token}}
         ));
     }
     yaml
-}
-
-/// Files the proxy (UID 1337) must read: world-readable, in traversable folders.
-fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
-    let dir = base.join(name);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let mut up = base.to_path_buf();
-    loop {
-        let mode = std::fs::metadata(&up)?.permissions().mode();
-        std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode | 0o111))?;
-        if !up.pop() || up.as_os_str().len() <= 4 {
-            break;
-        }
-    }
-    Ok(dir)
 }
 
 fn cluster(name: &str) -> Result<Cluster> {

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use trellis_init::InitConfig;
-use trellis_tests::{ChildHandle, NODE_IP, Pod, TestBed, run_root_tests, target_binary};
+use trellis_tests::{
+    ChildHandle, NODE_IP, Pod, TestBed, run_root_tests, shared_dir, target_binary,
+};
 
 const APP: &str = env!("CARGO_BIN_EXE_trellis-testapp");
 const READY: Duration = Duration::from_secs(15);
@@ -108,22 +110,6 @@ spec: {{serviceAccount: client, token: client-token}}
         web_ip = web.ip,
         client_ip = client.ip,
     )
-}
-
-/// Files the proxy (UID 1337) must read: world-readable, in traversable folders.
-fn shared_dir(base: &Path, name: &str) -> Result<PathBuf> {
-    let dir = base.join(name);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    let mut up = base.to_path_buf();
-    loop {
-        let mode = std::fs::metadata(&up)?.permissions().mode();
-        std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode | 0o111))?;
-        if !up.pop() || up.as_os_str().len() <= 4 {
-            break;
-        }
-    }
-    Ok(dir)
 }
 
 /// nginx from Debian (`nginx-light`), if installed.
