@@ -1671,6 +1671,52 @@ async fn h2_get(mut sender: H2Sender) {
     assert_eq!(&body[..], b"web");
 }
 
+/// An app cannot speak for the proxy: a `trellis-error: app_unreachable` it writes
+/// itself is stripped by its sidecar, so the caller's sidecar neither sees a marker
+/// nor sends a request (a POST, which did reach an app) to another endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_cannot_forge_the_proxys_error_marker_to_steer_retries() {
+    let forger = http_app(|_req: Request<Incoming>| async move {
+        let mut response = text(503, "forged");
+        response.headers_mut().insert(
+            "trellis-error",
+            http::HeaderValue::from_static("app_unreachable"),
+        );
+        response
+    })
+    .await;
+    let other = named_app("other").await;
+    let mesh = MeshBuilder::default()
+        .service("forge", "forge", &[("http", 80, Some("http"))])
+        .workload("forge-1", "forge", forger.port)
+        .workload("forge-2", "forge", other.port)
+        .upstream("forge", 80)
+        .start()
+        .await;
+    let addr = mesh.upstream("forge", 80);
+    let client = http_client();
+    // Round robin or P2C: within a few POSTs one lands on the forger.
+    let mut sent = 0;
+    for _ in 0..20 {
+        sent += 1;
+        let request = Request::post(format!("http://{addr}/order"))
+            .body(Full::new(Bytes::from_static(b"{}")).boxed())
+            .unwrap();
+        let reply = send(&client, request).await;
+        assert!(
+            !reply.headers.contains_key("trellis-error"),
+            "the app's forged marker reached the caller: {:?}",
+            reply.headers
+        );
+        if forger.hits() > 0 {
+            break;
+        }
+    }
+    assert!(forger.hits() > 0, "no request reached the forging app");
+    // Each POST reached exactly one app: none the forger answered went on to `other`.
+    assert_eq!(forger.hits() + other.hits(), sent);
+}
+
 /// The authority an app routes on (virtual hosts, gRPC servers) is the caller's, end to
 /// end: HTTP/2's `:authority` and HTTP/1.1's `Host`, never the pod's address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
