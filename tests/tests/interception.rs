@@ -473,6 +473,7 @@ fn meshed_callers_reach_pods_without_mtls_in_plaintext() -> Result<()> {
     for args in [
         ["http-echo", "--listen", "0.0.0.0:8080", "--name", "legacy"],
         ["tcp-echo", "--listen", "0.0.0.0:9000", "", ""],
+        ["http-inspect", "--listen", "0.0.0.0:8081", "", ""],
     ] {
         let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
         let p = c.bed.spawn(&plain, None, APP, &args)?;
@@ -494,6 +495,7 @@ spec:
   ports:
   - {{name: http, port: 80, targetPort: 8080, appProtocol: http}}
   - {{name: tcp, port: 9000, targetPort: 9000, appProtocol: tcp}}
+  - {{name: inspect, port: 81, targetPort: 8081}}
 ---
 apiVersion: trellis.io/v1alpha1
 kind: WorkloadEntry
@@ -511,6 +513,29 @@ spec: {{address: {ip}, serviceAccount: legacy, sidecar: false}}
         )?;
         Ok(out.contains("HTTP 200") && out.contains("legacy GET /hi"))
     })?;
+    // The app sees the caller's authority, not the pod address dialled, whichever
+    // protocol the caller spoke (virtual hosts and gRPC servers route on it).
+    for h2 in [false, true] {
+        let mut args = vec![
+            "raw-http",
+            "legacy.default.svc.cluster.local:81",
+            "/who",
+            "--host",
+            "legacy.default.svc.cluster.local:81",
+        ];
+        if h2 {
+            args.push("--h2");
+        }
+        let out = c.bed.exec_ok(&c.client, APP, &args)?;
+        if !out.contains("HTTP 200")
+            || !out.contains("authority=legacy.default.svc.cluster.local:81\n")
+        {
+            bail!(
+                "authority at the pod without a sidecar (h2: {h2}): {out}\n{}",
+                c.bed.logs()
+            );
+        }
+    }
     let line = c.bed.exec_ok(
         &c.client,
         APP,

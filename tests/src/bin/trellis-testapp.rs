@@ -39,8 +39,9 @@ enum Cmd {
     /// HTTP/1.1 (with upgrades) and HTTP/2 prior knowledge server that treats paths
     /// as nginx does (percent-decodes everything, `%2F` included, merges slashes,
     /// resolves dot segments; 400 above the root) and answers 200 with
-    /// `path=<that path>`, `raw=<path as received>`, `query=<query>` and one `xfcc=<value>` line per x-forwarded-client-cert it
-    /// received. `Upgrade: trellis-echo` gets 101 (the same facts in `x-seen-path` and
+    /// `path=<that path>`, `raw=<path as received>`, `query=<query>`, one
+    /// `xfcc=<value>` line per x-forwarded-client-cert it received and
+    /// `authority=<:authority or Host>`. `Upgrade: trellis-echo` gets 101 (the same facts in `x-seen-path` and
     /// `x-seen-xfcc` headers), then the stream is echoed.
     HttpInspect {
         #[arg(long, default_value = "0.0.0.0:8080")]

@@ -87,7 +87,7 @@ pub struct AppPool {
 }
 
 impl AppPool {
-    fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
         // A socket address always renders as a valid authority.
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("localhost"));

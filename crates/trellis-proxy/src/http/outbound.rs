@@ -746,7 +746,7 @@ impl Attempt<'_> {
             .unwrap_or(self.outbound.connect_timeout);
         let Some(identity) = &endpoint.identity else {
             // No sidecar there: straight to the app, in plaintext. The parts are
-            // copied: hyper-util connects inside `send`, and a connect failure must
+            // copied: the pool connects inside `send`, and a connect failure must
             // leave them for the next endpoint (a rare path; the mesh one moves them).
             let Some(parts) = parts.as_ref().map(clone_parts) else {
                 return Err(TryError::Reset);
@@ -1020,7 +1020,7 @@ where
 
 impl IsConnectError for super::plain::PlainError {
     fn is_connect_error(&self) -> bool {
-        !matches!(self, super::plain::PlainError::Request { .. })
+        super::plain::PlainError::is_connect_error(self)
     }
 }
 

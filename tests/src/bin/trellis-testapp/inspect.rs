@@ -84,6 +84,16 @@ fn answer(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
     for value in &xfcc {
         body.push_str(&format!("xfcc={value}\n"));
     }
+    // What virtual hosts and gRPC servers route on: `:authority`, else `Host`.
+    let authority = match req.uri().authority() {
+        Some(authority) => authority.to_string(),
+        None => req
+            .headers()
+            .get(hyper::header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .unwrap_or_default(),
+    };
+    body.push_str(&format!("authority={authority}\n"));
     plain(StatusCode::OK, body)
 }
 
