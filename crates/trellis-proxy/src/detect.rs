@@ -155,6 +155,74 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<S> {
     }
 }
 
+/// Every byte stream a sidecar serves (the inbound side's mTLS or plaintext callers,
+/// the outbound side's app connections) as one type: the HTTP servers, protocol
+/// sniffing and byte copying are then compiled once rather than once per stream type
+/// (each HTTP/2 server copy is ~30 KB of code, resident in every sidecar). The branch
+/// per read or write costs nothing next to the syscall behind it.
+pub enum DownstreamIo {
+    Tls(Box<tokio_rustls::server::TlsStream<PrefixedIo<tokio::net::TcpStream>>>),
+    Plain(PrefixedIo<tokio::net::TcpStream>),
+}
+
+impl AsyncRead for DownstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DownstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+            DownstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for DownstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            DownstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+            DownstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            DownstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+            DownstreamIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            DownstreamIo::Tls(io) => io.is_write_vectored(),
+            DownstreamIo::Plain(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DownstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+            DownstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DownstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+            DownstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

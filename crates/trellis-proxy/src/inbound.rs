@@ -18,7 +18,7 @@ use trellis_identity::{MeshTls, SpiffeId, spiffe_id_of};
 
 use crate::authz::{Decision, MtlsMode, RequestInfo};
 use crate::config::ProxyConfig;
-use crate::detect::PrefixedIo;
+use crate::detect::{DownstreamIo, PrefixedIo};
 use crate::discovery::MeshState;
 use crate::http::inbound::{AppClients, InboundConnection};
 use crate::http::sniff::{Sniffed, sniff};
@@ -144,16 +144,23 @@ impl Inbound {
         // The mesh's own HTTP: HTTP/2, or HTTP/1.1 for HTTP/1.1 callers. Either goes
         // through the same identity, path and policy steps.
         let alpn = downstream.get_ref().1.alpn_protocol();
-        if alpn == Some(trellis_identity::ALPN_H2) {
+        let (h2, http1) = (
+            alpn == Some(trellis_identity::ALPN_H2),
+            alpn == Some(trellis_identity::ALPN_HTTP1),
+        );
+        let downstream = DownstreamIo::Tls(Box::new(downstream));
+        if h2 {
             self.metrics.active_connections.inc();
-            self.http(app, port, Some(peer)).serve(downstream).await;
+            self.http(app, port, Some(peer))
+                .serve(PrefixedIo::new(Bytes::new(), downstream))
+                .await;
             self.metrics.active_connections.dec();
             return Ok(());
         }
-        if alpn == Some(trellis_identity::ALPN_HTTP1) {
+        if http1 {
             self.metrics.active_connections.inc();
             self.http(app, port, Some(peer))
-                .serve_http1(downstream)
+                .serve_http1(PrefixedIo::new(Bytes::new(), downstream))
                 .await;
             self.metrics.active_connections.dec();
             return Ok(());
@@ -214,17 +221,14 @@ impl Inbound {
     /// stream): HTTP in it goes through the HTTP stack, so identity headers and path
     /// policy apply; only what cannot be HTTP is carried as bytes. Returns the bytes
     /// carried.
-    async fn stream<D>(
+    async fn stream(
         &self,
-        mut downstream: D,
+        mut downstream: DownstreamIo,
         peer: Option<SpiffeId>,
         port: u16,
         app: SocketAddr,
         declared_opaque: bool,
-    ) -> Result<u64, InboundError>
-    where
-        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    ) -> Result<u64, InboundError> {
         let timeout = self.config.detect_timeout;
         let sniffed = if declared_opaque {
             Sniffed::Opaque {
@@ -301,7 +305,7 @@ impl Inbound {
     ) -> Result<(), InboundError> {
         tracing::debug!(%source, port, "plaintext inbound connection");
         self.stream(
-            PrefixedIo::new(prefix, stream),
+            DownstreamIo::Plain(PrefixedIo::new(prefix, stream)),
             None,
             port,
             app,

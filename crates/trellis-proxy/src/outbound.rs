@@ -194,8 +194,12 @@ impl Outbound {
                 detect::Protocol::Opaque => declared_http,
             };
             if http {
-                let io = detect::PrefixedIo::new(prefix, downstream);
-                self.http.clone().serve(io, service).await;
+                let io = detect::PrefixedIo::new(
+                    Bytes::new(),
+                    detect::DownstreamIo::Plain(detect::PrefixedIo::new(prefix, downstream)),
+                );
+                let http2 = detected == detect::Protocol::Http2;
+                self.http.clone().serve(io, service, http2).await;
                 return Ok(());
             }
             prefix

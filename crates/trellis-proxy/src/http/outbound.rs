@@ -24,12 +24,14 @@ use super::policy::{LbAlgorithm, RetryPolicy, TrafficPolicy};
 use super::pool::{MeshPool, PoolError};
 use super::{Body, ORIG_PROTO, XFCC};
 use crate::access_log::AccessRecord;
+use crate::detect::{DownstreamIo, PrefixedIo};
 use crate::discovery::MeshState;
 use crate::discovery::state::ServicePort;
 use crate::request_metrics::{
     Exchange, LabelledPeers, Peers, Reporter, RequestSize, Workload, measure_request,
     request_protocol,
 };
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 /// Bodies up to this size are kept so that the request can be retried.
 const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -52,11 +54,15 @@ pub struct HttpOutbound {
 }
 
 impl HttpOutbound {
-    /// Serves one downstream connection whose destination is `service`.
-    pub async fn serve<IO>(self: Arc<Self>, io: IO, service: Arc<ServicePort>)
-    where
-        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
+    /// Serves one downstream connection whose destination is `service`, in the
+    /// protocol detection found (anything not HTTP/2 meets the HTTP/1 server, which
+    /// answers garbage with 400).
+    pub async fn serve(
+        self: Arc<Self>,
+        io: PrefixedIo<DownstreamIo>,
+        service: Arc<ServicePort>,
+        http2: bool,
+    ) {
         let idle = self.state.borrow().policy(&service.service).idle_timeout;
         let tracker = idle.map(|_| IdleTracker::new());
         let requests = tracker.clone();
@@ -75,34 +81,21 @@ impl HttpOutbound {
                 })
             }
         });
-        let mut builder =
-            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        if let Some(idle) = idle {
-            // hyper's header timer runs while an HTTP/1 connection waits for a request
-            // head, which also bounds a head that stalls half-sent.
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(idle);
-        }
-        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-        let mut conn = std::pin::pin!(conn);
-        let ended = match (idle, &tracker) {
-            (Some(idle), Some(tracker)) => {
-                let idled = tokio::select! {
-                    ended = conn.as_mut() => Some(ended),
-                    _ = tracker.idle_for(idle) => None,
-                };
-                match idled {
-                    Some(ended) => ended,
-                    // Nothing in flight for `idle`: HTTP/2 gets GOAWAY, HTTP/1 a close.
-                    None => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
+        let io = TokioIo::new(io);
+        let ended = if http2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc);
+            until_idle(conn, idle, tracker.as_deref(), |c| c.graceful_shutdown()).await
+        } else {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            if let Some(idle) = idle {
+                // hyper's header timer runs while an HTTP/1 connection waits for a
+                // request head, which also bounds a head that stalls half-sent.
+                builder.timer(TokioTimer::new()).header_read_timeout(idle);
             }
-            _ => conn.await,
+            let conn = builder.serve_connection(io, svc);
+            until_idle(conn, idle, tracker.as_deref(), |c| c.graceful_shutdown()).await
         };
         if let Err(e) = ended {
             tracing::debug!(error = %e, "downstream HTTP connection ended");
@@ -1022,6 +1015,29 @@ impl IsConnectError for super::plain::PlainError {
     fn is_connect_error(&self) -> bool {
         super::plain::PlainError::is_connect_error(self)
     }
+}
+
+/// Runs a downstream connection; with an idle timeout, one with nothing in flight for
+/// that long is shut down gracefully (HTTP/2 gets GOAWAY, HTTP/1 a close).
+async fn until_idle<C>(
+    conn: C,
+    idle: Option<Duration>,
+    tracker: Option<&IdleTracker>,
+    graceful_shutdown: fn(std::pin::Pin<&mut C>),
+) -> hyper::Result<()>
+where
+    C: std::future::Future<Output = hyper::Result<()>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let (Some(idle), Some(tracker)) = (idle, tracker) else {
+        return conn.await;
+    };
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = tracker.idle_for(idle) => {}
+    }
+    graceful_shutdown(conn.as_mut());
+    conn.await
 }
 
 fn retries_grpc(r: &RetryPolicy, response: &Response<Body>) -> bool {
