@@ -368,12 +368,13 @@ fn secs(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    use tracing_subscriber::prelude::*;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .finish()
+        .with(trellis_identity::log_filter(
+            tracing::level_filters::LevelFilter::INFO,
+        ))
         .init();
     let cli = Cli::parse();
     let mut rt = tokio::runtime::Builder::new_multi_thread();

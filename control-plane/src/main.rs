@@ -127,12 +127,14 @@ fn print_crds(out: Option<PathBuf>) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    use tracing_subscriber::prelude::*;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
         // Colour only for a person at a terminal: container logs keep plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .finish()
+        .with(trellis_identity::log_filter(
+            tracing::level_filters::LevelFilter::INFO,
+        ))
         .init();
     let args = Args::parse();
     if let Some(Command::Crds { out }) = args.command {

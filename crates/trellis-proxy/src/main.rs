@@ -137,12 +137,14 @@ fn parse_opt_in(value: &str) -> Result<bool, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    use tracing_subscriber::prelude::*;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
         // Colour only for a person at a terminal: container logs keep plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .finish()
+        .with(trellis_identity::log_filter(
+            tracing::level_filters::LevelFilter::INFO,
+        ))
         .init();
     match Cli::parse().command {
         Command::Init(args) => {

@@ -69,13 +69,15 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
+    use tracing_subscriber::prelude::*;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
         // Logs on stderr: stdout is the YAML piped into kubectl.
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(trellis_identity::log_filter(
+            tracing::level_filters::LevelFilter::WARN,
+        ))
         .init();
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await?,

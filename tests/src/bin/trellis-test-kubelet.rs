@@ -37,12 +37,13 @@ fn main() {
 }
 
 fn run(cfg: KubeletConfig) -> anyhow::Result<()> {
+    use tracing_subscriber::prelude::*;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
         .with_ansi(false)
+        .finish()
+        .with(trellis_identity::log_filter(
+            tracing::level_filters::LevelFilter::INFO,
+        ))
         .init();
     // One thread: every container is spawned from it, so their parent-death signal
     // fires only when the kubelet itself exits.
