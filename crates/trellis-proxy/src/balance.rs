@@ -24,6 +24,26 @@ const FAILURE_ALPHA: f64 = 0.2;
 /// times its latency, so it still gets a request when the other one is that slow.
 const MIN_SUCCESS_RATE: f64 = 0.01;
 
+/// `e^(-age / EWMA_TAU)` for an age in microseconds, to 0.2 %: `(e^(-x/64))^64` with
+/// the inner value from its Taylor series. libm's `exp` would keep its code pages
+/// resident in every sidecar for this one use; a decay weight needs no more precision.
+fn decay(age_us: f64) -> f64 {
+    let x = age_us / EWMA_TAU.as_micros() as f64;
+    // e^-40 is 4e-18: nothing is left to weigh (and NaN or a negative age gives 1).
+    if x >= 40.0 {
+        return 0.0;
+    }
+    if x.is_nan() || x <= 0.0 {
+        return 1.0;
+    }
+    let y = x / 64.0;
+    let mut w = 1.0 - y * (1.0 - y / 2.0 * (1.0 - y / 3.0 * (1.0 - y / 4.0)));
+    for _ in 0..6 {
+        w *= w;
+    }
+    w
+}
+
 fn now_us() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_micros() as u64
@@ -57,7 +77,7 @@ impl EndpointStats {
         let value = f64::from_bits(bits);
         let age = now.saturating_sub(self.stamp_us.load(Ordering::Relaxed)) as f64;
         // An idle endpoint's cost decays towards the default, so it gets tried again.
-        let w = (-age / EWMA_TAU.as_micros() as f64).exp();
+        let w = decay(age);
         value * w + DEFAULT_RTT_US * (1.0 - w)
     }
 
@@ -69,7 +89,7 @@ impl EndpointStats {
         }
         let age = now.saturating_sub(self.stamp_us.load(Ordering::Relaxed)) as f64;
         // Like the latency, failures are forgotten while the endpoint is left alone.
-        rate * (-age / EWMA_TAU.as_micros() as f64).exp()
+        rate * decay(age)
     }
 
     /// P2C's cost: peak-EWMA latency times the load, divided by the square of the
@@ -101,7 +121,7 @@ impl EndpointStats {
             sample
         } else {
             let age = now.saturating_sub(self.stamp_us.load(Ordering::Relaxed)) as f64;
-            let w = (-age / EWMA_TAU.as_micros() as f64).exp();
+            let w = decay(age);
             current * w + sample * (1.0 - w)
         };
         self.ewma_us
@@ -245,6 +265,27 @@ impl EndpointSet {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_decay_weight_follows_exp_closely_and_never_rises() {
+        let tau = EWMA_TAU.as_micros() as f64;
+        let mut last = decay(0.0);
+        assert_eq!(last, 1.0);
+        for i in 1..=4_000 {
+            let age = tau * f64::from(i) / 100.0;
+            let w = decay(age);
+            let exact = (-age / tau).exp();
+            assert!(w <= last, "rises at {age}");
+            assert!(
+                (w - exact).abs() <= exact * 2e-3 + 1e-12,
+                "{w} vs {exact} at {age}"
+            );
+            last = w;
+        }
+        assert_eq!(decay(tau * 41.0), 0.0);
+        assert_eq!(decay(-5.0), 1.0);
+        assert_eq!(decay(f64::NAN), 1.0);
+    }
+
     use super::*;
 
     fn ep(port: u16, ready: bool) -> Endpoint {
