@@ -14,8 +14,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Longest request line we wait for before calling the stream opaque.
-const MAX_PEEK: usize = 4096;
+/// Longest request head (line and headers) waited for before the stream is carried as
+/// bytes: 32 KiB, nginx's default four 8 KiB header buffers. A longer head on an
+/// undeclared port loses the outbound side's L7 features (routes, retries) but still
+/// meets the server sidecar's HTTP handling; `HeadTooLong` lets it be counted.
+const MAX_PEEK: usize = 32 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -26,6 +29,8 @@ pub enum Protocol {
     Upgrade,
     /// Anything else, including TLS from the app, and silence until the timeout.
     Opaque,
+    /// An HTTP/1 request head longer than the detection limit: carried like `Opaque`.
+    HeadTooLong,
 }
 
 /// Reads until the protocol is known or `timeout` passes.
@@ -71,7 +76,7 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
         Some(_) => {}
     }
     let Some(line_end) = find(buf, b"\r\n") else {
-        return (buf.len() >= MAX_PEEK).then_some(Protocol::Opaque);
+        return (buf.len() >= MAX_PEEK).then_some(Protocol::HeadTooLong);
     };
     if !buf[..line_end].ends_with(b" HTTP/1.1") && !buf[..line_end].ends_with(b" HTTP/1.0") {
         return Some(Protocol::Opaque);
@@ -80,7 +85,7 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
         return Some(Protocol::Upgrade);
     }
     let Some(headers_end) = find(buf, b"\r\n\r\n") else {
-        return (buf.len() >= MAX_PEEK).then_some(Protocol::Opaque);
+        return (buf.len() >= MAX_PEEK).then_some(Protocol::HeadTooLong);
     };
     let headers = &buf[line_end..headers_end];
     let upgrade = headers
@@ -248,6 +253,30 @@ mod tests {
         assert_eq!(classify(b"hello\n"), Some(Protocol::Opaque));
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"GET /x HTTP/3\r\n"), Some(Protocol::Opaque));
+    }
+
+    #[tokio::test]
+    async fn long_request_heads_are_still_http_up_to_the_limit() {
+        use tokio::io::AsyncWriteExt;
+        // A 20 KiB cookie (4 KiB used to end detection), sent in small pieces.
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nCookie: {}\r\n\r\n",
+            "c".repeat(20 * 1024)
+        );
+        let (mut client, mut server) = tokio::io::duplex(512);
+        let writer = tokio::spawn(async move {
+            client.write_all(head.as_bytes()).await.unwrap();
+            client
+        });
+        let (protocol, bytes) = detect(&mut server, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        assert!(bytes.len() > 20 * 1024);
+        drop(writer.await.unwrap());
+
+        let endless = format!("GET / HTTP/1.1\r\nCookie: {}", "c".repeat(MAX_PEEK));
+        assert_eq!(classify(endless.as_bytes()), Some(Protocol::HeadTooLong));
+        let line = format!("GET /{} HTTP/1.1", "a".repeat(MAX_PEEK));
+        assert_eq!(classify(line.as_bytes()), Some(Protocol::HeadTooLong));
     }
 
     #[tokio::test]

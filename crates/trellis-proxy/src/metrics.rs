@@ -48,6 +48,7 @@ pub struct Metrics {
     pub outbound_bytes: Family<ServiceLabels, Counter>,
     pub outbound_failures: Family<ReasonLabels, Counter>,
     pub passthrough_connections: Counter,
+    pub detect_head_too_long: Counter,
     pub active_connections: Gauge,
     pub config_updates: Family<ConfigLabels, Counter>,
     pub cert_renewals: Counter,
@@ -77,6 +78,7 @@ impl Metrics {
             outbound_bytes: Family::default(),
             outbound_failures: Family::default(),
             passthrough_connections: Counter::default(),
+            detect_head_too_long: Counter::default(),
             active_connections: Gauge::default(),
             config_updates: Family::default(),
             cert_renewals: Counter::default(),
@@ -122,6 +124,11 @@ impl Metrics {
             "passthrough_connections",
             "Outbound connections to destinations outside the mesh, passed through",
             m.passthrough_connections.clone(),
+        );
+        registry.register(
+            "outbound_detect_head_too_long",
+            "Outbound connections on undeclared ports whose HTTP/1 request head outran protocol detection (32 KiB): carried as TCP, without routes or retries",
+            m.detect_head_too_long.clone(),
         );
         registry.register(
             "active_connections",

@@ -192,6 +192,10 @@ impl Outbound {
                 detect::Protocol::Http1 | detect::Protocol::Http2 => true,
                 detect::Protocol::Upgrade => false,
                 detect::Protocol::Opaque => declared_http,
+                detect::Protocol::HeadTooLong => {
+                    self.metrics.detect_head_too_long.inc();
+                    declared_http
+                }
             };
             if http {
                 let io = detect::PrefixedIo::new(
