@@ -76,6 +76,8 @@ pub struct ScaleRow {
     pub cpu_sync_s: f64,
     pub cpu_churn_s: f64,
     pub peak_rss_mb: f64,
+    /// Client streams that failed (or ended) and were opened again.
+    pub reconnects: u64,
 }
 
 /// Runs the control-plane process and the clients for one size.
@@ -234,6 +236,9 @@ pub async fn run_scale(options: &ScaleOptions) -> Result<ScaleRow> {
         cpu_sync_s: synced.cpu_s - started.cpu_s,
         cpu_churn_s: churned.cpu_s - synced.cpu_s,
         peak_rss_mb: end.peak_rss_kb as f64 / 1024.0,
+        reconnects: observations
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 
@@ -359,12 +364,12 @@ pub async fn serve_control(services: usize, state_dir: PathBuf) -> Result<()> {
 /// The table for benches/RESULTS.md.
 pub fn markdown(rows: &[ScaleRow]) -> String {
     let mut out = String::from(
-        "| services | clients | synced | first config p50 / p99 (all at once) | first config, one new proxy | change → last ACK p50 / p99 | changes done | bytes per change (all clients) | view per client | CP CPU s: start / sync / churn | CP peak RSS |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| services | clients | synced | first config p50 / p99 (all at once) | first config, one new proxy | change → last ACK p50 / p99 | changes done | bytes per change (all clients) | view per client | CP CPU s: start / sync / churn | CP peak RSS | reconnects |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.3} s / {:.3} s | {:.3} s | {:.3} s / {:.3} s | {}/{} | {} KB | {} resources, {} KB | {:.1} / {:.1} / {:.1} | {:.0} MB |\n",
+            "| {} | {} | {} | {:.3} s / {:.3} s | {:.3} s | {:.3} s / {:.3} s | {}/{} | {} KB | {} resources, {} KB | {:.1} / {:.1} / {:.1} | {:.0} MB | {} |\n",
             r.services,
             r.clients,
             r.synced,
@@ -382,6 +387,7 @@ pub fn markdown(rows: &[ScaleRow]) -> String {
             r.cpu_sync_s,
             r.cpu_churn_s,
             r.peak_rss_mb,
+            r.reconnects,
         ));
     }
     out

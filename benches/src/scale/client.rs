@@ -51,6 +51,8 @@ pub struct Observations {
     /// and TLS framing).
     pub bytes: AtomicU64,
     pub responses: AtomicU64,
+    /// Streams that failed or ended and were opened again.
+    pub reconnects: AtomicU64,
     watched: Mutex<Option<Watched>>,
     /// For the watched change: per client, change to its ACK.
     acks: Mutex<Vec<Duration>>,
@@ -93,7 +95,8 @@ impl Observations {
     }
 }
 
-/// Runs one client until `stop` turns true or the stream ends.
+/// Runs one client until `stop` turns true, reconnecting with backoff as a proxy
+/// does when its stream fails (a handshake timing out under load, most often).
 pub async fn run_client(
     target: ControlTarget,
     cert: WorkloadCertificate,
@@ -101,12 +104,47 @@ pub async fn run_client(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let started = Instant::now();
+    let mut first_done = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = stream_once(
+            &target,
+            &cert,
+            &observations,
+            stop.clone(),
+            started,
+            &mut first_done,
+        )
+        .await;
+        if *stop.borrow() {
+            return Ok(());
+        }
+        observations.reconnects.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "discovery client: reconnecting");
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn stream_once(
+    target: &ControlTarget,
+    cert: &WorkloadCertificate,
+    observations: &Observations,
+    mut stop: watch::Receiver<bool>,
+    started: Instant,
+    first_done: &mut bool,
+) -> Result<()> {
     let channel = trellis_proxy::control::channel(
         &target.addr,
         &target.server_name,
         &target.root_pem,
         None,
-        Some(&cert),
+        Some(cert),
     )
     .map_err(|e| BenchError::Setup(format!("control channel: {e}")))?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
@@ -129,7 +167,11 @@ pub async fn run_client(
         .await
         .map_err(|e| BenchError::Setup(format!("discovery stream: {e}")))?
         .into_inner();
-    let mut unanswered: Vec<&str> = TYPES.to_vec();
+    let mut unanswered: Vec<&str> = if *first_done {
+        Vec::new()
+    } else {
+        TYPES.to_vec()
+    };
     let mut first = FirstConfig::default();
     loop {
         let response = tokio::select! {
@@ -161,6 +203,7 @@ pub async fn run_client(
             acks.push(since.elapsed());
         }
         if unanswered.is_empty() && was_unanswered > 0 {
+            *first_done = true;
             first.elapsed = started.elapsed();
             if let Ok(mut all) = observations.first.lock() {
                 all.push(first);

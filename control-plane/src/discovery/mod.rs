@@ -35,6 +35,10 @@ pub struct DiscoveryServer {
     shared: watch::Receiver<Arc<SharedResources>>,
     connected: ConnectedProxies,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
+    /// Bounds the large responses (a new stream's whole view) in flight at once, so
+    /// a thousand proxies connecting together do not each hold a copy of the mesh
+    /// in memory before it is written.
+    large_responses: Arc<tokio::sync::Semaphore>,
     metrics: ControlMetrics,
 }
 
@@ -50,6 +54,7 @@ impl DiscoveryServer {
             shared: spawn_builder(snapshots, trust_domain, roots_pem),
             connected: Arc::default(),
             next_stream: Arc::default(),
+            large_responses: Arc::new(tokio::sync::Semaphore::new(LARGE_RESPONSES_IN_FLIGHT)),
             metrics: ControlMetrics::default(),
         }
     }
@@ -93,7 +98,9 @@ impl aggregated_discovery_server::AggregatedDiscovery for DiscoveryServer {
         let stream_id = self
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(16);
+        // One response queued at most: the session waits until the stream took the
+        // last one, which is what bounds memory per stream (see `large_responses`).
+        let (tx, rx) = mpsc::channel(1);
         let session = ProxySession {
             id: stream_id,
             identity,
@@ -101,7 +108,6 @@ impl aggregated_discovery_server::AggregatedDiscovery for DiscoveryServer {
             scope: String::new(),
             server: self.clone(),
             sent: BTreeMap::new(),
-            held: BTreeMap::new(),
             pending: BTreeMap::new(),
             nonce: 0,
             tx,
@@ -121,11 +127,8 @@ struct ProxySession {
     /// The last [`PolicyScope::describe`], to log and show only changes.
     scope: String,
     server: DiscoveryServer,
-    /// Per subscribed type: name -> version last sent.
-    sent: BTreeMap<&'static str, SentVersions>,
-    /// Per type: the generation of shared resources the stream was last brought up
-    /// to, so the next one needs only its changed names.
-    held: BTreeMap<&'static str, u64>,
+    /// Per subscribed type: what the proxy was last sent.
+    sent: BTreeMap<&'static str, Held>,
     /// Per type: the nonce of the last response, when it was sent and the version it
     /// completed, until answered.
     pending: BTreeMap<&'static str, (String, Instant, String)>,
@@ -173,7 +176,7 @@ impl ProxySession {
     async fn on_request(
         &mut self,
         request: DeltaDiscoveryRequest,
-        shared: &SharedResources,
+        shared: &Arc<SharedResources>,
     ) -> Result<(), Closed> {
         let Some(type_url) = TYPE_URLS.iter().copied().find(|t| *t == request.type_url) else {
             // A newer proxy may ask for kinds this control plane does not serve: an
@@ -206,9 +209,10 @@ impl ProxySession {
         // what the proxy says it already holds.
         self.sent.insert(
             type_url,
-            SentVersions::from_held(request.initial_resource_versions.into_iter().collect()),
+            Held::Versions(SentVersions::from_held(
+                request.initial_resource_versions.into_iter().collect(),
+            )),
         );
-        self.held.remove(type_url);
         self.push_type(type_url, shared, true).await
     }
 
@@ -260,7 +264,7 @@ impl ProxySession {
         }
     }
 
-    async fn push(&mut self, shared: &SharedResources) -> Result<(), Closed> {
+    async fn push(&mut self, shared: &Arc<SharedResources>) -> Result<(), Closed> {
         let types: Vec<&'static str> = self.sent.keys().copied().collect();
         for type_url in types {
             self.push_type(type_url, shared, false).await?;
@@ -273,7 +277,7 @@ impl ProxySession {
     async fn push_type(
         &mut self,
         type_url: &'static str,
-        shared: &SharedResources,
+        shared: &Arc<SharedResources>,
         always: bool,
     ) -> Result<(), Closed> {
         let snapshot: &MeshSnapshot = &shared.snapshot;
@@ -297,28 +301,71 @@ impl ProxySession {
             self.status(|s| s.policy_scope.clone_from(&described));
             self.scope = described;
         }
-        let sent = self.sent.entry(type_url).or_default();
-        let (resources, removed) = stream_delta(
-            sent.versions(),
-            shared,
-            &scope,
-            type_url,
-            self.held.get(type_url).copied(),
-        );
-        self.held.insert(type_url, shared.generation);
+        let namespace = scope.identity().namespace();
+        // A whole view (a new or reconnecting stream) waits for a permit before it is
+        // built; a slow stream holds one only while its own large response waits to be
+        // taken. Changes to a synced stream never wait.
+        let whole_view = !matches!(self.sent.get(type_url), Some(Held::Shared(_)))
+            && shared
+                .typed_set(type_url, namespace)
+                .is_some_and(|s| s.set.len() >= LARGE_RESPONSE);
+        let permit = match whole_view {
+            true => self
+                .server
+                .large_responses
+                .clone()
+                .acquire_owned()
+                .await
+                .ok(),
+            false => None,
+        };
+        let sent = self
+            .sent
+            .entry(type_url)
+            .or_insert_with(|| Held::Versions(SentVersions::default()));
+        let (resources, removed, version, count) =
+            match (shared.typed_set(type_url, namespace), &mut *sent) {
+                // Alike for every proxy: what the stream holds is a generation's set.
+                (Some(current), held) => {
+                    let (resources, removed) = match held {
+                        Held::Shared(previous) => {
+                            shared_delta(previous, shared, type_url, namespace)
+                        }
+                        Held::Versions(versions) => {
+                            resources::delta(versions.versions(), &current.set)
+                        }
+                    };
+                    *held = Held::Shared(shared.clone());
+                    (
+                        resources,
+                        removed,
+                        current.digest.clone(),
+                        current.set.len(),
+                    )
+                }
+                (None, held) => {
+                    if let Held::Shared(_) = held {
+                        *held = Held::Versions(SentVersions::default());
+                    }
+                    let Held::Versions(versions) = held else {
+                        return Ok(());
+                    };
+                    let (resources, removed) =
+                        stream_delta(versions.versions(), shared, &scope, type_url, None);
+                    for name in &removed {
+                        versions.remove(name);
+                    }
+                    for r in &resources {
+                        versions.insert(&r.name, &r.version);
+                    }
+                    (resources, removed, versions.digest(), versions.len())
+                }
+            };
         if !always && resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        for name in &removed {
-            sent.remove(name);
-        }
-        for r in &resources {
-            sent.insert(&r.name, &r.version);
-        }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let version = sent.digest();
-        let count = sent.len();
         self.pending
             .insert(type_url, (nonce.clone(), Instant::now(), version.clone()));
         self.server.metrics.push_sent(type_url);
@@ -350,7 +397,12 @@ impl ProxySession {
             removed_resources: removed,
             nonce,
         };
-        self.tx.send(Ok(response)).await.map_err(|_| Closed)
+        self.tx.send(Ok(response)).await.map_err(|_| Closed)?;
+        if permit.is_some() {
+            // Taken by the stream once a slot is free again.
+            drop(self.tx.reserve().await.map_err(|_| Closed)?);
+        }
+        Ok(())
     }
 
     fn status(&self, update: impl FnOnce(&mut ProxyStatus)) {
@@ -386,8 +438,44 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
+/// A response of this many resources or more is large (see `large_responses`).
+const LARGE_RESPONSE: usize = 256;
+/// Large responses being handed to their streams at once.
+const LARGE_RESPONSES_IN_FLIGHT: usize = 16;
+
 /// The proxy's side of the stream went away.
 struct Closed;
+
+/// What one stream was last sent of one type.
+enum Held {
+    /// Names and versions: what the proxy said it held when it subscribed, or the
+    /// proxy's own security policy.
+    Versions(SentVersions),
+    /// Exactly the set every proxy (of its namespace) gets in this generation: the
+    /// stream holds a reference, not a copy of thousands of names.
+    Shared(Arc<SharedResources>),
+}
+
+/// From the set of `type_url` in `previous` to the one in `next`, for a proxy in
+/// `namespace`: only the changed names when `next` directly follows `previous`.
+fn shared_delta(
+    previous: &SharedResources,
+    next: &SharedResources,
+    type_url: &str,
+    namespace: &str,
+) -> (Vec<pb::Resource>, Vec<String>) {
+    if previous.generation == next.generation {
+        return (Vec::new(), Vec::new());
+    }
+    let (Some(old), Some(new)) = (
+        previous.typed_set(type_url, namespace),
+        next.typed_set(type_url, namespace),
+    ) else {
+        return (Vec::new(), Vec::new());
+    };
+    let names = next.changed_since(Some(previous.generation), type_url);
+    resources::delta_sets(&old.set, &new.set, names)
+}
 
 /// What a stream holding `sent` of `type_url` must be sent to be up to date with
 /// `shared`, for the proxy of `scope`. `held`: the generation the stream was last
@@ -401,7 +489,7 @@ pub fn stream_delta(
     held: Option<u64>,
 ) -> (Vec<pb::Resource>, Vec<String>) {
     let own: ResourceSet;
-    let routes: Arc<ResourceSet>;
+    let routes: Arc<shared::TypedSet>;
     let empty = ResourceSet::new();
     let current: &ResourceSet = match type_url {
         trellis_proto::discovery::v1::type_url::AUTHORIZATION_POLICY => {
@@ -414,7 +502,7 @@ pub fn stream_delta(
         }
         trellis_proto::discovery::v1::type_url::ROUTE_TABLE => {
             routes = shared.route_tables(scope.identity().namespace());
-            &routes
+            &routes.set
         }
         other => shared.shared_set(other).unwrap_or(&empty),
     };

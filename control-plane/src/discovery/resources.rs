@@ -281,5 +281,38 @@ pub fn delta_of<'a>(
     (changed, removed)
 }
 
+/// The delta from `old` to `new`, looking only at `names` when given (the names
+/// known to differ between the two).
+pub fn delta_sets(
+    old: &ResourceSet,
+    new: &ResourceSet,
+    names: Option<&std::collections::BTreeSet<String>>,
+) -> (Vec<pb::Resource>, Vec<String>) {
+    let Some(names) = names else {
+        let changed = new
+            .iter()
+            .filter(|(name, r)| old.get(*name).map(|o| &o.version) != Some(&r.version))
+            .map(|(_, r)| (**r).clone())
+            .collect();
+        let removed = old
+            .keys()
+            .filter(|name| !new.contains_key(*name))
+            .cloned()
+            .collect();
+        return (changed, removed);
+    };
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for name in names {
+        match (old.get(name), new.get(name)) {
+            (Some(o), Some(n)) if o.version == n.version => {}
+            (_, Some(n)) => changed.push((**n).clone()),
+            (Some(_), None) => removed.push(name.clone()),
+            (None, None) => {}
+        }
+    }
+    (changed, removed)
+}
+
 #[cfg(test)]
 mod tests;

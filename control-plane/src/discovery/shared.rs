@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use trellis_proto::discovery::v1::type_url;
 
 use super::resources::{self, ResourceSet, SHARED_TYPES};
+use super::status::SentVersions;
 use crate::model::{MeshSnapshot, WorkloadLookup};
 
 /// A burst of snapshots (a rollout, a namespace applied at once) is built once: the
@@ -27,9 +28,9 @@ pub struct SharedResources {
     /// The snapshot's workloads, indexed: a stream's policy scope is a lookup.
     pub workloads: WorkloadLookup,
     /// The resources of [`SHARED_TYPES`].
-    sets: BTreeMap<&'static str, ResourceSet>,
+    sets: BTreeMap<&'static str, Arc<TypedSet>>,
     /// Route tables per proxy namespace, built on first use.
-    route_tables: Mutex<HashMap<String, Arc<ResourceSet>>>,
+    route_tables: Mutex<HashMap<String, Arc<TypedSet>>>,
     /// Per type (the shared ones and route tables): the names added, changed or
     /// removed since generation `generation - 1`. `None` for the first build.
     changed: Option<BTreeMap<&'static str, BTreeSet<String>>>,
@@ -42,13 +43,22 @@ impl SharedResources {
         roots_pem: &[String],
         previous: Option<&SharedResources>,
     ) -> Self {
-        let sets = resources::shared_resources(&snapshot, trust_domain, roots_pem);
+        let mut built = resources::shared_resources(&snapshot, trust_domain, roots_pem);
+        let sets: BTreeMap<&'static str, Arc<TypedSet>> = SHARED_TYPES
+            .iter()
+            .map(|t| {
+                (
+                    *t,
+                    Arc::new(TypedSet::new(built.remove(t).unwrap_or_default())),
+                )
+            })
+            .collect();
         let changed = previous.map(|previous| {
             let mut changed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+            let empty = ResourceSet::new();
             for type_url in SHARED_TYPES {
-                let empty = ResourceSet::new();
-                let old = previous.sets.get(type_url).unwrap_or(&empty);
-                let new = sets.get(type_url).unwrap_or(&empty);
+                let old = previous.sets.get(type_url).map_or(&empty, |s| &s.set);
+                let new = sets.get(type_url).map_or(&empty, |s| &s.set);
                 changed.insert(type_url, changed_names(old, new));
             }
             let old_routes = &previous.snapshot.routes;
@@ -79,17 +89,36 @@ impl SharedResources {
 
     /// The resources of one of [`SHARED_TYPES`].
     pub fn shared_set(&self, type_url: &str) -> Option<&ResourceSet> {
-        self.sets.get(type_url)
+        self.sets.get(type_url).map(|s| &s.set)
+    }
+
+    /// What every proxy in `namespace` is sent of `type_url`: one of
+    /// [`SHARED_TYPES`] or route tables; `None` for the per-proxy types.
+    pub fn typed_set(&self, type_url: &str, namespace: &str) -> Option<Arc<TypedSet>> {
+        if type_url == type_url::ROUTE_TABLE {
+            return Some(self.route_table_set(namespace));
+        }
+        self.sets.get(type_url).cloned()
     }
 
     /// The route tables of a proxy in `namespace`, built once per namespace.
-    pub fn route_tables(&self, namespace: &str) -> Arc<ResourceSet> {
+    pub fn route_tables(&self, namespace: &str) -> Arc<TypedSet> {
+        self.route_table_set(namespace)
+    }
+
+    fn route_table_set(&self, namespace: &str) -> Arc<TypedSet> {
+        let build = || {
+            Arc::new(TypedSet::new(resources::route_tables(
+                &self.snapshot,
+                namespace,
+            )))
+        };
         let Ok(mut cache) = self.route_tables.lock() else {
-            return Arc::new(resources::route_tables(&self.snapshot, namespace));
+            return build();
         };
         cache
             .entry(namespace.to_owned())
-            .or_insert_with(|| Arc::new(resources::route_tables(&self.snapshot, namespace)))
+            .or_insert_with(build)
             .clone()
     }
 
@@ -101,6 +130,26 @@ impl SharedResources {
             return None;
         }
         self.changed.as_ref()?.get(type_url)
+    }
+}
+
+/// One type's resources as every proxy (of a namespace) is sent them, with the
+/// digest of their names and versions.
+#[derive(Debug)]
+pub struct TypedSet {
+    pub set: ResourceSet,
+    pub digest: String,
+}
+
+impl TypedSet {
+    fn new(set: ResourceSet) -> Self {
+        let digest = SentVersions::from_held(
+            set.iter()
+                .map(|(name, r)| (name.clone(), r.version.clone()))
+                .collect(),
+        )
+        .digest();
+        TypedSet { set, digest }
     }
 }
 

@@ -190,3 +190,34 @@ fn the_sent_digest_follows_content_not_order() {
     assert_eq!(a.digest(), b.digest());
     assert_eq!(a.len(), 1);
 }
+
+#[test]
+fn a_synced_stream_is_sent_only_what_changed_between_generations() {
+    let first = build(mesh(3), None);
+    let mut next = mesh(3);
+    next.endpoints.get_mut(&(key(2), 80)).unwrap()[0].ready = false;
+    next.services.remove(&key(0));
+    let second = build(next, Some(&first));
+    let (resources, removed) =
+        crate::discovery::shared_delta(&first, &second, type_url::ENDPOINTS, "demo");
+    let names: Vec<&str> = resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["svc-2.demo:80"]);
+    assert!(removed.is_empty());
+    let (resources, removed) =
+        crate::discovery::shared_delta(&first, &second, type_url::SERVICE, "demo");
+    assert!(resources.is_empty());
+    assert_eq!(removed, ["svc-0.demo"]);
+    // Nothing between a generation and itself.
+    let (resources, removed) =
+        crate::discovery::shared_delta(&second, &second, type_url::ENDPOINTS, "demo");
+    assert!(resources.is_empty() && removed.is_empty());
+    // Two generations apart: everything is compared, with the same result as
+    // comparing the sets whole.
+    let mut third_mesh = (*second.snapshot).clone();
+    third_mesh.endpoints.get_mut(&(key(1), 80)).unwrap()[0].weight = 3;
+    let third = build(third_mesh, Some(&second));
+    let (resources, _) =
+        crate::discovery::shared_delta(&first, &third, type_url::ENDPOINTS, "demo");
+    let names: Vec<&str> = resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["svc-1.demo:80", "svc-2.demo:80"]);
+}
