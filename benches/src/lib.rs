@@ -24,6 +24,7 @@ pub mod procstat;
 pub mod report;
 pub mod runner;
 pub mod saturation;
+pub mod scale;
 pub mod server;
 pub mod suite;
 

@@ -41,6 +41,45 @@ enum Command {
     Serve(ServeCommand),
     /// Wait until a listener is ready (used inside pods).
     Wait(WaitArgs),
+    /// The control plane at scale: a simulated registry of N services served over
+    /// real mTLS discovery to M clients, with churn; prints a markdown table.
+    Scale(ScaleArgs),
+    /// The control-plane process of `scale` (started by it).
+    #[command(hide = true)]
+    ScaleControl(ScaleControlArgs),
+}
+
+#[derive(Args)]
+struct ScaleArgs {
+    /// Mesh sizes to run, in services (5 endpoints each, 50 namespaces).
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    services: Vec<usize>,
+    /// Discovery clients (one TLS connection and stream each, own certificate).
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    #[arg(long, default_value_t = 20)]
+    flaps: usize,
+    /// Services rolled pod by pod (five changes each).
+    #[arg(long, default_value_t = 2)]
+    rollouts: usize,
+    #[arg(long, default_value_t = 10)]
+    policy_edits: usize,
+    #[arg(long, default_value_t = 5)]
+    late_joiners: usize,
+    /// Bound on the initial sync and on each change, seconds.
+    #[arg(long, default_value = "120", value_parser = secs)]
+    timeout: Duration,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ScaleControlArgs {
+    #[arg(long)]
+    services: usize,
+    #[arg(long)]
+    state_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -390,8 +429,44 @@ fn main() -> anyhow::Result<()> {
             Command::Wait(args) => wait(args).await,
             Command::Saturate(args) => saturate(args).await,
             Command::Serve(cmd) => serve(cmd).await,
+            Command::Scale(args) => scale(args).await,
+            Command::ScaleControl(args) => {
+                Ok(trellis_bench::scale::serve_control(args.services, args.state_dir).await?)
+            }
         }
     })
+}
+
+async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
+    let work_dir = std::env::temp_dir().join(format!("trellis-scale-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for services in &args.services {
+        let options = trellis_bench::scale::ScaleOptions {
+            services: *services,
+            clients: args.clients,
+            flaps: args.flaps,
+            rollouts: args.rollouts,
+            policy_edits: args.policy_edits,
+            late_joiners: args.late_joiners,
+            timeout: args.timeout,
+            work_dir: work_dir.clone(),
+        };
+        let row = trellis_bench::scale::run_scale(&options)
+            .await
+            .with_context(|| format!("{services} services"))?;
+        eprintln!(
+            "{}",
+            trellis_bench::scale::markdown(std::slice::from_ref(&row))
+        );
+        rows.push(row);
+    }
+    let _ = std::fs::remove_dir_all(&work_dir);
+    println!("{}", trellis_bench::scale::markdown(&rows));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn settings(t: &TargetArgs) -> anyhow::Result<(SocketAddr, SuiteSettings)> {

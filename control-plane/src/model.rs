@@ -18,7 +18,7 @@ pub use policy::{
     AuthorizationAction, AuthorizationPolicy, AuthorizationRule, Backoff, ConnectionLimits,
     EffectivePeerAuthentication, HashKey, LoadBalancer, MtlsMode, OutlierDetection,
     PeerAuthentication, PolicyScope, Ratio, RetryBudget, RetryOn, RetryPolicy, Timeouts,
-    TrafficPolicy, UNKNOWN_WORKLOAD_POLICY, UnknownWorkload,
+    TrafficPolicy, UNKNOWN_WORKLOAD_POLICY, UnknownWorkload, WorkloadLookup,
 };
 pub use route::{
     HeaderModifier, HttpMatch, HttpRouteRule, PathMatch, RouteOrigin, StringMatch, ValueMatch,

@@ -175,6 +175,34 @@ pub async fn start_with(
     Ok(running)
 }
 
+/// Serves discovery and the CA for a model the caller publishes on `snapshots`, with
+/// no registry of its own (`config.registry_dir` and `config.state_dir` are not used):
+/// the seam for simulated registries, as in the scale benchmark.
+pub async fn start_with_model(
+    config: ControlConfig,
+    options: ServeOptions,
+    ca: Arc<CertificateAuthority>,
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+) -> Result<RunningControlPlane, StartError> {
+    let (services, workloads) = {
+        let snapshot = snapshots.borrow();
+        (snapshot.services.len(), snapshot.workloads.len())
+    };
+    let status = RegistryStatus {
+        services,
+        workloads,
+        ..RegistryStatus::default()
+    };
+    let feed = RegistryFeed {
+        snapshots,
+        // The caller's model does not report; the counts stay those at start.
+        status: watch::channel(status).1,
+        leading: watch::channel(true).1,
+    };
+    let (running, _ca) = serve(config, options, ca, feed, Vec::new(), None).await?;
+    Ok(running)
+}
+
 /// The kube registry's extras: the API client, who this replica is, and the
 /// injector when enabled.
 pub struct KubeOptions {

@@ -2,6 +2,7 @@
 //! certificate, with ACK/NACK bookkeeping.
 
 mod resources;
+mod shared;
 mod status;
 
 use std::collections::BTreeMap;
@@ -21,33 +22,39 @@ use trellis_proto::discovery::v1::{
 
 use crate::metrics::{ControlMetrics, short_type};
 use crate::model::{MeshSnapshot, PolicyScope};
-pub use resources::{ProxyView, TYPE_URLS, view_for};
-pub use status::{ProxyStatus, SyncState, TypeSync};
+use resources::ResourceSet;
+pub use resources::{ProxyView, SHARED_TYPES, TYPE_URLS, view_for};
+pub use shared::{DEBOUNCE_MAX, DEBOUNCE_QUIET, SharedResources, spawn_builder};
+pub use status::{ProxyStatus, SentVersions, SyncState, TypeSync};
 
 pub type ConnectedProxies = Arc<Mutex<BTreeMap<u64, ProxyStatus>>>;
 
 #[derive(Clone)]
 pub struct DiscoveryServer {
-    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
-    trust_domain: String,
-    roots_pem: Vec<String>,
+    /// The shared resources of the newest snapshot (see [`spawn_builder`]).
+    shared: watch::Receiver<Arc<SharedResources>>,
     connected: ConnectedProxies,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
+    /// Bounds the large responses (a new stream's whole view) in flight at once, so
+    /// a thousand proxies connecting together do not each hold a copy of the mesh
+    /// in memory before it is written.
+    large_responses: Arc<tokio::sync::Semaphore>,
     metrics: ControlMetrics,
 }
 
 impl DiscoveryServer {
+    /// Starts the task that builds each snapshot's shared resources, so it must be
+    /// called within a Tokio runtime.
     pub fn new(
         snapshots: watch::Receiver<Arc<MeshSnapshot>>,
         trust_domain: String,
         roots_pem: Vec<String>,
     ) -> Self {
         DiscoveryServer {
-            snapshots,
-            trust_domain,
-            roots_pem,
+            shared: spawn_builder(snapshots, trust_domain, roots_pem),
             connected: Arc::default(),
             next_stream: Arc::default(),
+            large_responses: Arc::new(tokio::sync::Semaphore::new(LARGE_RESPONSES_IN_FLIGHT)),
             metrics: ControlMetrics::default(),
         }
     }
@@ -91,7 +98,9 @@ impl aggregated_discovery_server::AggregatedDiscovery for DiscoveryServer {
         let stream_id = self
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(16);
+        // One response queued at most: the session waits until the stream took the
+        // last one, which is what bounds memory per stream (see `large_responses`).
+        let (tx, rx) = mpsc::channel(1);
         let session = ProxySession {
             id: stream_id,
             identity,
@@ -118,10 +127,11 @@ struct ProxySession {
     /// The last [`PolicyScope::describe`], to log and show only changes.
     scope: String,
     server: DiscoveryServer,
-    /// Per subscribed type: name -> version last sent.
-    sent: BTreeMap<&'static str, BTreeMap<String, String>>,
-    /// Per type: the nonce of the last response and when it was sent, until answered.
-    pending: BTreeMap<&'static str, (String, Instant)>,
+    /// Per subscribed type: what the proxy was last sent.
+    sent: BTreeMap<&'static str, Held>,
+    /// Per type: the nonce of the last response, when it was sent and the version it
+    /// completed, until answered.
+    pending: BTreeMap<&'static str, (String, Instant, String)>,
     nonce: u64,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 }
@@ -130,22 +140,22 @@ impl ProxySession {
     async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
         tracing::info!("proxy connected");
         self.status(|_| {});
-        let mut snapshots = self.server.snapshots.clone();
+        let mut shared = self.server.shared.clone();
         loop {
             tokio::select! {
-                changed = snapshots.changed() => {
+                changed = shared.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    let snapshot = snapshots.borrow_and_update().clone();
-                    if self.push(&snapshot).await.is_err() {
+                    let current = shared.borrow_and_update().clone();
+                    if self.push(&current).await.is_err() {
                         break;
                     }
                 }
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
-                        let snapshot = snapshots.borrow_and_update().clone();
-                        if self.on_request(request, &snapshot).await.is_err() {
+                        let current = shared.borrow_and_update().clone();
+                        if self.on_request(request, &current).await.is_err() {
                             break;
                         }
                     }
@@ -166,7 +176,7 @@ impl ProxySession {
     async fn on_request(
         &mut self,
         request: DeltaDiscoveryRequest,
-        snapshot: &MeshSnapshot,
+        shared: &Arc<SharedResources>,
     ) -> Result<(), Closed> {
         let Some(type_url) = TYPE_URLS.iter().copied().find(|t| *t == request.type_url) else {
             // A newer proxy may ask for kinds this control plane does not serve: an
@@ -199,21 +209,22 @@ impl ProxySession {
         // what the proxy says it already holds.
         self.sent.insert(
             type_url,
-            request.initial_resource_versions.into_iter().collect(),
+            Held::Versions(SentVersions::from_held(
+                request.initial_resource_versions.into_iter().collect(),
+            )),
         );
-        self.push_type(type_url, snapshot, true).await
+        self.push_type(type_url, shared, true).await
     }
 
     /// An ACK or NACK of the response `request.response_nonce` of `type_url`.
     fn on_answer(&mut self, type_url: &'static str, request: &DeltaDiscoveryRequest) {
         let nonce = request.response_nonce.as_str();
         let latest = match self.pending.get(type_url) {
-            Some((sent, at)) if sent == nonce => {
+            Some((sent, at, _)) if sent == nonce => {
                 self.server.metrics.push_answered(type_url, at.elapsed());
-                self.pending.remove(type_url);
-                true
+                self.pending.remove(type_url)
             }
-            _ => false,
+            _ => None,
         };
         let now = unix_now();
         match &request.error_detail {
@@ -232,23 +243,19 @@ impl ProxySession {
                     s.last_nack_unix = Some(now);
                     if let Some(t) = s.types.get_mut(short_type(type_url)) {
                         t.last_nack = Some(message.clone());
-                        if latest {
+                        if latest.is_some() {
                             t.state = SyncState::Nacked;
                         }
                     }
                 });
             }
             None => {
-                let versions = self.sent.get(type_url).cloned().unwrap_or_default();
                 self.status(|s| {
-                    s.acked.retain(|k, _| !k.starts_with(type_url));
-                    for (name, version) in versions {
-                        s.acked.insert(format!("{type_url}/{name}"), version);
-                    }
                     s.last_ack_unix = Some(now);
                     if let Some(t) = s.types.get_mut(short_type(type_url)) {
                         t.acked_nonce = Some(nonce.to_owned());
-                        if latest {
+                        if let Some((_, _, version)) = latest {
+                            t.acked_version = Some(version);
                             t.state = SyncState::Synced;
                         }
                     }
@@ -257,10 +264,10 @@ impl ProxySession {
         }
     }
 
-    async fn push(&mut self, snapshot: &MeshSnapshot) -> Result<(), Closed> {
+    async fn push(&mut self, shared: &Arc<SharedResources>) -> Result<(), Closed> {
         let types: Vec<&'static str> = self.sent.keys().copied().collect();
         for type_url in types {
-            self.push_type(type_url, snapshot, false).await?;
+            self.push_type(type_url, shared, false).await?;
         }
         Ok(())
     }
@@ -270,10 +277,12 @@ impl ProxySession {
     async fn push_type(
         &mut self,
         type_url: &'static str,
-        snapshot: &MeshSnapshot,
+        shared: &Arc<SharedResources>,
         always: bool,
     ) -> Result<(), Closed> {
-        let scope = snapshot.policy_scope(
+        let snapshot: &MeshSnapshot = &shared.snapshot;
+        let scope = snapshot.policy_scope_in(
+            &shared.workloads,
             &self.identity,
             self.workload.as_ref().map(|w| w.name.as_str()),
         );
@@ -292,31 +301,73 @@ impl ProxySession {
             self.status(|s| s.policy_scope.clone_from(&described));
             self.scope = described;
         }
-        let view = view_for(
-            snapshot,
-            &self.server.trust_domain,
-            &self.server.roots_pem,
-            &scope,
-        );
-        let empty = BTreeMap::new();
-        let current = view.by_type.get(type_url).unwrap_or(&empty);
-        let sent = self.sent.entry(type_url).or_default();
-        let (resources, removed) = resources::delta(sent, current);
+        let namespace = scope.identity().namespace();
+        // A whole view (a new or reconnecting stream) waits for a permit before it is
+        // built; a slow stream holds one only while its own large response waits to be
+        // taken. Changes to a synced stream never wait.
+        let whole_view = !matches!(self.sent.get(type_url), Some(Held::Shared(_)))
+            && shared
+                .typed_set(type_url, namespace)
+                .is_some_and(|s| s.set.len() >= LARGE_RESPONSE);
+        let permit = match whole_view {
+            true => self
+                .server
+                .large_responses
+                .clone()
+                .acquire_owned()
+                .await
+                .ok(),
+            false => None,
+        };
+        let sent = self
+            .sent
+            .entry(type_url)
+            .or_insert_with(|| Held::Versions(SentVersions::default()));
+        let (resources, removed, version, count) =
+            match (shared.typed_set(type_url, namespace), &mut *sent) {
+                // Alike for every proxy: what the stream holds is a generation's set.
+                (Some(current), held) => {
+                    let (resources, removed) = match held {
+                        Held::Shared(previous) => {
+                            shared_delta(previous, shared, type_url, namespace)
+                        }
+                        Held::Versions(versions) => {
+                            resources::delta(versions.versions(), &current.set)
+                        }
+                    };
+                    *held = Held::Shared(shared.clone());
+                    (
+                        resources,
+                        removed,
+                        current.digest.clone(),
+                        current.set.len(),
+                    )
+                }
+                (None, held) => {
+                    if let Held::Shared(_) = held {
+                        *held = Held::Versions(SentVersions::default());
+                    }
+                    let Held::Versions(versions) = held else {
+                        return Ok(());
+                    };
+                    let (resources, removed) =
+                        stream_delta(versions.versions(), shared, &scope, type_url, None);
+                    for name in &removed {
+                        versions.remove(name);
+                    }
+                    for r in &resources {
+                        versions.insert(&r.name, &r.version);
+                    }
+                    (resources, removed, versions.digest(), versions.len())
+                }
+            };
         if !always && resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        for name in &removed {
-            sent.remove(name);
-        }
-        for r in &resources {
-            sent.insert(r.name.clone(), r.version.clone());
-        }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let version = status::version_digest(sent);
-        let count = sent.len();
         self.pending
-            .insert(type_url, (nonce.clone(), Instant::now()));
+            .insert(type_url, (nonce.clone(), Instant::now(), version.clone()));
         self.server.metrics.push_sent(type_url);
         self.status(|s| {
             let entry = s.types.entry(short_type(type_url)).or_insert(TypeSync {
@@ -324,6 +375,7 @@ impl ProxySession {
                 resources: 0,
                 sent_nonce: String::new(),
                 acked_nonce: None,
+                acked_version: None,
                 state: SyncState::Stale,
                 last_nack: None,
             });
@@ -345,7 +397,12 @@ impl ProxySession {
             removed_resources: removed,
             nonce,
         };
-        self.tx.send(Ok(response)).await.map_err(|_| Closed)
+        self.tx.send(Ok(response)).await.map_err(|_| Closed)?;
+        if permit.is_some() {
+            // Taken by the stream once a slot is free again.
+            drop(self.tx.reserve().await.map_err(|_| Closed)?);
+        }
+        Ok(())
     }
 
     fn status(&self, update: impl FnOnce(&mut ProxyStatus)) {
@@ -381,5 +438,76 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
+/// A response of this many resources or more is large (see `large_responses`).
+const LARGE_RESPONSE: usize = 256;
+/// Large responses being handed to their streams at once.
+const LARGE_RESPONSES_IN_FLIGHT: usize = 16;
+
 /// The proxy's side of the stream went away.
 struct Closed;
+
+/// What one stream was last sent of one type.
+enum Held {
+    /// Names and versions: what the proxy said it held when it subscribed, or the
+    /// proxy's own security policy.
+    Versions(SentVersions),
+    /// Exactly the set every proxy (of its namespace) gets in this generation: the
+    /// stream holds a reference, not a copy of thousands of names.
+    Shared(Arc<SharedResources>),
+}
+
+/// From the set of `type_url` in `previous` to the one in `next`, for a proxy in
+/// `namespace`: only the changed names when `next` directly follows `previous`.
+fn shared_delta(
+    previous: &SharedResources,
+    next: &SharedResources,
+    type_url: &str,
+    namespace: &str,
+) -> (Vec<pb::Resource>, Vec<String>) {
+    if previous.generation == next.generation {
+        return (Vec::new(), Vec::new());
+    }
+    let (Some(old), Some(new)) = (
+        previous.typed_set(type_url, namespace),
+        next.typed_set(type_url, namespace),
+    ) else {
+        return (Vec::new(), Vec::new());
+    };
+    let names = next.changed_since(Some(previous.generation), type_url);
+    resources::delta_sets(&old.set, &new.set, names)
+}
+
+/// What a stream holding `sent` of `type_url` must be sent to be up to date with
+/// `shared`, for the proxy of `scope`. `held`: the generation the stream was last
+/// brought up to for this type; when it is the one before `shared`, only the names
+/// that changed since are looked at, else everything is compared.
+pub fn stream_delta(
+    sent: &BTreeMap<String, String>,
+    shared: &SharedResources,
+    scope: &PolicyScope<'_>,
+    type_url: &str,
+    held: Option<u64>,
+) -> (Vec<pb::Resource>, Vec<String>) {
+    let own: ResourceSet;
+    let routes: Arc<shared::TypedSet>;
+    let empty = ResourceSet::new();
+    let current: &ResourceSet = match type_url {
+        trellis_proto::discovery::v1::type_url::AUTHORIZATION_POLICY => {
+            own = resources::authorization_policies(&shared.snapshot, scope);
+            &own
+        }
+        trellis_proto::discovery::v1::type_url::PEER_AUTHENTICATION => {
+            own = resources::peer_authentication(&shared.snapshot, scope);
+            &own
+        }
+        trellis_proto::discovery::v1::type_url::ROUTE_TABLE => {
+            routes = shared.route_tables(scope.identity().namespace());
+            &routes.set
+        }
+        other => shared.shared_set(other).unwrap_or(&empty),
+    };
+    match shared.changed_since(held, type_url) {
+        Some(names) => resources::delta_of(sent, current, names),
+        None => resources::delta(sent, current),
+    }
+}

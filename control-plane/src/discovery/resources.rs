@@ -3,16 +3,19 @@
 mod policy;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use prost::Message;
 use sha2::Digest;
 use trellis_proto::discovery::v1 as pb;
 use trellis_proto::discovery::v1::type_url;
 
-use crate::model::{AppProtocol, MeshSnapshot, MtlsMode, PolicyScope, TargetPort, UnknownWorkload};
+use crate::model::{
+    AppProtocol, MeshSnapshot, MtlsMode, PolicyScope, TargetPort, UnknownWorkload, WorkloadLookup,
+};
 
-/// All resources of one kind, by name.
-pub type ResourceSet = BTreeMap<String, pb::Resource>;
+/// All resources of one kind, by name; shared between streams.
+pub type ResourceSet = BTreeMap<String, Arc<pb::Resource>>;
 
 /// What one proxy is entitled to see, per type URL.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -30,31 +33,64 @@ pub const TYPE_URLS: [&str; 7] = [
     type_url::PEER_AUTHENTICATION,
 ];
 
+/// The kinds every proxy is sent alike: built once per snapshot
+/// ([`shared_resources`]) and shared by every stream.
+pub const SHARED_TYPES: [&str; 4] = [
+    type_url::TRUST_BUNDLE,
+    type_url::SERVICE,
+    type_url::ENDPOINTS,
+    type_url::TRAFFIC_POLICY,
+];
+
 /// Builds the view for the proxy of `scope`. Every proxy sees every service, with its
 /// routes and traffic policy, as Istio does without a `Sidecar` resource; the seam for
 /// scoping is here. Security policy is the proxy's own: the AuthorizationPolicies
 /// selecting its workload (or the fail-closed set, see [`PolicyScope`]) and one
 /// PeerAuthentication, `<namespace>/effective`, with precedence already resolved.
+///
+/// The discovery server builds the same parts separately, the shared ones once per
+/// snapshot; this is the whole view in one call.
 pub fn view_for(
     snapshot: &MeshSnapshot,
     trust_domain: &str,
     roots_pem: &[String],
     scope: &PolicyScope<'_>,
 ) -> ProxyView {
-    let mut view = ProxyView::default();
-    let proxy = scope.identity();
+    let mut view = ProxyView {
+        by_type: shared_resources(snapshot, trust_domain, roots_pem),
+    };
+    let namespace = scope.identity().namespace();
+    view.by_type
+        .insert(type_url::ROUTE_TABLE, route_tables(snapshot, namespace));
+    view.by_type.insert(
+        type_url::AUTHORIZATION_POLICY,
+        authorization_policies(snapshot, scope),
+    );
+    view.by_type.insert(
+        type_url::PEER_AUTHENTICATION,
+        peer_authentication(snapshot, scope),
+    );
+    view
+}
 
+/// The resources of [`SHARED_TYPES`], by type.
+pub fn shared_resources(
+    snapshot: &MeshSnapshot,
+    trust_domain: &str,
+    roots_pem: &[String],
+) -> BTreeMap<&'static str, ResourceSet> {
+    let mut by_type: BTreeMap<&'static str, ResourceSet> = BTreeMap::new();
     let bundle = pb::TrustBundle {
         trust_domain: trust_domain.to_owned(),
         roots_pem: roots_pem.to_vec(),
     };
     insert(
-        &mut view,
-        type_url::TRUST_BUNDLE,
+        by_type.entry(type_url::TRUST_BUNDLE).or_default(),
         trust_domain.to_owned(),
         pb::resource::Kind::TrustBundle(bundle),
     );
 
+    let services = by_type.entry(type_url::SERVICE).or_default();
     for service in snapshot.services.values() {
         let name = service.key.to_string();
         let resource = pb::Service {
@@ -76,12 +112,7 @@ pub fn view_for(
                 .collect(),
             hostnames: hostnames(&service.key.name, &service.key.namespace),
         };
-        insert(
-            &mut view,
-            type_url::SERVICE,
-            name,
-            pb::resource::Kind::Service(resource),
-        );
+        insert(services, name, pb::resource::Kind::Service(resource));
     }
 
     // The identity a meshed caller must see, or `None` to reach the endpoint in
@@ -89,18 +120,23 @@ pub fn view_for(
     // PeerAuthentication for the port is DISABLE (it would take no mTLS).
     // PERMISSIVE takes both, so meshed callers still use mTLS there. An endpoint is
     // known by its identity only, so the strictest of that identity's workloads.
+    // Once per identity, through an index: a scan of every workload per identity
+    // made this quadratic in the mesh's size.
+    let lookup = WorkloadLookup::new(&snapshot.workloads);
     let mut peer_modes = std::collections::HashMap::new();
     let mut identity_of = |e: &crate::model::Endpoint| {
         let identity = e.identity.as_ref().filter(|_| e.sidecar)?;
         let mode = peer_modes
             .entry(identity.clone())
             .or_insert_with(|| {
-                let scope = snapshot.identity_scope(identity, UnknownWorkload::NotNamed);
+                let scope =
+                    snapshot.identity_scope_in(&lookup, identity, UnknownWorkload::NotNamed);
                 snapshot.peer_authentication_for(&scope)
             })
             .mode_for(e.port);
         (mode != MtlsMode::Disable).then(|| identity.to_string())
     };
+    let endpoint_sets = by_type.entry(type_url::ENDPOINTS).or_default();
     for ((key, port), endpoints) in &snapshot.endpoints {
         let name = format!("{key}:{port}");
         let resource = pb::Endpoints {
@@ -128,38 +164,51 @@ pub fn view_for(
                 })
                 .collect(),
         };
-        insert(
-            &mut view,
-            type_url::ENDPOINTS,
-            name,
-            pb::resource::Kind::Endpoints(resource),
-        );
+        insert(endpoint_sets, name, pb::resource::Kind::Endpoints(resource));
     }
+    let traffic = by_type.entry(type_url::TRAFFIC_POLICY).or_default();
+    for (key, policy) in &snapshot.traffic_policies {
+        let kind = pb::resource::Kind::TrafficPolicy(policy::traffic_policy(key, policy));
+        insert(traffic, key.to_string(), kind);
+    }
+    by_type
+}
+
+/// The route tables a proxy in `namespace` is sent: consumer routes of its namespace
+/// replace a service's producer routes. The same for every proxy of a namespace.
+pub fn route_tables(snapshot: &MeshSnapshot, namespace: &str) -> ResourceSet {
+    let mut set = ResourceSet::new();
     for (key, rules) in &snapshot.routes {
-        if let Some(table) = policy::route_table(key, rules, proxy.namespace()) {
-            let kind = pb::resource::Kind::RouteTable(table);
-            insert(&mut view, type_url::ROUTE_TABLE, key.to_string(), kind);
+        if let Some(table) = policy::route_table(key, rules, namespace) {
+            insert(
+                &mut set,
+                key.to_string(),
+                pb::resource::Kind::RouteTable(table),
+            );
         }
     }
-    for (key, traffic) in &snapshot.traffic_policies {
-        let kind = pb::resource::Kind::TrafficPolicy(policy::traffic_policy(key, traffic));
-        insert(&mut view, type_url::TRAFFIC_POLICY, key.to_string(), kind);
-    }
+    set
+}
+
+/// The AuthorizationPolicies the proxy of `scope` enforces.
+pub fn authorization_policies(snapshot: &MeshSnapshot, scope: &PolicyScope<'_>) -> ResourceSet {
+    let mut set = ResourceSet::new();
     for authz in snapshot.authorization_policies_for(scope) {
         let name = format!("{}/{}", authz.namespace, authz.name);
         let kind = pb::resource::Kind::AuthorizationPolicy(policy::authorization_policy(&authz));
-        insert(&mut view, type_url::AUTHORIZATION_POLICY, name, kind);
+        insert(&mut set, name, kind);
     }
-    let peer = snapshot.peer_authentication_for(scope);
-    let peer = policy::peer_authentication(proxy.namespace(), &peer);
-    let name = format!("{}/{}", peer.namespace, peer.name);
-    let kind = pb::resource::Kind::PeerAuthentication(peer);
-    insert(&mut view, type_url::PEER_AUTHENTICATION, name, kind);
+    set
+}
 
-    for type_url in TYPE_URLS {
-        view.by_type.entry(type_url).or_default();
-    }
-    view
+/// The one effective PeerAuthentication of the proxy of `scope`.
+pub fn peer_authentication(snapshot: &MeshSnapshot, scope: &PolicyScope<'_>) -> ResourceSet {
+    let mut set = ResourceSet::new();
+    let peer = snapshot.peer_authentication_for(scope);
+    let peer = policy::peer_authentication(scope.identity().namespace(), &peer);
+    let name = format!("{}/{}", peer.namespace, peer.name);
+    insert(&mut set, name, pb::resource::Kind::PeerAuthentication(peer));
+    set
 }
 
 fn hostnames(name: &str, namespace: &str) -> Vec<String> {
@@ -183,7 +232,7 @@ fn protocol(p: AppProtocol) -> pb::Protocol {
 
 /// Versions are a digest of the content, so they are stable across restarts and a
 /// reconnecting proxy is not resent what it already holds.
-fn insert(view: &mut ProxyView, type_url: &'static str, name: String, kind: pb::resource::Kind) {
+fn insert(set: &mut ResourceSet, name: String, kind: pb::resource::Kind) {
     let mut resource = pb::Resource {
         name: name.clone(),
         version: String::new(),
@@ -191,10 +240,7 @@ fn insert(view: &mut ProxyView, type_url: &'static str, name: String, kind: pb::
     };
     let digest = sha2::Sha256::digest(resource.encode_to_vec());
     resource.version = hex::encode(&digest[..8]);
-    view.by_type
-        .entry(type_url)
-        .or_default()
-        .insert(name, resource);
+    set.insert(name, Arc::new(resource));
 }
 
 /// The delta from what a proxy holds (`sent`: name -> version) to `current`.
@@ -205,13 +251,66 @@ pub fn delta(
     let changed = current
         .values()
         .filter(|r| sent.get(&r.name) != Some(&r.version))
-        .cloned()
+        .map(|r| (**r).clone())
         .collect();
     let removed = sent
         .keys()
         .filter(|name| !current.contains_key(*name))
         .cloned()
         .collect();
+    (changed, removed)
+}
+
+/// [`delta`] looking only at `names`: the proxy is known to hold the rest of
+/// `current` already.
+pub fn delta_of<'a>(
+    sent: &BTreeMap<String, String>,
+    current: &ResourceSet,
+    names: impl IntoIterator<Item = &'a String>,
+) -> (Vec<pb::Resource>, Vec<String>) {
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for name in names {
+        match current.get(name) {
+            Some(r) if sent.get(name) != Some(&r.version) => changed.push((**r).clone()),
+            Some(_) => {}
+            None if sent.contains_key(name) => removed.push(name.clone()),
+            None => {}
+        }
+    }
+    (changed, removed)
+}
+
+/// The delta from `old` to `new`, looking only at `names` when given (the names
+/// known to differ between the two).
+pub fn delta_sets(
+    old: &ResourceSet,
+    new: &ResourceSet,
+    names: Option<&std::collections::BTreeSet<String>>,
+) -> (Vec<pb::Resource>, Vec<String>) {
+    let Some(names) = names else {
+        let changed = new
+            .iter()
+            .filter(|(name, r)| old.get(*name).map(|o| &o.version) != Some(&r.version))
+            .map(|(_, r)| (**r).clone())
+            .collect();
+        let removed = old
+            .keys()
+            .filter(|name| !new.contains_key(*name))
+            .cloned()
+            .collect();
+        return (changed, removed);
+    };
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for name in names {
+        match (old.get(name), new.get(name)) {
+            (Some(o), Some(n)) if o.version == n.version => {}
+            (_, Some(n)) => changed.push((**n).clone()),
+            (Some(_), None) => removed.push(name.clone()),
+            (None, None) => {}
+        }
+    }
     (changed, removed)
 }
 

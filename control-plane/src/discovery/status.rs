@@ -28,6 +28,8 @@ pub struct TypeSync {
     pub resources: usize,
     pub sent_nonce: String,
     pub acked_nonce: Option<String>,
+    /// The `version` the proxy last ACKed, when it ACKed the latest response.
+    pub acked_version: Option<String>,
     pub state: SyncState,
     /// The proxy's error detail for its last NACK of this type.
     pub last_nack: Option<String>,
@@ -44,8 +46,6 @@ pub struct ProxyStatus {
     /// The proxy's own version, as it said on its first request (at most 64 bytes).
     pub proxy_version: Option<String>,
     pub connected_at_unix: u64,
-    /// `<type_url>/<name>` -> version, as ACKed.
-    pub acked: BTreeMap<String, String>,
     pub last_ack_unix: Option<u64>,
     /// `<type_url>: <message>` of the last NACK.
     pub last_nack: Option<String>,
@@ -69,7 +69,6 @@ impl ProxyStatus {
             policy_scope: String::new(),
             proxy_version: None,
             connected_at_unix,
-            acked: BTreeMap::new(),
             last_ack_unix: None,
             last_nack: None,
             last_nack_unix: None,
@@ -111,4 +110,64 @@ pub fn version_digest(sent: &BTreeMap<String, String>) -> String {
         hasher.update([b'\n']);
     }
     hex::encode(&hasher.finalize()[..6])
+}
+
+/// What one stream was sent of one type (name -> version), with a digest kept up
+/// to date on each insert and removal: order-independent (a XOR of per-entry
+/// digests), so it costs the change, not the size of the view.
+#[derive(Clone, Debug, Default)]
+pub struct SentVersions {
+    versions: BTreeMap<String, String>,
+    digest: u64,
+}
+
+impl SentVersions {
+    pub fn from_held(versions: BTreeMap<String, String>) -> Self {
+        let digest = versions
+            .iter()
+            .fold(0, |d, (name, version)| d ^ entry_digest(name, version));
+        SentVersions { versions, digest }
+    }
+
+    pub fn versions(&self) -> &BTreeMap<String, String> {
+        &self.versions
+    }
+
+    pub fn len(&self) -> usize {
+        self.versions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+
+    pub fn insert(&mut self, name: &str, version: &str) {
+        if let Some(old) = self.versions.get(name) {
+            self.digest ^= entry_digest(name, old);
+        }
+        self.digest ^= entry_digest(name, version);
+        self.versions.insert(name.to_owned(), version.to_owned());
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if let Some(old) = self.versions.remove(name) {
+            self.digest ^= entry_digest(name, &old);
+        }
+    }
+
+    /// Equal on two streams sent the same names and versions.
+    pub fn digest(&self) -> String {
+        hex::encode(&self.digest.to_be_bytes()[..6])
+    }
+}
+
+fn entry_digest(name: &str, version: &str) -> u64 {
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(name.as_bytes());
+    hasher.update([0]);
+    hasher.update(version.as_bytes());
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }

@@ -8,7 +8,7 @@ use super::{MeshSnapshot, ValueMatch};
 
 mod selection;
 
-pub use selection::{PolicyScope, UNKNOWN_WORKLOAD_POLICY, UnknownWorkload};
+pub use selection::{PolicyScope, UNKNOWN_WORKLOAD_POLICY, UnknownWorkload, WorkloadLookup};
 
 /// How clients of one Service balance, retry and time out (CRD `TrafficPolicy`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

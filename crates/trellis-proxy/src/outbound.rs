@@ -73,13 +73,9 @@ impl Outbound {
                 return Ok(Target::Service(service.clone()));
             }
             // A connection straight to a pod address: find its service port by the
-            // endpoint it names, so the peer identity is still checked.
-            if state.endpoint_identities.contains_key(&dst)
-                && let Some(service) = state
-                    .services
-                    .values()
-                    .find(|s| s.endpoints.all().any(|e| e.address == dst))
-            {
+            // endpoint it names (an index, not a scan), so the peer identity is
+            // still checked.
+            if let Some(service) = state.endpoint_services.get(&dst) {
                 return Ok(Target::Service(Arc::new(ServicePort {
                     service: service.service.clone(),
                     port: service.port,

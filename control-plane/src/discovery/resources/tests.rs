@@ -129,7 +129,7 @@ fn decoded(view: &super::ProxyView, type_url: &str, name: &str) -> pb::resource:
     let resource = &view.by_type[type_url][name];
     let bytes = resource.encode_to_vec();
     let back = pb::Resource::decode(bytes.as_slice()).unwrap();
-    assert_eq!(&back, resource);
+    assert_eq!(&back, resource.as_ref());
     back.kind.unwrap()
 }
 

@@ -10,7 +10,7 @@
 //! caller allowed to one workload reach the others.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use trellis_identity::SpiffeId;
 
@@ -87,6 +87,34 @@ impl PolicyScope<'_> {
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
+/// A snapshot's workloads by (namespace, name) and by identity, as positions in
+/// [`MeshSnapshot::workloads`]: built once per snapshot, so that finding a proxy's
+/// scope does not scan every workload (the discovery server does it per stream).
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadLookup {
+    by_name: HashMap<(String, String), usize>,
+    by_identity: HashMap<SpiffeId, Vec<usize>>,
+}
+
+impl WorkloadLookup {
+    pub fn new(workloads: &[Workload]) -> Self {
+        let mut lookup = WorkloadLookup::default();
+        for (i, w) in workloads.iter().enumerate() {
+            // The first of a duplicated name, as a scan would find.
+            lookup
+                .by_name
+                .entry((w.namespace.clone(), w.name.clone()))
+                .or_insert(i);
+            lookup
+                .by_identity
+                .entry(w.identity.clone())
+                .or_default()
+                .push(i);
+        }
+        lookup
+    }
+}
+
 impl MeshSnapshot {
     /// The workloads running as `identity`.
     pub fn workloads_of<'a>(
@@ -105,22 +133,32 @@ impl MeshSnapshot {
         identity: &'a SpiffeId,
         workload: Option<&str>,
     ) -> PolicyScope<'a> {
+        self.policy_scope_in(&WorkloadLookup::new(&self.workloads), identity, workload)
+    }
+
+    /// [`MeshSnapshot::policy_scope`] with `lookup`, which must be this snapshot's.
+    pub fn policy_scope_in<'a>(
+        &'a self,
+        lookup: &WorkloadLookup,
+        identity: &'a SpiffeId,
+        workload: Option<&str>,
+    ) -> PolicyScope<'a> {
         let reason = match workload {
             None => UnknownWorkload::NotNamed,
             Some(name) => {
                 let namespace = identity.namespace();
-                match self
-                    .workloads
-                    .iter()
-                    .find(|w| w.namespace == namespace && w.name == name)
-                {
+                let found = lookup
+                    .by_name
+                    .get(&(namespace.to_owned(), name.to_owned()))
+                    .and_then(|&i| self.workloads.get(i));
+                match found {
                     Some(w) if &w.identity == identity => return PolicyScope::Workload(w),
                     Some(_) => UnknownWorkload::OtherIdentity(format!("{namespace}/{name}")),
                     None => UnknownWorkload::NotInRegistry(format!("{namespace}/{name}")),
                 }
             }
         };
-        self.identity_scope(identity, reason)
+        self.identity_scope_in(lookup, identity, reason)
     }
 
     /// The fail-closed scope of any proxy of `identity`.
@@ -132,6 +170,30 @@ impl MeshSnapshot {
         PolicyScope::Unknown {
             identity,
             candidates: self.workloads_of(identity).collect(),
+            reason,
+        }
+    }
+
+    /// [`MeshSnapshot::identity_scope`] with `lookup`, which must be this snapshot's.
+    pub fn identity_scope_in<'a>(
+        &'a self,
+        lookup: &WorkloadLookup,
+        identity: &'a SpiffeId,
+        reason: UnknownWorkload,
+    ) -> PolicyScope<'a> {
+        let candidates = lookup
+            .by_identity
+            .get(identity)
+            .map(|positions| {
+                positions
+                    .iter()
+                    .filter_map(|&i| self.workloads.get(i))
+                    .collect()
+            })
+            .unwrap_or_default();
+        PolicyScope::Unknown {
+            identity,
+            candidates,
             reason,
         }
     }

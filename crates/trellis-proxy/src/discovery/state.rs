@@ -48,6 +48,10 @@ pub struct MeshState {
     pub vips: HashMap<SocketAddr, Arc<ServicePort>>,
     /// Pod address:port -> identity, for connections made straight to an endpoint.
     pub endpoint_identities: HashMap<SocketAddr, SpiffeId>,
+    /// Pod address:port -> a service port it backs (the first by name when several
+    /// do), for endpoints with an identity: a connection straight to a pod finds its
+    /// service here instead of scanning every service's endpoints.
+    pub endpoint_services: HashMap<SocketAddr, Arc<ServicePort>>,
     /// Endpoint address:port of Service ports declared `tcp` or `opaque`: inbound
     /// carries these as bytes without protocol detection.
     pub opaque_endpoints: HashSet<SocketAddr>,
@@ -287,6 +291,14 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
                         state
                             .vips
                             .insert(SocketAddr::new(ip, number), entry.clone());
+                    }
+                }
+                for ep in entry.endpoints.all() {
+                    if ep.identity.is_some() {
+                        state
+                            .endpoint_services
+                            .entry(ep.address)
+                            .or_insert_with(|| entry.clone());
                     }
                 }
                 state
@@ -529,6 +541,52 @@ mod tests {
             ["10.244.0.2:8080".parse().unwrap()],
             "only the tcp port's endpoint"
         );
+    }
+
+    #[test]
+    fn pod_addresses_are_indexed_to_their_service_and_leave_with_it() {
+        let endpoints = |service: &str, address: &str| pb::Resource {
+            name: format!("{service}.default:80"),
+            version: "1".to_owned(),
+            kind: Some(Kind::Endpoints(pb::Endpoints {
+                service: service.to_owned(),
+                namespace: "default".to_owned(),
+                port: 80,
+                endpoints: vec![pb::Endpoint {
+                    address: address.to_owned(),
+                    port: 8080,
+                    identity: format!("spiffe://cluster.local/ns/default/sa/{service}"),
+                    ready: true,
+                    ..Default::default()
+                }],
+            })),
+        };
+        let eps = typed(
+            type_url::ENDPOINTS,
+            vec![endpoints("a", "10.244.0.2"), endpoints("b", "10.244.0.3")],
+        );
+        let state = MeshState::default()
+            .apply(&eps)
+            .unwrap()
+            .apply(&response(
+                vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")],
+                vec![],
+            ))
+            .unwrap();
+        let of = |state: &MeshState, addr: &str| {
+            state
+                .endpoint_services
+                .get(&addr.parse().unwrap())
+                .map(|s| s.service.clone())
+        };
+        assert_eq!(of(&state, "10.244.0.2:8080").as_deref(), Some("a.default"));
+        assert_eq!(of(&state, "10.244.0.3:8080").as_deref(), Some("b.default"));
+        assert_eq!(of(&state, "10.244.0.3:9999"), None, "another port");
+        let state = state
+            .apply(&response(vec![], vec!["b.default".to_owned()]))
+            .unwrap();
+        assert_eq!(of(&state, "10.244.0.3:8080"), None, "its service is gone");
+        assert_eq!(of(&state, "10.244.0.2:8080").as_deref(), Some("a.default"));
     }
 
     #[test]
