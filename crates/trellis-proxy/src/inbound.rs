@@ -35,6 +35,8 @@ pub struct Inbound {
     pub metrics: Metrics,
     pub apps: Arc<AppClients>,
     pub drain: crate::drain::Drain,
+    /// SERVER spans, when on.
+    pub tracing: crate::trace::Tracing,
 }
 
 impl Inbound {
@@ -146,20 +148,22 @@ impl Inbound {
         let alpn = downstream.get_ref().1.alpn_protocol();
         if alpn == Some(trellis_identity::ALPN_H2) {
             self.metrics.active_connections.inc();
-            self.http(app, port, Some(peer)).serve(downstream).await;
+            self.http(app, port, Some(peer), source)
+                .serve(downstream)
+                .await;
             self.metrics.active_connections.dec();
             return Ok(());
         }
         if alpn == Some(trellis_identity::ALPN_HTTP1) {
             self.metrics.active_connections.inc();
-            self.http(app, port, Some(peer))
+            self.http(app, port, Some(peer), source)
                 .serve_http1(downstream)
                 .await;
             self.metrics.active_connections.dec();
             return Ok(());
         }
         let bytes = self
-            .stream(downstream, Some(peer), port, app, declared_opaque)
+            .stream(downstream, Some(peer), source, port, app, declared_opaque)
             .await?;
         self.metrics
             .inbound_bytes
@@ -168,7 +172,13 @@ impl Inbound {
         Ok(())
     }
 
-    fn http(&self, app: SocketAddr, port: u16, peer: Option<SpiffeId>) -> InboundConnection {
+    fn http(
+        &self,
+        app: SocketAddr,
+        port: u16,
+        peer: Option<SpiffeId>,
+        source: SocketAddr,
+    ) -> InboundConnection {
         let peers = self.peers(app, port, peer.as_ref());
         InboundConnection {
             peers,
@@ -180,6 +190,8 @@ impl Inbound {
             metrics: self.metrics.clone(),
             path_normalization: self.config.path_normalization,
             drain: self.drain.clone(),
+            tracing: self.tracing.clone(),
+            source,
         }
     }
 
@@ -218,6 +230,7 @@ impl Inbound {
         &self,
         mut downstream: D,
         peer: Option<SpiffeId>,
+        source: SocketAddr,
         port: u16,
         app: SocketAddr,
         declared_opaque: bool,
@@ -241,7 +254,7 @@ impl Inbound {
             Sniffed::Opaque { prefix, app } => (prefix, app),
             Sniffed::Http1(prefix) | Sniffed::Http2(prefix) => {
                 let io = PrefixedIo::new(prefix, downstream);
-                let http = self.http(app, port, peer);
+                let http = self.http(app, port, peer, source);
                 self.metrics.active_connections.inc();
                 if http2 {
                     http.serve(io).await;
@@ -303,6 +316,7 @@ impl Inbound {
         self.stream(
             PrefixedIo::new(prefix, stream),
             None,
+            source,
             port,
             app,
             declared_opaque,

@@ -25,6 +25,8 @@ pub enum StartError {
     },
     #[error("getting a workload certificate: {0}")]
     Identity(#[from] IdentityError),
+    #[error("starting the trace exporter: {0}")]
+    Tracing(#[from] crate::trace::TraceError),
     #[error("opening the access log {target}: {source}")]
     AccessLog {
         target: String,
@@ -106,6 +108,10 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         None => crate::access_log::AccessLog::off(),
     };
     let metrics = Metrics::with_access_log(access_log);
+    let tracing = match &config.tracing {
+        Some(trace) => crate::trace::Tracing::start(trace, &config.identity)?,
+        None => crate::trace::Tracing::off(),
+    };
     let (tls_tx, tls_rx) = watch::channel(None);
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::default()));
     let (bundle_tx, bundle_rx) = watch::channel(None);
@@ -188,6 +194,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             config.connect_timeout,
         )),
         drain: drain.clone(),
+        tracing: tracing.clone(),
     };
     for listener in inbound_listeners {
         running
@@ -203,6 +210,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         connect_timeout: config.connect_timeout,
         own_workload: Arc::new(crate::request_metrics::Workload::of(&config.identity)),
         metrics: metrics.clone(),
+        tracing,
     });
     let outbound = Outbound {
         config: config.clone(),
