@@ -43,6 +43,7 @@ pub struct RunningProxy {
     pub health_addr: Option<SocketAddr>,
     pub admin: AdminState,
     drain: crate::drain::DrainTrigger,
+    tracing: crate::trace::Tracing,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -64,6 +65,7 @@ impl RunningProxy {
                 "drain period over; closing the remaining connections"
             );
         }
+        self.tracing.flush(std::time::Duration::from_secs(2)).await;
     }
 
     /// Waits until the proxy has a certificate and a first config.
@@ -149,6 +151,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         health_addr: None,
         admin: admin.clone(),
         drain: drain_trigger,
+        tracing: tracing.clone(),
         tasks: Vec::new(),
     };
     if let Some(addr) = config.health_addr {

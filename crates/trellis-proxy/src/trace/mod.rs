@@ -157,6 +157,26 @@ impl Tracing {
         })
     }
 
+    /// Exports the spans still queued, waiting at most `limit` (at shutdown, while
+    /// the runtime the exporter's connection needs is still running).
+    pub async fn flush(&self, limit: Duration) {
+        let Some(provider) = self
+            .inner
+            .as_ref()
+            .and_then(|inner| inner.parts.as_ref())
+            .map(|(provider, _)| provider.clone())
+        else {
+            return;
+        };
+        let flushed = tokio::task::spawn_blocking(move || provider.force_flush());
+        match tokio::time::timeout(limit, flushed).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::debug!(error = %e, "flushing spans"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "flushing spans"),
+            Err(_) => tracing::debug!("flushing spans took too long; the rest are lost"),
+        }
+    }
+
     pub fn is_on(&self) -> bool {
         self.inner.is_some()
     }
