@@ -38,7 +38,7 @@ use trellis_control::{ControlConfig, RunningControlPlane};
 use trellis_identity::SpiffeId;
 use trellis_proxy::trace::TraceConfig;
 use trellis_proxy::{ProxyConfig, RunningProxy, Upstream};
-use trellis_tests::loopback::{eventually, free_port};
+use trellis_tests::loopback::{eventually, free_port, http_get};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -231,7 +231,8 @@ struct Mesh {
     echo_upstream: SocketAddr,
     quiet_upstream: SocketAddr,
     lost_upstream: SocketAddr,
-    _proxies: Vec<RunningProxy>,
+    /// `echo`, its caller, `quiet`, its caller, `lost`, its caller.
+    proxies: Vec<RunningProxy>,
     _control: RunningControlPlane,
     _dir: tempfile::TempDir,
 }
@@ -377,7 +378,7 @@ async fn mesh() -> Mesh {
         echo_upstream: upstreams[0],
         quiet_upstream: upstreams[1],
         lost_upstream: upstreams[2],
-        _proxies: proxies,
+        proxies,
         _control: control,
         _dir: dir,
     }
@@ -401,6 +402,15 @@ async fn send(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> u16 {
         .expect("no whole body within 10 s")
         .expect("the body failed");
     status
+}
+
+/// A counter's value on `proxy`'s admin `/metrics`.
+async fn counter(proxy: &RunningProxy, name: &str) -> f64 {
+    let (status, text) = http_get(proxy.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
 /// `(trace id, parent id, flags)` of a `traceparent`.
@@ -638,4 +648,31 @@ async fn spans_and_propagation_through_two_sidecars() {
         flags, "01",
         "spans are still made (and dropped) when it is down"
     );
+    let lost_caller = &mesh.proxies[5];
+    eventually(
+        "the lost caller's sidecar counts spans it could not export",
+        Duration::from_secs(20),
+        || async { counter(lost_caller, "trellis_span_export_failures_total").await > 0.0 },
+    )
+    .await;
+    assert_eq!(
+        counter(lost_caller, "trellis_spans_exported_total").await,
+        0.0
+    );
+
+    // What the traced pair exported, counted; the quiet pair exported nothing.
+    let caller = &mesh.proxies[1];
+    eventually(
+        "the caller's sidecar counts its 7 sampled spans as exported",
+        Duration::from_secs(10),
+        || async { counter(caller, "trellis_spans_exported_total").await == 7.0 },
+    )
+    .await;
+    assert_eq!(
+        counter(&mesh.proxies[1], "trellis_span_export_failures_total").await,
+        0.0
+    );
+    for quiet in &mesh.proxies[2..4] {
+        assert_eq!(counter(quiet, "trellis_spans_exported_total").await, 0.0);
+    }
 }

@@ -111,7 +111,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     };
     let metrics = Metrics::with_access_log(access_log);
     let tracing = match &config.tracing {
-        Some(trace) => crate::trace::Tracing::start(trace, &config.identity)?,
+        Some(trace) => crate::trace::Tracing::start(trace, &config.identity, &metrics)?,
         None => crate::trace::Tracing::off(),
     };
     let (tls_tx, tls_rx) = watch::channel(None);

@@ -22,8 +22,10 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter,
 };
 use trellis_identity::SpiffeId;
 
@@ -107,7 +109,11 @@ impl Tracing {
     /// Starts the exporter. Must run inside the proxy's Tokio runtime (the OTLP
     /// client's connection lives there); connects lazily, so a collector that is not
     /// up yet is no error.
-    pub fn start(config: &TraceConfig, identity: &SpiffeId) -> Result<Self, TraceError> {
+    pub fn start(
+        config: &TraceConfig,
+        identity: &SpiffeId,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Self, TraceError> {
         if !config.endpoint.starts_with("http://") {
             return Err(TraceError::Endpoint(config.endpoint.clone()));
         }
@@ -119,6 +125,11 @@ impl Tracing {
             .with_endpoint(config.endpoint.clone())
             .with_timeout(Duration::from_secs(5))
             .build()?;
+        let exporter = CountedExporter {
+            inner: exporter,
+            exported: metrics.spans_exported.clone(),
+            failed: metrics.span_export_failures.clone(),
+        };
         let processor = BatchSpanProcessor::builder(exporter)
             .with_batch_config(
                 BatchConfigBuilder::default()
@@ -240,6 +251,50 @@ fn span_name(method: &http::Method) -> Cow<'static, str> {
         http::Method::CONNECT => Cow::Borrowed("CONNECT"),
         // Not a standard method: the conventions' name for it.
         _ => Cow::Borrowed("HTTP"),
+    }
+}
+
+/// Counts what the exporter delivered and what it lost, since the SDK logs neither
+/// here (its internal logs are off).
+#[derive(Debug)]
+struct CountedExporter<E> {
+    inner: E,
+    exported: prometheus_client::metrics::counter::Counter,
+    failed: prometheus_client::metrics::counter::Counter,
+}
+
+impl<E: SpanExporter> SpanExporter for CountedExporter<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let spans = batch.len() as u64;
+        let sent = self.inner.export(batch);
+        async move {
+            let result = sent.await;
+            match &result {
+                Ok(()) => {
+                    self.exported.inc_by(spans);
+                }
+                Err(e) => {
+                    self.failed.inc_by(spans);
+                    tracing::debug!(error = %e, spans, "exporting spans failed");
+                }
+            }
+            result
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
     }
 }
 
