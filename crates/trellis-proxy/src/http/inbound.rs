@@ -210,6 +210,14 @@ impl Handler {
     /// Starts the request's SERVER span and hands its context to the app.
     fn server_span(&self, parts: &mut http::request::Parts) -> Option<Box<crate::trace::HopSpan>> {
         let conn = &self.conn;
+        let mut span = conn.tracing.start_span(
+            opentelemetry::trace::SpanKind::Server,
+            &parts.method,
+            &mut parts.headers,
+        )?;
+        if !span.is_recording() {
+            return Some(span);
+        }
         let peers = conn.peers.peers();
         let path = conn.path_normalization.normalize(parts.uri.path());
         let path = path.map_or_else(|_| parts.uri.path().to_owned(), Cow::into_owned);
@@ -237,12 +245,8 @@ impl Handler {
         if let Some(authority) = authority {
             crate::trace::server_attributes(authority, &mut attributes);
         }
-        conn.tracing.start_span(
-            opentelemetry::trace::SpanKind::Server,
-            &parts.method,
-            &mut parts.headers,
-            attributes,
-        )
+        span.set_all(attributes);
+        Some(span)
     }
 
     async fn forward(

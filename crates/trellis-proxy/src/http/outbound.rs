@@ -140,7 +140,9 @@ impl HttpOutbound {
             .route_and_send(req, service, grpc, &mut outcome, &mut request_size)
             .await;
         let peers = labels.get(self, service, &outcome);
-        if let Some(span) = span.as_mut() {
+        if let Some(span) = span.as_mut()
+            && span.is_recording()
+        {
             routed_attributes(span, peers.peers(), &outcome);
         }
         let log = head.map(|mut record| {
@@ -161,6 +163,15 @@ impl HttpOutbound {
 
     /// Starts the request's CLIENT span and hands its context on in the headers.
     fn client_span(&self, req: &mut Request<Incoming>) -> Option<Box<crate::trace::HopSpan>> {
+        let method = req.method().clone();
+        let mut span = self.tracing.start_span(
+            opentelemetry::trace::SpanKind::Client,
+            &method,
+            req.headers_mut(),
+        )?;
+        if !span.is_recording() {
+            return Some(span);
+        }
         let mut attributes = vec![
             KeyValue::new("http.request.method", req.method().to_string()),
             KeyValue::new("url.path", normalized_path(req.uri().path())),
@@ -170,13 +181,8 @@ impl HttpOutbound {
             ),
         ];
         crate::trace::server_attributes(&super::inbound::authority_of(req), &mut attributes);
-        let method = req.method().clone();
-        self.tracing.start_span(
-            opentelemetry::trace::SpanKind::Client,
-            &method,
-            req.headers_mut(),
-            attributes,
-        )
+        span.set_all(attributes);
+        Some(span)
     }
 
     async fn route_and_send(

@@ -193,13 +193,14 @@ impl Tracing {
     }
 
     /// Starts this hop's span as the child of the context in `headers`, and puts the
-    /// span's own context there in its place. `None` when tracing is off.
+    /// span's own context there in its place. `None` when tracing is off. Attributes
+    /// come after, and only for a span that is sampled ([`HopSpan::is_recording`]):
+    /// most are not, and they then cost no allocation.
     pub fn start_span(
         &self,
         kind: SpanKind,
         method: &http::Method,
         headers: &mut HeaderMap,
-        attributes: Vec<KeyValue>,
     ) -> Option<Box<HopSpan>> {
         let (_, tracer) = self.inner.as_ref()?.parts.as_ref()?;
         let incoming = Incoming::read(headers);
@@ -228,7 +229,6 @@ impl Tracing {
         let span = tracer
             .span_builder(span_name(method))
             .with_kind(kind.clone())
-            .with_attributes(attributes)
             .start_with_context(tracer, &parent);
         propagation::write(headers, &incoming, span.span_context());
         Some(Box::new(HopSpan {
@@ -305,8 +305,17 @@ pub struct HopSpan {
 }
 
 impl HopSpan {
+    /// Whether the span is sampled: attributes on any other are thrown away.
+    pub fn is_recording(&self) -> bool {
+        self.span.is_recording()
+    }
+
     pub fn set(&mut self, attribute: KeyValue) {
         self.span.set_attribute(attribute);
+    }
+
+    pub fn set_all(&mut self, attributes: Vec<KeyValue>) {
+        self.span.set_attributes(attributes);
     }
 
     pub fn context(&self) -> &SpanContext {
@@ -316,6 +325,9 @@ impl HopSpan {
     /// Ends the span with the response's code and the proxy's reason, if it made
     /// the response (`response_flags` other than `-`).
     pub fn finish(mut self, code: u16, grpc_status: Option<u8>, response_flags: &'static str) {
+        if !self.span.is_recording() {
+            return;
+        }
         self.span
             .set_attribute(KeyValue::new("http.response.status_code", i64::from(code)));
         if let Some(status) = grpc_status {
