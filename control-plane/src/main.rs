@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use trellis_control::ControlConfig;
-use trellis_control::injector::{FailurePolicy, InjectorSettings};
+use trellis_control::injector::{FailurePolicy, InjectorSettings, MeshTracing};
 use trellis_control::server::{
     DEFAULT_DEBUG_PORT, KubeOptions, ServeOptions, WebhookOptions, start_kube_with, start_with,
 };
@@ -46,6 +46,13 @@ struct Args {
     /// The control plane's address as injected proxies dial it.
     #[arg(long, default_value = "trellis-control.trellis-system.svc:15010")]
     injector_control_addr: String,
+    /// The OTLP/gRPC collector (`http://host:4317`) every injected proxy sends its
+    /// spans to; empty, the default: tracing off.
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", default_value = "")]
+    otlp_endpoint: String,
+    /// Percent of new traces the injected proxies record.
+    #[arg(long, env = "TRELLIS_TRACE_SAMPLING", default_value_t = 1.0, value_parser = parse_percent)]
+    trace_sampling: f64,
     /// What the webhook answers when it cannot inject a Pod it should.
     #[arg(long, value_enum, default_value = "fail")]
     injector_failure_policy: FailurePolicy,
@@ -125,6 +132,14 @@ fn print_crds(out: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A percentage, 0 to 100 (as the proxy's `--trace-sampling` takes it).
+fn parse_percent(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{value:?} is not a percentage from 0 to 100")),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     use tracing_subscriber::prelude::*;
@@ -170,6 +185,10 @@ async fn main() -> anyhow::Result<()> {
                     .to_owned(),
                 control_addr: args.injector_control_addr,
                 failure_policy: args.injector_failure_policy,
+                tracing: (!args.otlp_endpoint.trim().is_empty()).then(|| MeshTracing {
+                    otlp_endpoint: args.otlp_endpoint.trim().to_owned(),
+                    sampling_percent: args.trace_sampling,
+                }),
                 ..InjectorSettings::default()
             },
             dns_names: args.server_names,

@@ -374,6 +374,8 @@ fn lint_passes_and_values_take_effect() -> Result<()> {
             "controlPlane.tolerations[0].key=dedicated",
             "controlPlane.tolerations[0].operator=Exists",
             "controlPlane.podDisruptionBudget.minAvailable=2",
+            "tracing.otlpEndpoint=http://otel-collector.observability:4317",
+            "tracing.samplingPercent=2",
         ],
     )?;
     let webhook = object(&objects, "MutatingWebhookConfiguration", "trellis-injector")?;
@@ -403,6 +405,8 @@ fn lint_passes_and_values_take_effect() -> Result<()> {
         "--trust-domain=mesh.example",
         "--server-names=trellis-control,trellis-control.trellis-system,\
          trellis-control.trellis-system.svc,trellis-control.trellis-system.svc.corp.internal",
+        "--otlp-endpoint=http://otel-collector.observability:4317",
+        "--trace-sampling=2",
     ] {
         ensure!(args.iter().any(|a| a == want), "no {want} in {args:?}");
     }
@@ -487,6 +491,11 @@ fn the_schema_refuses_bad_values() -> Result<()> {
             "controlPlane.podDisruptionBudget.minAvailable=-1",
             "'/controlPlane/podDisruptionBudget/minAvailable'",
         ),
+        (
+            "tracing.otlpEndpoint=collector:4317",
+            "'/tracing/otlpEndpoint'",
+        ),
+        ("tracing.samplingPercent=150", "'/tracing/samplingPercent'"),
     ] {
         refused(&helm, set, field)?;
     }

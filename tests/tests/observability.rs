@@ -125,6 +125,7 @@ fn proxy_metrics_with_samples() -> Metrics {
         started: Instant::now(),
         request_size: RequestSize::Known(0),
         log: None,
+        span: None,
     };
     let empty: Body = Empty::<Bytes>::new()
         .map_err(|never| match never {})

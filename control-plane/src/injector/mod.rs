@@ -120,6 +120,17 @@ pub struct InjectorSettings {
     pub control_server_name: String,
     pub resources: ProxyResources,
     pub failure_policy: FailurePolicy,
+    /// Mesh-wide tracing, passed to every injected proxy; off when `None`.
+    pub tracing: Option<MeshTracing>,
+}
+
+/// Where every sidecar sends its spans, and how many new traces it keeps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshTracing {
+    /// The collector's OTLP/gRPC endpoint, `http://host:4317`.
+    pub otlp_endpoint: String,
+    /// Percent of new traces recorded.
+    pub sampling_percent: f64,
 }
 
 impl Default for InjectorSettings {
@@ -132,6 +143,7 @@ impl Default for InjectorSettings {
             control_server_name: "trellis-control.trellis-system.svc".into(),
             resources: ProxyResources::default(),
             failure_policy: FailurePolicy::default(),
+            tracing: None,
         }
     }
 }

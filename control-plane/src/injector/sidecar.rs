@@ -152,6 +152,21 @@ pub fn proxy_container(
             "metadata.annotations['trellis.io/access-log']",
         ),
     ];
+    if let Some(tracing) = &settings.tracing {
+        for (name, value) in [
+            ("TRELLIS_OTLP_ENDPOINT", tracing.otlp_endpoint.clone()),
+            (
+                "TRELLIS_TRACE_SAMPLING",
+                tracing.sampling_percent.to_string(),
+            ),
+        ] {
+            env.push(EnvVar {
+                name: name.to_owned(),
+                value: Some(value),
+                ..Default::default()
+            });
+        }
+    }
     if let Some(probes) = app_probes {
         env.push(EnvVar {
             name: super::probes::APP_PROBES_ENV.to_owned(),

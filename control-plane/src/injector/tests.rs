@@ -528,3 +528,35 @@ fn the_webhook_selectors_take_the_same_values() {
     }
     assert_eq!(objects["values"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn mesh_wide_tracing_reaches_every_proxy_and_is_absent_when_off() {
+    let tuning = sidecar::Tuning::default();
+    let env_names = |settings: &InjectorSettings| -> Vec<(String, Option<String>)> {
+        sidecar::proxy_container(settings, &tuning, None)
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.name.contains("OTLP") || e.name.contains("TRACE"))
+            .map(|e| (e.name, e.value))
+            .collect()
+    };
+    assert!(env_names(&settings()).is_empty());
+    let traced = InjectorSettings {
+        tracing: Some(MeshTracing {
+            otlp_endpoint: "http://otel-collector.observability:4317".into(),
+            sampling_percent: 2.5,
+        }),
+        ..settings()
+    };
+    assert_eq!(
+        env_names(&traced),
+        [
+            (
+                "TRELLIS_OTLP_ENDPOINT".to_owned(),
+                Some("http://otel-collector.observability:4317".to_owned())
+            ),
+            ("TRELLIS_TRACE_SAMPLING".to_owned(), Some("2.5".to_owned())),
+        ]
+    );
+}

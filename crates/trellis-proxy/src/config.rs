@@ -194,6 +194,8 @@ pub struct ProxyConfig {
     pub http_server_limits: crate::http_server::ServerLimits,
     /// Access logs (one JSON line per request or TCP connection); off when `None`.
     pub access_log: Option<crate::access_log::AccessLogTarget>,
+    /// Spans to an OTLP collector; off (no spans, headers untouched) when `None`.
+    pub tracing: Option<crate::trace::TraceConfig>,
 }
 
 impl ProxyConfig {
@@ -224,6 +226,7 @@ impl ProxyConfig {
             inbound_to_localhost: false,
             http_server_limits: Default::default(),
             access_log: None,
+            tracing: None,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Inbound {
     pub metrics: Metrics,
     pub apps: Arc<AppClients>,
     pub drain: crate::drain::Drain,
+    /// SERVER spans, when on.
+    pub tracing: crate::trace::Tracing,
 }
 
 impl Inbound {
@@ -151,7 +153,7 @@ impl Inbound {
         let downstream = DownstreamIo::Tls(Box::new(downstream));
         if h2 {
             self.metrics.active_connections.inc();
-            self.http(app, port, Some(peer))
+            self.http(app, port, Some(peer), source)
                 .serve(PrefixedIo::new(Bytes::new(), downstream))
                 .await;
             self.metrics.active_connections.dec();
@@ -159,14 +161,14 @@ impl Inbound {
         }
         if http1 {
             self.metrics.active_connections.inc();
-            self.http(app, port, Some(peer))
+            self.http(app, port, Some(peer), source)
                 .serve_http1(PrefixedIo::new(Bytes::new(), downstream))
                 .await;
             self.metrics.active_connections.dec();
             return Ok(());
         }
         let bytes = self
-            .stream(downstream, Some(peer), port, app, declared_opaque)
+            .stream(downstream, Some(peer), source, port, app, declared_opaque)
             .await?;
         self.metrics
             .inbound_bytes
@@ -175,7 +177,13 @@ impl Inbound {
         Ok(())
     }
 
-    fn http(&self, app: SocketAddr, port: u16, peer: Option<SpiffeId>) -> InboundConnection {
+    fn http(
+        &self,
+        app: SocketAddr,
+        port: u16,
+        peer: Option<SpiffeId>,
+        source: SocketAddr,
+    ) -> InboundConnection {
         let peers = self.peers(app, port, peer.as_ref());
         InboundConnection {
             peers,
@@ -187,6 +195,8 @@ impl Inbound {
             metrics: self.metrics.clone(),
             path_normalization: self.config.path_normalization,
             drain: self.drain.clone(),
+            tracing: self.tracing.clone(),
+            source,
         }
     }
 
@@ -225,6 +235,7 @@ impl Inbound {
         &self,
         mut downstream: DownstreamIo,
         peer: Option<SpiffeId>,
+        source: SocketAddr,
         port: u16,
         app: SocketAddr,
         declared_opaque: bool,
@@ -245,7 +256,7 @@ impl Inbound {
             Sniffed::Opaque { prefix, app } => (prefix, app),
             Sniffed::Http1(prefix) | Sniffed::Http2(prefix) => {
                 let io = PrefixedIo::new(prefix, downstream);
-                let http = self.http(app, port, peer);
+                let http = self.http(app, port, peer, source);
                 self.metrics.active_connections.inc();
                 if http2 {
                     http.serve(io).await;
@@ -307,6 +318,7 @@ impl Inbound {
         self.stream(
             DownstreamIo::Plain(PrefixedIo::new(prefix, stream)),
             None,
+            source,
             port,
             app,
             declared_opaque,

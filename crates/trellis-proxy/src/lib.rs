@@ -24,6 +24,7 @@ pub mod ports;
 pub mod proxy;
 pub mod request_metrics;
 pub mod tcp;
+pub mod trace;
 
 pub use config::{OutboundPolicy, ProxyConfig, Upstream};
 pub use proxy::{RunningProxy, StartError, start};

@@ -120,6 +120,14 @@ struct RunArgs {
     /// path, or `off` (the injector sets it from `trellis.io/access-log`).
     #[arg(long, env = "TRELLIS_ACCESS_LOG", default_value = "off")]
     access_log: String,
+    /// Export a CLIENT and a SERVER span per request to this OTLP/gRPC collector
+    /// (`http://host:4317`); empty, the default: tracing off, headers untouched (the
+    /// injector sets it from the control plane's `--otlp-endpoint`).
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", default_value = "")]
+    otlp_endpoint: String,
+    /// Percent of new traces recorded (callers' sampling decisions are followed).
+    #[arg(long, env = "TRELLIS_TRACE_SAMPLING", default_value_t = 1.0, value_parser = parse_percent)]
+    trace_sampling: f64,
     /// Worker threads (0: one per core).
     #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -133,6 +141,14 @@ fn parse_opt_in(value: &str) -> Result<bool, String> {
         "" | "false" | "no" | "off" | "0" => Ok(false),
         "true" | "yes" | "on" | "1" => Ok(true),
         other => Err(format!("{other:?} is neither true nor false")),
+    }
+}
+
+/// A percentage, 0 to 100 (Istio's unit for trace sampling).
+fn parse_percent(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{value:?} is not a percentage from 0 to 100")),
     }
 }
 
@@ -200,6 +216,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     config.inbound_to_localhost = args.inbound_to_localhost;
     config.access_log = trellis_proxy::access_log::AccessLogTarget::parse_option(&args.access_log)
         .context("--access-log")?;
+    if !args.otlp_endpoint.trim().is_empty() {
+        let mut trace = trellis_proxy::trace::TraceConfig::new(args.otlp_endpoint.trim());
+        trace.sampling_ratio = args.trace_sampling / 100.0;
+        config.tracing = Some(trace);
+    }
     if let Some(json) = &args.app_probes {
         config.app_probes =
             trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
@@ -308,5 +329,24 @@ mod tests {
             AccessLogTarget::parse_option(&on),
             Ok(Some(AccessLogTarget::Stdout))
         );
+    }
+
+    #[test]
+    fn tracing_is_off_unless_an_endpoint_is_given() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.otlp_endpoint, "");
+        assert_eq!(args.trace_sampling, 1.0);
+        let args = run_args(&[
+            "--otlp-endpoint",
+            "http://collector:4317",
+            "--trace-sampling",
+            "12.5",
+        ])
+        .unwrap();
+        assert_eq!(args.otlp_endpoint, "http://collector:4317");
+        assert_eq!(args.trace_sampling, 12.5);
+        for bad in ["101", "-1", "lots"] {
+            assert!(run_args(&["--trace-sampling", bad]).is_err(), "{bad}");
+        }
     }
 }

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub http_retries: Counter,
     pub http_proxy_errors: Family<ReasonLabels, Counter>,
     pub cert_expiry_seconds: Gauge,
+    /// Spans the collector took, and spans in batches it did not (tracing on only).
+    pub spans_exported: Counter,
+    pub span_export_failures: Counter,
     /// Istio's standard request and TCP metrics, and the access log.
     pub requests: Arc<crate::request_metrics::Families>,
     registry: Arc<Registry>,
@@ -87,6 +90,8 @@ impl Metrics {
             http_retries: Counter::default(),
             http_proxy_errors: Family::default(),
             cert_expiry_seconds: Gauge::default(),
+            spans_exported: Counter::default(),
+            span_export_failures: Counter::default(),
             requests,
             registry: Arc::new(Registry::default()),
         };
@@ -169,6 +174,16 @@ impl Metrics {
             "cert_expiry_timestamp_seconds",
             "When the current workload certificate expires",
             m.cert_expiry_seconds.clone(),
+        );
+        registry.register(
+            "spans_exported",
+            "Trace spans the OTLP collector accepted",
+            m.spans_exported.clone(),
+        );
+        registry.register(
+            "span_export_failures",
+            "Trace spans lost because their batch could not be exported",
+            m.span_export_failures.clone(),
         );
         Metrics {
             registry: Arc::new(registry),

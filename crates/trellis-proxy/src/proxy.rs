@@ -25,6 +25,8 @@ pub enum StartError {
     },
     #[error("getting a workload certificate: {0}")]
     Identity(#[from] IdentityError),
+    #[error("starting the trace exporter: {0}")]
+    Tracing(#[from] crate::trace::TraceError),
     #[error("opening the access log {target}: {source}")]
     AccessLog {
         target: String,
@@ -41,6 +43,7 @@ pub struct RunningProxy {
     pub health_addr: Option<SocketAddr>,
     pub admin: AdminState,
     drain: crate::drain::DrainTrigger,
+    tracing: crate::trace::Tracing,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -62,6 +65,7 @@ impl RunningProxy {
                 "drain period over; closing the remaining connections"
             );
         }
+        self.tracing.flush(std::time::Duration::from_secs(2)).await;
     }
 
     /// Waits until the proxy has a certificate and a first config.
@@ -106,6 +110,10 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         None => crate::access_log::AccessLog::off(),
     };
     let metrics = Metrics::with_access_log(access_log);
+    let tracing = match &config.tracing {
+        Some(trace) => crate::trace::Tracing::start(trace, &config.identity, &metrics)?,
+        None => crate::trace::Tracing::off(),
+    };
     let (tls_tx, tls_rx) = watch::channel(None);
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::default()));
     let (bundle_tx, bundle_rx) = watch::channel(None);
@@ -143,6 +151,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         health_addr: None,
         admin: admin.clone(),
         drain: drain_trigger,
+        tracing: tracing.clone(),
         tasks: Vec::new(),
     };
     if let Some(addr) = config.health_addr {
@@ -188,6 +197,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             config.connect_timeout,
         )),
         drain: drain.clone(),
+        tracing: tracing.clone(),
     };
     for listener in inbound_listeners {
         running
@@ -203,6 +213,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         connect_timeout: config.connect_timeout,
         own_workload: Arc::new(crate::request_metrics::Workload::of(&config.identity)),
         metrics: metrics.clone(),
+        tracing,
     });
     let outbound = Outbound {
         config: config.clone(),

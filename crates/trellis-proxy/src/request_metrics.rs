@@ -515,6 +515,8 @@ pub struct Exchange {
     pub request_size: RequestSize,
     /// Filled only when the access log is on.
     pub log: Option<Box<AccessRecord>>,
+    /// This hop's span, only when tracing is on; it ends with the response.
+    pub span: Option<Box<crate::trace::HopSpan>>,
 }
 
 impl Exchange {
@@ -568,6 +570,9 @@ impl Record {
         handles.duration.observe(millis(elapsed));
         handles.request_bytes.observe(request_bytes as f64);
         handles.response_bytes.observe(self.response_bytes as f64);
+        if let Some(span) = e.span {
+            span.finish(self.code, self.grpc_status, self.flags);
+        }
         if let Some(mut log) = e.log {
             log.response_code = self.code;
             log.grpc_status = self.grpc_status;

@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use opentelemetry::KeyValue;
 use trellis_identity::SpiffeId;
 
 pub use super::app::AppClients;
@@ -56,6 +57,10 @@ pub struct InboundConnection {
     /// after the request in flight), so callers move to other endpoints instead of
     /// sending into a connection cut at the end of the drain.
     pub drain: crate::drain::Drain,
+    /// SERVER spans, when on.
+    pub tracing: crate::trace::Tracing,
+    /// The caller's address, as this connection came from it.
+    pub source: std::net::SocketAddr,
 }
 
 /// How the request reached this proxy.
@@ -175,7 +180,12 @@ impl Handler {
             record.upstream = Some(self.conn.app.addr());
             Box::new(record)
         });
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let span = if self.conn.tracing.is_on() {
+            self.server_span(&mut parts)
+        } else {
+            None
+        };
         let (body, request_size) = measure_request(body);
         let response = self
             .forward(
@@ -192,8 +202,51 @@ impl Handler {
             started,
             request_size,
             log,
+            span,
         }
         .respond(response)
+    }
+
+    /// Starts the request's SERVER span and hands its context to the app.
+    fn server_span(&self, parts: &mut http::request::Parts) -> Option<Box<crate::trace::HopSpan>> {
+        let conn = &self.conn;
+        let mut span = conn.tracing.start_span(
+            opentelemetry::trace::SpanKind::Server,
+            &parts.method,
+            &mut parts.headers,
+        )?;
+        if !span.is_recording() {
+            return Some(span);
+        }
+        let peers = conn.peers.peers();
+        let path = conn.path_normalization.normalize(parts.uri.path());
+        let path = path.map_or_else(|_| parts.uri.path().to_owned(), Cow::into_owned);
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", parts.method.to_string()),
+            KeyValue::new("url.path", path),
+            KeyValue::new("trellis.source.principal", peers.source.principal.clone()),
+            KeyValue::new(
+                "trellis.destination.principal",
+                peers.destination.principal.clone(),
+            ),
+            KeyValue::new(
+                "trellis.destination.service",
+                peers.destination_service.clone(),
+            ),
+        ];
+        attributes.extend(crate::trace::peer_attributes(conn.source));
+        let authority = match parts.uri.authority() {
+            Some(authority) => Some(authority.as_str()),
+            None => parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok()),
+        };
+        if let Some(authority) = authority {
+            crate::trace::server_attributes(authority, &mut attributes);
+        }
+        span.set_all(attributes);
+        Some(span)
     }
 
     async fn forward(

@@ -14,6 +14,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
+use opentelemetry::KeyValue;
 use tokio::sync::watch;
 use trellis_identity::MeshTls;
 
@@ -51,6 +52,8 @@ pub struct HttpOutbound {
     pub metrics: crate::metrics::Metrics,
     /// This proxy's workload, the source in request metrics.
     pub own_workload: Arc<Workload>,
+    /// CLIENT spans, when on.
+    pub tracing: crate::trace::Tracing,
 }
 
 impl HttpOutbound {
@@ -105,12 +108,17 @@ impl HttpOutbound {
     /// Handles one request and records it (metrics, and the access log when on).
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         service: &Arc<ServicePort>,
         labels: &PeersCache,
     ) -> Response<Body> {
         let started = Instant::now();
         let protocol = request_protocol(&req);
+        let mut span = if self.tracing.is_on() {
+            self.client_span(&mut req)
+        } else {
+            None
+        };
         let head = self.metrics.requests.access_log.is_on().then(|| {
             let mut record = AccessRecord::new(Arc::new(placeholder_peers()), protocol.as_str());
             record.method = req.method().to_string();
@@ -125,6 +133,11 @@ impl HttpOutbound {
             .route_and_send(req, service, grpc, &mut outcome, &mut request_size)
             .await;
         let peers = labels.get(self, service, &outcome);
+        if let Some(span) = span.as_mut()
+            && span.is_recording()
+        {
+            routed_attributes(span, peers.peers(), &outcome);
+        }
         let log = head.map(|mut record| {
             record.peers = peers.peers_arc();
             record.upstream = outcome.endpoint.as_ref().map(|(dial, _)| *dial);
@@ -136,8 +149,33 @@ impl HttpOutbound {
             started,
             request_size,
             log,
+            span,
         }
         .respond(response)
+    }
+
+    /// Starts the request's CLIENT span and hands its context on in the headers.
+    fn client_span(&self, req: &mut Request<Incoming>) -> Option<Box<crate::trace::HopSpan>> {
+        let method = req.method().clone();
+        let mut span = self.tracing.start_span(
+            opentelemetry::trace::SpanKind::Client,
+            &method,
+            req.headers_mut(),
+        )?;
+        if !span.is_recording() {
+            return Some(span);
+        }
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", normalized_path(req.uri().path())),
+            KeyValue::new(
+                "trellis.source.principal",
+                self.own_workload.principal.clone(),
+            ),
+        ];
+        crate::trace::server_attributes(&super::inbound::authority_of(req), &mut attributes);
+        span.set_all(attributes);
+        Some(span)
     }
 
     async fn route_and_send(
@@ -319,6 +357,34 @@ impl PeersCache {
         });
         peers
     }
+}
+
+/// What routing decided, on the CLIENT span.
+fn routed_attributes(span: &mut crate::trace::HopSpan, peers: &Peers, outcome: &Outcome) {
+    span.set(KeyValue::new(
+        "trellis.destination.principal",
+        peers.destination.principal.clone(),
+    ));
+    span.set(KeyValue::new(
+        "trellis.destination.service",
+        peers.destination_service.clone(),
+    ));
+    if let Some(route) = &outcome.route {
+        span.set(KeyValue::new("trellis.route.name", route.to_string()));
+    }
+    if let Some((dial, _)) = &outcome.endpoint {
+        for attribute in crate::trace::peer_attributes(*dial) {
+            span.set(attribute);
+        }
+    }
+}
+
+/// The path as the peer's policy will judge it (the default normalization); the
+/// path as sent when it would be refused.
+fn normalized_path(path: &str) -> String {
+    super::normalize::PathNormalization::default()
+        .normalize(path)
+        .map_or_else(|_| path.to_owned(), std::borrow::Cow::into_owned)
 }
 
 /// Peers for an access-log record whose labels are filled in once routing is done.

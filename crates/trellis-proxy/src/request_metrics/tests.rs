@@ -36,6 +36,7 @@ fn exchange(peers: &Arc<LabelledPeers>, protocol: RequestProtocol, size: u64) ->
         started: Instant::now(),
         request_size: RequestSize::Known(size),
         log: None,
+        span: None,
     }
 }
 
