@@ -1908,6 +1908,90 @@ spec:
     .await;
 }
 
+/// A response whose body is still streaming counts against maxPendingRequests (and
+/// least-request) until the body ends, not only until its head: while one such
+/// response is open, a second request over the limit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_counts_as_pending_until_its_body_ends() {
+    type Chunks = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+    let open: Arc<std::sync::Mutex<Option<Chunks>>> = Arc::default();
+    let held = open.clone();
+    let app = http_app(move |req| {
+        let held = held.clone();
+        async move {
+            if req.uri().path() != "/stream" {
+                return text(200, "quick");
+            }
+            // The head goes out at once; the body ends when the test drops `tx`.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).await;
+            *held.lock().unwrap() = Some(tx);
+            let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            Response::new(body.boxed())
+        }
+    })
+    .await;
+    let mesh = MeshBuilder::default()
+        .service("slowbody", "slowbody", &[("http", 80, Some("http"))])
+        .workload("slowbody-1", "slowbody", app.port)
+        .yaml(
+            r#"apiVersion: trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: slowbody, namespace: default}
+spec:
+  targetRef: {kind: Service, name: slowbody}
+  connectionLimits: {maxPendingRequests: 1}
+"#,
+        )
+        .expect_policy("slowbody")
+        .upstream("slowbody", 80)
+        .start()
+        .await;
+    let addr = mesh.upstream("slowbody", 80);
+    let client = http_client();
+
+    let streaming = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(get(addr, "/stream")),
+    )
+    .await
+    .expect("no response head within 10 s")
+    .unwrap();
+    assert_eq!(streaming.status(), StatusCode::OK);
+    let mut streaming = streaming.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), streaming.frame())
+        .await
+        .expect("no first chunk within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"first"));
+
+    // The first response's body is still open: the second request is over the limit.
+    let refused = send(&client, get(addr, "/")).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a request beside an open streaming response: {}",
+        refused.text()
+    );
+    assert!(refused.headers.contains_key("trellis-error"));
+    assert_eq!(app.hits(), 1, "the refused request reached the app");
+
+    // The body ends: the endpoint is free again.
+    drop(open.lock().unwrap().take());
+    let rest = tokio::time::timeout(Duration::from_secs(10), streaming.collect())
+        .await
+        .expect("the streaming body did not end within 10 s")
+        .unwrap();
+    assert!(rest.to_bytes().is_empty());
+    eventually(
+        "a request after the body ended gets through",
+        Duration::from_secs(10),
+        || async { send(&client, get(addr, "/")).await.status == StatusCode::OK },
+    )
+    .await;
+}
+
 /// With several endpoints, a full one is passed over for one under its limit; only
 /// when all are full is a connection refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,6 +126,7 @@ fn proxy_metrics_with_samples() -> Metrics {
         request_size: RequestSize::Known(0),
         log: None,
         span: None,
+        in_flight: None,
     };
     let empty: Body = Empty::<Bytes>::new()
         .map_err(|never| match never {})

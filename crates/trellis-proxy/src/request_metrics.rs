@@ -517,6 +517,10 @@ pub struct Exchange {
     pub log: Option<Box<AccessRecord>>,
     /// This hop's span, only when tracing is on; it ends with the response.
     pub span: Option<Box<crate::trace::HopSpan>>,
+    /// The upstream endpoint's in-flight count (outbound): held to the end of the
+    /// response body, so least-request and `maxPendingRequests` see streaming
+    /// responses as the load they are.
+    pub in_flight: Option<crate::balance::ActiveGuard>,
 }
 
 impl Exchange {

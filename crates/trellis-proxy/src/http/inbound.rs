@@ -203,6 +203,7 @@ impl Handler {
             request_size,
             log,
             span,
+            in_flight: None,
         }
         .respond(response)
     }

@@ -150,6 +150,7 @@ impl HttpOutbound {
             request_size,
             log,
             span,
+            in_flight: outcome.in_flight.take(),
         }
         .respond(response)
     }
@@ -249,13 +250,12 @@ impl HttpOutbound {
             per_try,
             hash,
         };
-        let chosen = &mut outcome.endpoint;
         let result = match deadline {
-            Some(d) => match tokio::time::timeout(d, attempt.run(parts, replay, chosen)).await {
+            Some(d) => match tokio::time::timeout(d, attempt.run(parts, replay, outcome)).await {
                 Ok(r) => r,
                 Err(_) => Err(ProxyError::Timeout),
             },
-            None => attempt.run(parts, replay, chosen).await,
+            None => attempt.run(parts, replay, outcome).await,
         };
         match result {
             Ok(mut response) => {
@@ -286,6 +286,8 @@ struct Outcome {
     route: Option<Arc<str>>,
     /// The last try's endpoint: where it dialed, and who it is.
     endpoint: Option<(std::net::SocketAddr, Arc<Workload>)>,
+    /// The last try's count on its endpoint, until the response ends.
+    in_flight: Option<crate::balance::ActiveGuard>,
 }
 
 /// A connection's last label set, kept while its backend, route and endpoint stay
@@ -645,12 +647,12 @@ enum TryError {
 
 impl Attempt<'_> {
     /// Tries until an answer or the end of retries; `chosen` ends up naming the
-    /// endpoint of the last try (for request metrics).
+    /// endpoint of the last try (for request metrics) and holding its in-flight count.
     async fn run(
         &self,
         parts: http::request::Parts,
         body: Replay,
-        chosen: &mut Option<(std::net::SocketAddr, Arc<Workload>)>,
+        chosen: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
         let endpoints = &self.backend.endpoints;
         if endpoints.ready_count() == 0 {
@@ -693,6 +695,11 @@ impl Attempt<'_> {
                     chosen,
                 )
                 .await;
+            if outcome.is_err() {
+                // A failed try is no longer load on its endpoint (the next try may
+                // wait out a backoff first).
+                chosen.in_flight = None;
+            }
             body = replay;
             let can_retry = body.is_some();
             match outcome {
@@ -768,7 +775,7 @@ impl Attempt<'_> {
         replayable: bool,
         tried: &[std::net::SocketAddr],
         picked_dial: &mut Option<std::net::SocketAddr>,
-        chosen: &mut Option<(std::net::SocketAddr, Arc<Workload>)>,
+        chosen: &mut Outcome,
     ) -> Result<Response<Body>, TryError> {
         // Prefer endpoints not tried yet; fall back to any once all have been.
         let picked = self
@@ -797,7 +804,10 @@ impl Attempt<'_> {
             return Err(TryError::Connect(ProxyError::Overflow));
         }
         *picked_dial = Some(endpoint.dial);
-        *chosen = Some((endpoint.dial, endpoint.workload.clone()));
+        chosen.endpoint = Some((endpoint.dial, endpoint.workload.clone()));
+        // Counted on the endpoint until the response body ends, not only until its
+        // head: a streaming response is load.
+        let active = &*chosen.in_flight.insert(active);
         let started = Instant::now();
         let connect_timeout = self
             .policy
@@ -812,7 +822,7 @@ impl Attempt<'_> {
             };
             let request = Request::from_parts(parts, body);
             let send = self.outbound.plain.send(request, endpoint.dial);
-            return self.finish(send, endpoint.dial, &active, started).await;
+            return self.finish(send, endpoint.dial, active, started).await;
         };
         if parts
             .as_ref()
@@ -832,7 +842,7 @@ impl Attempt<'_> {
             };
             let idempotent = parts.as_ref().is_some_and(|p| is_idempotent(&p.method));
             let response = self
-                .try_http1(&target, parts, body, replayable, &active, started)
+                .try_http1(&target, parts, body, replayable, active, started)
                 .await
                 .map_err(|e| e.unless_idempotent(idempotent))?;
             return Self::peer_answered(endpoint.dial, idempotent, response);
@@ -851,7 +861,7 @@ impl Attempt<'_> {
             .await;
         let mut sender = match sender {
             Ok(s) => s,
-            Err(e) => return Err(self.connect_failed(endpoint.dial, &e, &active, started)),
+            Err(e) => return Err(self.connect_failed(endpoint.dial, &e, active, started)),
         };
         let Some(parts) = self.parts_for_try(parts, replayable) else {
             return Err(TryError::Reset);
@@ -859,7 +869,7 @@ impl Attempt<'_> {
         let idempotent = is_idempotent(&parts.method);
         let result = {
             let send = sender.send_request(Request::from_parts(parts, body));
-            self.finish(send, endpoint.dial, &active, started).await
+            self.finish(send, endpoint.dial, active, started).await
         };
         if result.is_err() {
             self.outbound.pool.evict(endpoint.dial, &sender);

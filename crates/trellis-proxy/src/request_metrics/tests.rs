@@ -37,6 +37,7 @@ fn exchange(peers: &Arc<LabelledPeers>, protocol: RequestProtocol, size: u64) ->
         request_size: RequestSize::Known(size),
         log: None,
         span: None,
+        in_flight: None,
     }
 }
 
