@@ -12,6 +12,7 @@
 //! runs every scenario (the load generator inside the client pod), optionally each
 //! one's saturation search, and writes one report.
 
+pub mod apply;
 pub mod callgrind;
 pub mod certs;
 pub mod grpc;

@@ -47,6 +47,19 @@ enum Command {
     /// The control-plane process of `scale` (started by it).
     #[command(hide = true)]
     ScaleControl(ScaleControlArgs),
+    /// How long a sidecar takes to apply discovery responses by mesh size (whole
+    /// mesh, then single-endpoint changes); prints a markdown table.
+    Apply(ApplyArgs),
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    /// Mesh sizes, in services (5 endpoints each).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    services: Vec<usize>,
+    /// Single-endpoint changes applied after the whole mesh, per size.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
 }
 
 #[derive(Args)]
@@ -430,6 +443,14 @@ fn main() -> anyhow::Result<()> {
             Command::Saturate(args) => saturate(args).await,
             Command::Serve(cmd) => serve(cmd).await,
             Command::Scale(args) => scale(args).await,
+            Command::Apply(args) => {
+                let mut rows = Vec::new();
+                for services in args.services {
+                    rows.push(trellis_bench::apply::measure(services, args.changes)?);
+                }
+                println!("{}", trellis_bench::apply::markdown(&rows));
+                Ok(())
+            }
             Command::ScaleControl(args) => {
                 Ok(trellis_bench::scale::serve_control(args.services, args.state_dir).await?)
             }

@@ -17,6 +17,7 @@ use trellis_proto::discovery::v1::{
 use crate::config::ProxyConfig;
 use crate::control;
 use crate::metrics::{ConfigLabels, Metrics};
+use state::InvalidResource;
 pub use state::MeshState;
 
 /// The kinds this proxy subscribes to, in the order it needs them. It is ready once
@@ -112,6 +113,38 @@ pub async fn run(
     }
 }
 
+/// Up to this many resources (held and in the response), a response is applied on
+/// the data-path thread, where a mesh that small rebuilds in 0.3 ms or less. A
+/// larger one is rebuilt on a blocking thread so requests never wait behind it:
+/// every change still rebuilds the whole state, 0.7 ms at 100 services and 10 ms
+/// at 1,000 (`trellis-bench apply`).
+const APPLY_INLINE_MAX: usize = 64;
+
+/// `current` with `response` applied, built off the data-path thread when large.
+async fn apply(
+    current: Arc<MeshState>,
+    response: pb::DeltaDiscoveryResponse,
+) -> Result<
+    (
+        pb::DeltaDiscoveryResponse,
+        Result<MeshState, InvalidResource>,
+    ),
+    StreamError,
+> {
+    let held: usize = current.resources.by_type.values().map(|r| r.len()).sum();
+    let size = held + response.resources.len() + response.removed_resources.len();
+    if size <= APPLY_INLINE_MAX {
+        let applied = current.apply(&response);
+        return Ok((response, applied));
+    }
+    tokio::task::spawn_blocking(move || {
+        let applied = current.apply(&response);
+        (response, applied)
+    })
+    .await
+    .map_err(|e| StreamError::Apply(e.to_string()))
+}
+
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
     #[error(transparent)]
@@ -120,6 +153,8 @@ enum StreamError {
     Status(#[from] tonic::Status),
     #[error("the request channel closed")]
     Closed,
+    #[error("applying a response: {0}")]
+    Apply(String),
 }
 
 async fn stream_once(
@@ -174,7 +209,8 @@ async fn stream_once(
     while let Some(response) = responses.message().await? {
         let current = state.borrow().clone();
         let mut last_rejected = synced.borrow().last_rejected.clone();
-        let reply = match current.apply(&response) {
+        let (response, applied) = apply(current.clone(), response).await?;
+        let reply = match applied {
             Ok(next) => {
                 tracing::debug!(
                     type_url = response.type_url,
@@ -226,4 +262,57 @@ fn count(metrics: &Metrics, type_url: &str, result: &str) {
             result: result.to_owned(),
         })
         .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::discovery::v1::resource::Kind;
+
+    fn services(n: usize) -> pb::DeltaDiscoveryResponse {
+        let resources = (0..n)
+            .map(|i| pb::Resource {
+                name: format!("s{i}.default"),
+                version: "1".to_owned(),
+                kind: Some(Kind::Service(pb::Service {
+                    name: format!("s{i}"),
+                    namespace: "default".to_owned(),
+                    vips: vec![format!("10.96.{}.{}", i / 250, i % 250 + 1)],
+                    ports: vec![pb::ServicePort {
+                        name: "http".to_owned(),
+                        port: 80,
+                        target_port: 8080,
+                        protocol: pb::Protocol::Http as i32,
+                    }],
+                    hostnames: vec![],
+                })),
+            })
+            .collect();
+        pb::DeltaDiscoveryResponse {
+            type_url: type_url::SERVICE.to_owned(),
+            resources,
+            nonce: "1".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// The proxy's own runtime is single-threaded: a large response is applied on a
+    /// blocking thread and comes back whole; a small one inline; a bad one is refused
+    /// either way.
+    #[tokio::test(flavor = "current_thread")]
+    async fn small_and_large_responses_are_applied_alike_on_a_single_thread_runtime() {
+        for n in [3, APPLY_INLINE_MAX + 1] {
+            let (response, applied) = apply(Arc::default(), services(n)).await.unwrap();
+            assert_eq!(response.resources.len(), n, "the response is handed back");
+            assert_eq!(applied.unwrap().services.len(), n);
+
+            let mut bad = services(n);
+            bad.resources[n - 1].kind = None;
+            let (_, applied) = apply(Arc::default(), bad).await.unwrap();
+            assert!(
+                applied.is_err(),
+                "{n}: a resource without a kind was accepted"
+            );
+        }
+    }
 }
