@@ -542,3 +542,67 @@ async fn the_health_port_serves_proxy_and_app_probes() {
     assert_eq!(http_get(health, "/app-health/other/readyz").await.0, 404);
     assert!(http_get(health, "/metrics").await.1.contains("trellis_"));
 }
+
+/// Metrics merging: the app's own metrics, scraped on localhost, come with the
+/// proxy's from the health port; an app that stops answering costs only its own
+/// lines (counted), never the proxy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_port_merges_the_apps_own_metrics() {
+    let mesh = mesh().await;
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let serving = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = app.accept().await {
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            let body = if String::from_utf8_lossy(&buf[..n]).starts_with("GET /stats ") {
+                "# TYPE app_orders_total counter\napp_orders_total 3\n# EOF\n"
+            } else {
+                ""
+            };
+            let _ = stream
+                .write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    let mut config = proxy_config(&mesh.control, "client", TOKEN_CLIENT);
+    config.health_addr = Some("127.0.0.1:0".parse().unwrap());
+    config.app_metrics = Some(
+        trellis_proxy::app_metrics::AppMetrics::from_annotations(&format!(
+            r#"{{"prometheus.io/port": "{app_port}", "prometheus.io/path": "/stats"}}"#
+        ))
+        .unwrap(),
+    );
+    let proxy = trellis_proxy::start(config).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), proxy.ready())
+        .await
+        .unwrap();
+    let health = proxy.health_addr.unwrap();
+
+    let (status, merged) = http_get(health, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(merged.contains("trellis_active_connections"), "{merged}");
+    assert!(merged.contains("\napp_orders_total 3\n"), "{merged}");
+    assert!(
+        !merged.contains("# EOF"),
+        "an end marker before the end: {merged}"
+    );
+    assert!(merged.contains("trellis_app_metrics_scrape_failures_total 0"));
+
+    // The app is gone: the proxy's metrics still come, and say so.
+    serving.abort();
+    let _ = serving.await;
+    let (status, alone) = http_get(health, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(!alone.contains("app_orders_total"), "{alone}");
+    assert!(
+        alone.contains("trellis_app_metrics_scrape_failures_total 1"),
+        "{alone}"
+    );
+}

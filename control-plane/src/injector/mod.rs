@@ -49,11 +49,16 @@ pub mod annotations {
     pub const PROXY_MEMORY_LIMIT: &str = "trellis.io/proxy-memory-limit";
     pub const EXCLUDE_INBOUND_PORTS: &str = "trellis.io/exclude-inbound-ports";
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "trellis.io/exclude-outbound-ports";
+    /// `"false"` keeps a Pod's own Prometheus annotations as they are instead of
+    /// merging its app's metrics behind the proxy's (see [`PROMETHEUS_SCRAPE`]).
+    pub const MERGE_METRICS: &str = "trellis.io/merge-metrics";
     /// Prometheus' conventional scrape annotations, as the injector sets them: the
     /// proxy's `/metrics` on its health port (15020, outside the inbound redirect, so
-    /// a Prometheus outside the mesh can scrape it under STRICT mTLS). Added only
-    /// when the Pod sets none of the keys itself: a Pod that points Prometheus at its
-    /// app keeps that (merging the app's metrics behind 15020 is not done).
+    /// a Prometheus outside the mesh can scrape it under STRICT mTLS). A Pod that
+    /// pointed Prometheus at its app (`prometheus.io/port`) gets them too, and the
+    /// proxy serves the app's metrics with its own (its annotations are saved in
+    /// the proxy's `TRELLIS_APP_METRICS`), as Istio merges metrics; unless it
+    /// opts out ([`MERGE_METRICS`]), turned scraping off, or scrapes over https.
     pub const PROMETHEUS_SCRAPE: [(&str, &str); 3] = [
         ("prometheus.io/scrape", "true"),
         ("prometheus.io/port", "15020"),
@@ -222,17 +227,20 @@ pub fn pod_patch(
         .then(|| serde_json::to_string(&originals))
         .transpose()
         .map_err(InjectError::Patch)?;
-    let proxy = to_json(&sidecar::proxy_container(settings, &tuning, app_probes))?;
+    let (scrape, app_metrics) = scrape_annotations(&pod_annotations)?;
+    let proxy = to_json(&sidecar::proxy_container(
+        settings,
+        &tuning,
+        app_probes,
+        app_metrics,
+    ))?;
     let init = to_json(&sidecar::init_container(settings, &tuning))?;
     let volumes = to_json(&sidecar::volumes())?;
 
     let mut ops = Vec::new();
     let add = |path: String, value: Value| json!({"op": "add", "path": path, "value": value});
     let mut new_annotations = vec![(annotations::STATUS, "injected")];
-    if !annotations::PROMETHEUS_SCRAPE
-        .iter()
-        .any(|(key, _)| pod_annotations.contains_key(*key))
-    {
+    if scrape {
         new_annotations.extend(annotations::PROMETHEUS_SCRAPE);
     }
     if pod.get("metadata").is_none() {
@@ -276,6 +284,35 @@ pub fn pod_patch(
     }
     let patch = serde_json::from_value(Value::Array(ops)).map_err(InjectError::Patch)?;
     Ok(Ok(patch))
+}
+
+/// The proxy's env carrying the Pod's own scrape annotations (JSON), for merging.
+pub const APP_METRICS_ENV: &str = "TRELLIS_APP_METRICS";
+
+/// Whether to point Prometheus at the proxy, and the Pod's own scrape annotations
+/// to hand the proxy when its app's metrics are to be merged.
+fn scrape_annotations(
+    pod: &BTreeMap<String, String>,
+) -> Result<(bool, Option<String>), InjectError> {
+    let own: BTreeMap<&str, &str> = annotations::PROMETHEUS_SCRAPE
+        .iter()
+        .chain(&[("prometheus.io/scheme", "")])
+        .filter_map(|(key, _)| pod.get(*key).map(|v| (*key, v.as_str())))
+        .collect();
+    if own.is_empty() {
+        return Ok((true, None));
+    }
+    let merge = pod.get(annotations::MERGE_METRICS).map(String::as_str) != Some("false")
+        && own.get("prometheus.io/scrape") != Some(&"false")
+        && own.contains_key("prometheus.io/port")
+        && own
+            .get("prometheus.io/scheme")
+            .is_none_or(|s| s.eq_ignore_ascii_case("http"));
+    if !merge {
+        return Ok((false, None));
+    }
+    let saved = serde_json::to_string(&own).map_err(InjectError::Patch)?;
+    Ok((true, Some(saved)))
 }
 
 /// The first app container (or init container) that would run as the proxy's UID,

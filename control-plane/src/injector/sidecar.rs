@@ -134,6 +134,7 @@ pub fn proxy_container(
     settings: &InjectorSettings,
     tuning: &Tuning,
     app_probes: Option<String>,
+    app_metrics: Option<String>,
 ) -> Container {
     let r = &tuning.resources;
     let mut env = vec![
@@ -167,12 +168,17 @@ pub fn proxy_container(
             });
         }
     }
-    if let Some(probes) = app_probes {
-        env.push(EnvVar {
-            name: super::probes::APP_PROBES_ENV.to_owned(),
-            value: Some(probes),
-            ..Default::default()
-        });
+    for (name, value) in [
+        (super::probes::APP_PROBES_ENV, app_probes),
+        (super::APP_METRICS_ENV, app_metrics),
+    ] {
+        if let Some(value) = value {
+            env.push(EnvVar {
+                name: name.to_owned(),
+                value: Some(value),
+                ..Default::default()
+            });
+        }
     }
     Container {
         name: PROXY_CONTAINER.to_owned(),

@@ -290,16 +290,52 @@ fn prometheus_is_pointed_at_the_proxy_unless_the_pod_says_otherwise() {
         "the annotation names the health port, where the proxy serves /metrics"
     );
 
-    // A Pod that names its own port keeps all of its annotations as they were.
+    // A Pod that points Prometheus at its app gets the proxy's annotations, and its
+    // own go to the proxy, which serves the app's metrics with its own (merging).
     let mut review_json = fixture("review-deployment-pod.json");
     let own = &mut review_json["request"]["object"]["metadata"]["annotations"];
     own["prometheus.io/port"] = json!("9102");
+    own["prometheus.io/path"] = json!("/stats");
     let (_, pod) = run(&review_json, Some(&enabled()));
-    let annotations = &pod.unwrap()["metadata"]["annotations"];
-    assert_eq!(annotations["prometheus.io/port"], "9102");
-    assert!(annotations.get("prometheus.io/scrape").is_none());
-    assert!(annotations.get("prometheus.io/path").is_none());
+    let pod = pod.unwrap();
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
     assert_eq!(annotations["trellis.io/status"], "injected");
+    let proxy = container(&pod["spec"]["initContainers"], "trellis-proxy");
+    let saved = container(&proxy["env"], "TRELLIS_APP_METRICS");
+    assert_eq!(
+        serde_json::from_str::<Value>(saved["value"].as_str().unwrap()).unwrap(),
+        json!({"prometheus.io/port": "9102", "prometheus.io/path": "/stats"})
+    );
+
+    // Opted out, scraping turned off, or over https: the Pod's annotations stay as
+    // they were and nothing is merged.
+    for (key, value) in [
+        ("trellis.io/merge-metrics", "false"),
+        ("prometheus.io/scrape", "false"),
+        ("prometheus.io/scheme", "https"),
+    ] {
+        let mut review_json = fixture("review-deployment-pod.json");
+        let own = &mut review_json["request"]["object"]["metadata"]["annotations"];
+        own["prometheus.io/port"] = json!("9102");
+        own[key] = json!(value);
+        let (_, pod) = run(&review_json, Some(&enabled()));
+        let pod = pod.unwrap();
+        let annotations = &pod["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/port"], "9102", "{key}");
+        assert_eq!(annotations["trellis.io/status"], "injected");
+        let proxy = container(&pod["spec"]["initContainers"], "trellis-proxy");
+        assert!(
+            !proxy["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "TRELLIS_APP_METRICS"),
+            "{key}: merged anyway"
+        );
+    }
 
     // A Pod without any annotations gets them in the map the patch creates.
     let mut bare = fixture("review-deployment-pod.json");
@@ -533,7 +569,7 @@ fn the_webhook_selectors_take_the_same_values() {
 fn mesh_wide_tracing_reaches_every_proxy_and_is_absent_when_off() {
     let tuning = sidecar::Tuning::default();
     let env_names = |settings: &InjectorSettings| -> Vec<(String, Option<String>)> {
-        sidecar::proxy_container(settings, &tuning, None)
+        sidecar::proxy_container(settings, &tuning, None, None)
             .env
             .unwrap_or_default()
             .into_iter()

@@ -171,6 +171,8 @@ pub struct ProxyConfig {
     pub health_addr: Option<SocketAddr>,
     /// App probes the injector moved to the health port.
     pub app_probes: std::collections::HashMap<String, crate::health::AppProbe>,
+    /// The app's own metrics endpoint, merged into the health port's `/metrics`.
+    pub app_metrics: Option<crate::app_metrics::AppMetrics>,
     /// Admin (15000), 127.0.0.1 by default.
     pub admin_addr: SocketAddr,
     pub connect_timeout: Duration,
@@ -217,6 +219,7 @@ impl ProxyConfig {
             outbound_policy: OutboundPolicy::AllowAny,
             health_addr: None,
             app_probes: Default::default(),
+            app_metrics: None,
             admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::ports::ADMIN)),
             connect_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),

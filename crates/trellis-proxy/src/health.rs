@@ -38,7 +38,7 @@ async fn route(
     match path {
         "/live" | "/healthz" => text(StatusCode::OK, "live\n"),
         "/ready" => admin.ready_response(),
-        "/metrics" => text(StatusCode::OK, admin.metrics.encode()),
+        "/metrics" => metrics(admin).await,
         p if p.starts_with("/app-health/") => match probes.get(p) {
             Some(probe) => match crate::app_probe::run(probe).await {
                 Ok(answer) => text(StatusCode::OK, format!("{answer}\n")),
@@ -48,6 +48,30 @@ async fn route(
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The proxy's metrics, and the app's when the injector asked for them merged. An
+/// app that does not answer costs it its own metrics, never the proxy's.
+async fn metrics(admin: &AdminState) -> Response<Full<Bytes>> {
+    let Some(app) = &admin.config.app_metrics else {
+        return text(StatusCode::OK, admin.metrics.encode());
+    };
+    // The app first, so that a failure is counted in the same scrape.
+    let app_text = match app.scrape().await {
+        Ok(body) => body,
+        Err(reason) => {
+            admin.metrics.app_metrics_failures.inc();
+            tracing::debug!(port = app.port, path = app.path, %reason, "scraping the app's metrics");
+            Bytes::new()
+        }
+    };
+    let merged = crate::app_metrics::merge(&admin.metrics.encode(), &app_text);
+    let mut response = text(StatusCode::OK, merged);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

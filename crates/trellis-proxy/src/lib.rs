@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod app_metrics;
 pub mod app_probe;
 pub mod authz;
 pub mod balance;

@@ -79,6 +79,11 @@ struct RunArgs {
     /// App probes moved to the health port by the injector (JSON).
     #[arg(long, env = "TRELLIS_APP_PROBES")]
     app_probes: Option<String>,
+    /// The Pod's own Prometheus annotations (JSON), saved by the injector: the app's
+    /// metrics are scraped on localhost and served with the proxy's on the health
+    /// port's /metrics.
+    #[arg(long, env = "TRELLIS_APP_METRICS")]
+    app_metrics: Option<String>,
     /// Admin listener; keep it on loopback.
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::ADMIN)))]
     admin_addr: SocketAddr,
@@ -224,6 +229,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(json) = &args.app_probes {
         config.app_probes =
             trellis_proxy::health::parse_app_probes(json).context("TRELLIS_APP_PROBES")?;
+    }
+    if let Some(json) = &args.app_metrics {
+        config.app_metrics = Some(
+            trellis_proxy::app_metrics::AppMetrics::from_annotations(json)
+                .context("TRELLIS_APP_METRICS")?,
+        );
     }
     if !config.admin_addr.ip().is_loopback() {
         tracing::warn!(admin = %config.admin_addr, "admin is not on loopback: it exposes config and metrics");

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub outbound_failures: Family<ReasonLabels, Counter>,
     pub passthrough_connections: Counter,
     pub detect_head_too_long: Counter,
+    pub app_metrics_failures: Counter,
     pub active_connections: Gauge,
     pub config_updates: Family<ConfigLabels, Counter>,
     pub cert_renewals: Counter,
@@ -82,6 +83,7 @@ impl Metrics {
             outbound_failures: Family::default(),
             passthrough_connections: Counter::default(),
             detect_head_too_long: Counter::default(),
+            app_metrics_failures: Counter::default(),
             active_connections: Gauge::default(),
             config_updates: Family::default(),
             cert_renewals: Counter::default(),
@@ -134,6 +136,11 @@ impl Metrics {
             "outbound_detect_head_too_long",
             "Outbound connections on undeclared ports whose HTTP/1 request head outran protocol detection (32 KiB): carried as TCP, without routes or retries",
             m.detect_head_too_long.clone(),
+        );
+        registry.register(
+            "app_metrics_scrape_failures",
+            "Scrapes of the app's own metrics (merged into the health port's /metrics) that failed; the proxy's metrics were served alone",
+            m.app_metrics_failures.clone(),
         );
         registry.register(
             "active_connections",

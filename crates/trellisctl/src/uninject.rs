@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Deserialize as _;
 use serde_json::{Map, Value};
+use trellis_control::injector::APP_METRICS_ENV;
 use trellis_control::injector::annotations;
 use trellis_control::injector::probes::APP_PROBES_ENV;
 use trellis_control::injector::sidecar::{
@@ -99,6 +100,11 @@ pub fn uninject_pod(pod: &mut Value) -> anyhow::Result<()> {
             .with_context(|| format!("the proxy's {APP_PROBES_ENV} is not a JSON object"))?,
         None => Map::new(),
     };
+    let own_scrape: Map<String, Value> = match env_value(&proxy, APP_METRICS_ENV) {
+        Some(json) => serde_json::from_str(&json)
+            .with_context(|| format!("the proxy's {APP_METRICS_ENV} is not a JSON object"))?,
+        None => Map::new(),
+    };
     if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
         for container in spec
             .get_mut("containers")
@@ -128,6 +134,8 @@ pub fn uninject_pod(pod: &mut Value) -> anyhow::Result<()> {
                     map.remove(key);
                 }
             }
+            // The Pod's own, when the injector merged its app's metrics.
+            map.extend(own_scrape);
             if map.is_empty() {
                 metadata.remove("annotations");
             }
