@@ -23,6 +23,12 @@ fn renew_time(body: &Value) -> Timestamp {
     body["spec"]["renewTime"].as_str().unwrap().parse().unwrap()
 }
 
+/// Now, cut to the MicroTime precision a Lease is written with: a renewTime
+/// written in the same microsecond is not earlier.
+fn now_to_the_microsecond() -> Timestamp {
+    Timestamp::from_microsecond(Timestamp::now().as_microsecond()).unwrap()
+}
+
 fn lock(api: FakeApi) -> (LeaseLock, Seen) {
     let (client, seen) = api.start();
     (
@@ -43,7 +49,7 @@ async fn creates_and_holds_a_lease_nobody_has() {
     api.reply(Method::POST, LEASES, 201, held_by(ME));
     let (mut lock, seen) = lock(api);
 
-    let before = Timestamp::now();
+    let before = now_to_the_microsecond();
     assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::Leading);
     assert_eq!(
         seen.requests(),
@@ -87,7 +93,7 @@ async fn takes_over_a_lease_only_once_it_went_unrenewed_for_its_duration() {
 
     // 15 s unrenewed: expired, and taken over at the version read.
     tokio::time::advance(Duration::from_secs(5)).await;
-    let before = Timestamp::now();
+    let before = now_to_the_microsecond();
     assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::Leading);
     let put = &seen.bodies()[0];
     // The compare-and-swap: had anyone written since, this would be a 409.
@@ -122,7 +128,7 @@ async fn renews_its_own_lease_keeping_the_acquire_time() {
     api.reply(Method::PUT, LEASE, 200, held_by(ME));
     let (mut lock, seen) = lock(api);
 
-    let before = Timestamp::now();
+    let before = now_to_the_microsecond();
     assert_eq!(lock.try_acquire_or_renew().await.unwrap(), Round::Leading);
     let put = &seen.bodies()[0];
     assert_eq!(put["spec"]["holderIdentity"], ME);
