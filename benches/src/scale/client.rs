@@ -163,6 +163,7 @@ async fn stream_once(
         .map_err(|_| BenchError::Setup("request channel closed".to_owned()))?;
     }
     let mut responses = AggregatedDiscoveryClient::new(channel)
+        .max_decoding_message_size(trellis_proxy::discovery::MAX_RESPONSE_BYTES)
         .delta_resources(ReceiverStream::new(rx))
         .await
         .map_err(|e| BenchError::Setup(format!("discovery stream: {e}")))?

@@ -113,6 +113,13 @@ pub async fn run(
     }
 }
 
+/// The largest discovery response taken. A first response carries a whole type
+/// (every Service, every Endpoints): about 6 MB at 10,000 services, past gRPC's
+/// 4 MiB default, which made a proxy in such a mesh reconnect forever
+/// (`trellis-bench scale`). The control plane is authenticated; this only bounds a
+/// runaway.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
 /// Up to this many resources (held and in the response), a response is applied on
 /// the data-path thread, where a mesh that small rebuilds in 0.3 ms or less. A
 /// larger one is rebuilt on a blocking thread so requests never wait behind it:
@@ -202,6 +209,7 @@ async fn stream_once(
         .map_err(|_| StreamError::Closed)?;
     }
     let mut responses = AggregatedDiscoveryClient::new(channel)
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
         .delta_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
