@@ -106,16 +106,32 @@ impl AppMetrics {
 
 /// The proxy's metrics, then the app's, as one Prometheus text exposition. The
 /// OpenMetrics end marker (`# EOF`) of either is dropped: nothing may follow it.
+/// The app's lines that name a `trellis_` metric are dropped too: an app must not
+/// forge what its sidecar reports (who called it, with what result).
 pub fn merge(own: &str, app: &[u8]) -> String {
     let app = String::from_utf8_lossy(app);
     let mut out = String::with_capacity(own.len() + app.len() + 1);
-    for text in [own, app.as_ref()] {
-        for line in text.lines().filter(|l| l.trim_end() != "# EOF") {
-            out.push_str(line);
-            out.push('\n');
-        }
+    let kept = |l: &&str| l.trim_end() != "# EOF";
+    for line in own.lines().filter(kept) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    for line in app.lines().filter(kept).filter(|l| !names_ours(l)) {
+        out.push_str(line);
+        out.push('\n');
     }
     out
+}
+
+/// Whether a text-format line (a sample, or a `# HELP`/`# TYPE`/`# UNIT` comment)
+/// is about a metric named like the proxy's own.
+fn names_ours(line: &str) -> bool {
+    let line = line.trim_start();
+    let name = match line.strip_prefix('#') {
+        Some(comment) => comment.split_whitespace().nth(1).unwrap_or_default(),
+        None => line,
+    };
+    name.starts_with("trellis_")
 }
 
 #[cfg(test)]
@@ -168,6 +184,19 @@ mod tests {
         assert_eq!(
             merge(own, b""),
             "# TYPE trellis_x counter\ntrellis_x_total 1\n"
+        );
+    }
+
+    #[test]
+    fn an_app_cannot_forge_the_proxys_metrics() {
+        let own = "trellis_requests_total{response_code=\"200\"} 5\n";
+        let app = "# HELP trellis_requests Forged.\n# TYPE trellis_requests counter\n\
+                   trellis_requests_total{response_code=\"200\"} 999999\n  trellis_x 1\n\
+                   # TYPE app_trellis_calls counter\napp_trellis_calls_total 2\n";
+        assert_eq!(
+            merge(own, app.as_bytes()),
+            "trellis_requests_total{response_code=\"200\"} 5\n\
+             # TYPE app_trellis_calls counter\napp_trellis_calls_total 2\n"
         );
     }
 
