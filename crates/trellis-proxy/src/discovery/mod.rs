@@ -275,33 +275,18 @@ fn count(metrics: &Metrics, type_url: &str, result: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trellis_proto::discovery::v1::resource::Kind;
+    use crate::discovery::state::tests::{response, service};
 
     fn services(n: usize) -> pb::DeltaDiscoveryResponse {
-        let resources = (0..n)
-            .map(|i| pb::Resource {
-                name: format!("s{i}.default"),
-                version: "1".to_owned(),
-                kind: Some(Kind::Service(pb::Service {
-                    name: format!("s{i}"),
-                    namespace: "default".to_owned(),
-                    vips: vec![format!("10.96.{}.{}", i / 250, i % 250 + 1)],
-                    ports: vec![pb::ServicePort {
-                        name: "http".to_owned(),
-                        port: 80,
-                        target_port: 8080,
-                        protocol: pb::Protocol::Http as i32,
-                    }],
-                    hostnames: vec![],
-                })),
+        let services = (0..n)
+            .map(|i| {
+                service(
+                    &format!("s{i}"),
+                    &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                )
             })
             .collect();
-        pb::DeltaDiscoveryResponse {
-            type_url: type_url::SERVICE.to_owned(),
-            resources,
-            nonce: "1".to_owned(),
-            ..Default::default()
-        }
+        response(services, vec![])
     }
 
     /// The proxy's own runtime is single-threaded: a large response is applied on a

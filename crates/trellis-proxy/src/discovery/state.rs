@@ -373,10 +373,10 @@ fn build(resources: Resources, previous: &MeshState) -> Result<MeshState, Invali
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn service(name: &str, vip: &str) -> pb::Resource {
+    pub(in crate::discovery) fn service(name: &str, vip: &str) -> pb::Resource {
         pb::Resource {
             name: format!("{name}.default"),
             version: vip.to_owned(),
@@ -395,7 +395,10 @@ mod tests {
         }
     }
 
-    fn response(resources: Vec<pb::Resource>, removed: Vec<String>) -> pb::DeltaDiscoveryResponse {
+    pub(in crate::discovery) fn response(
+        resources: Vec<pb::Resource>,
+        removed: Vec<String>,
+    ) -> pb::DeltaDiscoveryResponse {
         pb::DeltaDiscoveryResponse {
             type_url: type_url::SERVICE.to_owned(),
             system_version_info: String::new(),
