@@ -9,8 +9,8 @@
 # Does nothing when all four binaries are there (a warm run takes well under a second).
 # Concurrent callers (several test binaries at once) wait on one flock instead of
 # building twice. Binaries are built into a temporary folder and renamed into place, so
-# a reader never sees half a file. Go's own module and build caches make a rebuild after
-# a version change cheap.
+# a reader never sees half a file. Go's module cache is kept (a rebuild after a version
+# change downloads little); its build cache is not (see GOCACHE below).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -65,6 +65,9 @@ trap 'rm -rf "$tmp"' EXIT
 start=$(date +%s)
 
 export CGO_ENABLED=0
+# The finished binaries are the cache; Go's own build cache for this tree is several
+# GB, so unless the caller chose one it lives in the scratch directory and goes with it.
+export GOCACHE="${GOCACHE:-$tmp/gocache}"
 # The wrapper modules live in the Trellis git repository; stamping them with its VCS
 # state would only make the build depend on that state.
 export GOFLAGS="${GOFLAGS:-} -buildvcs=false"
