@@ -125,6 +125,40 @@ enum Cmd {
         #[arg(long)]
         stop_file: Option<std::path::PathBuf>,
     },
+    /// Open-loop GETs at `--rate` over `--connections` kept-alive connections, and
+    /// `--streams` long-lived TCP echo streams to `--tcp`; every outcome goes to
+    /// `--out` (see chaos_load.rs). For the chaos suite.
+    ChaosLoad {
+        /// `http://host[:port][/path]`; the host is resolved via /etc/hosts.
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10_000)]
+        count: u32,
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+        /// Seconds one request may take.
+        #[arg(long, default_value_t = 5)]
+        request_timeout: u64,
+        /// `host:port` of a line echo server.
+        #[arg(long)]
+        tcp: Option<String>,
+        #[arg(long, default_value_t = 4)]
+        streams: u32,
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Pause the schedule after every N requests (0: never).
+        #[arg(long, default_value_t = 0)]
+        pause_every: u32,
+        #[arg(long, default_value_t = 1000)]
+        pause_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        pause_spread_ms: u64,
+    },
     /// Sends one line to a TCP server and prints the line it answers.
     TcpSend {
         addr: String,
@@ -201,6 +235,38 @@ async fn main() {
             })
             .await
         }
+        Cmd::ChaosLoad {
+            url,
+            rate,
+            count,
+            seconds,
+            connections,
+            request_timeout,
+            tcp,
+            streams,
+            stop_file,
+            out,
+            pause_every,
+            pause_ms,
+            pause_spread_ms,
+        } => {
+            chaos_load::run(chaos_load::ChaosLoad {
+                pause_every,
+                pause: Duration::from_millis(pause_ms),
+                pause_spread: Duration::from_millis(pause_spread_ms),
+                url,
+                rate,
+                count,
+                seconds,
+                connections,
+                request_timeout: Duration::from_secs(request_timeout),
+                tcp,
+                streams,
+                stop_file,
+                out,
+            })
+            .await
+        }
         Cmd::SlowHeaders {
             addr,
             connections,
@@ -213,6 +279,8 @@ async fn main() {
     }
 }
 
+#[path = "trellis-testapp/chaos_load.rs"]
+mod chaos_load;
 #[path = "trellis-testapp/inspect.rs"]
 mod inspect;
 #[path = "trellis-testapp/load.rs"]
