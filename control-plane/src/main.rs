@@ -74,6 +74,18 @@ struct Args {
     /// registry's root namespace is `trellis-system`.
     #[arg(long, env = "TRELLIS_ROOT_NAMESPACE", requires = "kube")]
     root_namespace: Option<String>,
+    /// Discovery selectors (kube mode), as Istio's `discoverySelectors`: a label
+    /// selector on Namespaces in kubectl's syntax (`trellis.io/discovery=enabled`,
+    /// `env in (prod,staging)`); repeat it to OR several (in the variable, separate
+    /// them with `;`). Only the selected namespaces and the root namespace
+    /// contribute Services, routes and policies. Default: every namespace.
+    #[arg(
+        long = "discovery-selector",
+        env = "TRELLIS_DISCOVERY_SELECTORS",
+        value_delimiter = ';',
+        requires = "kube"
+    )]
+    discovery_selectors: Vec<String>,
     /// This replica's name as the leader Lease's holder (kube mode). Default: the
     /// host name, which in a Pod is the Pod's name.
     #[arg(long, env = "POD_NAME")]
@@ -207,9 +219,15 @@ async fn main() -> anyhow::Result<()> {
         };
         let root_namespace = args.root_namespace.unwrap_or_else(|| namespace.clone());
         tracing::info!(namespace, root_namespace, "kube mode");
+        let discovery_scope =
+            trellis_control::registry::kube::NamespaceScope::parse(&args.discovery_selectors)?;
+        if !discovery_scope.selects_all() {
+            tracing::info!(selectors = ?args.discovery_selectors, "discovery limited to selected namespaces");
+        }
         let options = KubeOptions {
             client,
             root_namespace,
+            discovery_scope,
             namespace,
             identity,
             webhook,

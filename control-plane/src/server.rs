@@ -212,6 +212,9 @@ pub struct KubeOptions {
     /// The mesh root namespace, where mesh-wide policies live; by default
     /// `namespace`.
     pub root_namespace: String,
+    /// Discovery selectors: the namespaces whose Services, routes and policies are
+    /// in the mesh (all by default).
+    pub discovery_scope: crate::registry::kube::NamespaceScope,
     /// This replica's name among its peers (the Pod name): the Lease holder.
     pub identity: String,
     pub webhook: Option<WebhookOptions>,
@@ -270,6 +273,7 @@ pub async fn start_kube_with(
             kube_registry::MeshNames {
                 trust_domain: config.trust_domain.clone(),
                 root_namespace: kube_options.root_namespace.clone(),
+                scope: kube_options.discovery_scope.clone(),
             },
             kube_registry::DEFAULT_DEBOUNCE,
             kube_registry::Outputs {

@@ -376,6 +376,7 @@ fn lint_passes_and_values_take_effect() -> Result<()> {
             "controlPlane.podDisruptionBudget.minAvailable=2",
             "tracing.otlpEndpoint=http://otel-collector.observability:4317",
             "tracing.samplingPercent=2",
+            "controlPlane.discoverySelectors[0]=trellis.io/discovery=enabled",
         ],
     )?;
     let webhook = object(&objects, "MutatingWebhookConfiguration", "trellis-injector")?;
@@ -407,6 +408,7 @@ fn lint_passes_and_values_take_effect() -> Result<()> {
          trellis-control.trellis-system.svc,trellis-control.trellis-system.svc.corp.internal",
         "--otlp-endpoint=http://otel-collector.observability:4317",
         "--trace-sampling=2",
+        "--discovery-selector=trellis.io/discovery=enabled",
     ] {
         ensure!(args.iter().any(|a| a == want), "no {want} in {args:?}");
     }
@@ -496,6 +498,10 @@ fn the_schema_refuses_bad_values() -> Result<()> {
             "'/tracing/otlpEndpoint'",
         ),
         ("tracing.samplingPercent=150", "'/tracing/samplingPercent'"),
+        (
+            "controlPlane.discoverySelectors[0]=",
+            "'/controlPlane/discoverySelectors/0'",
+        ),
     ] {
         refused(&helm, set, field)?;
     }

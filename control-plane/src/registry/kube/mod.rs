@@ -15,6 +15,7 @@
 //! HTTPRoute's `status.parents`) and Events when this replica leads.
 
 mod route_status;
+mod scope;
 mod snapshot;
 mod status;
 mod store;
@@ -33,7 +34,8 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 pub use route_status::{JudgedParent, RESOLVED_REFS, next_parents};
-pub use snapshot::{ClusterState, evaluate, snapshot_from};
+pub use scope::{NamespaceScope, ScopeError};
+pub use snapshot::{ClusterState, evaluate, evaluate_in, snapshot_from};
 pub use status::{
     ACCEPTED, FIELD_MANAGER, JudgedCondition, L7_RULES_ON_OPAQUE_PORT, PolicyKind, StatusReport,
     StatusTarget, WriterProgress, events_for, next_conditions, write_statuses,
@@ -140,6 +142,7 @@ pub fn changes(client: Client) -> impl Stream<Item = Change> + Send + 'static {
         F: Fn(Box<Event<K>>) -> Change + Send + 'static,
     {
         watcher::watcher(api, watcher::Config::default())
+            .modify(slim_metadata)
             .default_backoff()
             .map(move |r| match r {
                 Ok(e) => tag(Box::new(e)),
@@ -184,9 +187,22 @@ pub fn changes(client: Client) -> impl Stream<Item = Change> + Send + 'static {
     futures::stream::select_all(builtin.into_iter().chain(custom))
 }
 
+/// The annotation `kubectl apply` keeps a whole copy of the object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops the metadata the registry never reads and that is often most of a small
+/// object: server-side apply's managed fields and kubectl's last-applied copy.
+fn slim_metadata<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 /// Drops what the registry never reads from a Pod (it is most of the object).
 fn slim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
+    slim_metadata(pod);
     if let Some(status) = &mut pod.status {
         status.conditions = None;
         status.container_statuses = None;
@@ -201,6 +217,8 @@ pub struct MeshNames {
     pub trust_domain: String,
     /// Where mesh-wide policies live: the control plane's namespace.
     pub root_namespace: String,
+    /// The namespaces whose Services, routes and policies are in the mesh.
+    pub scope: NamespaceScope,
 }
 
 /// Watches the cluster and publishes snapshots until the task is dropped.
@@ -343,7 +361,12 @@ impl Registry {
             }
             changed
         });
-        let (snapshot, report) = evaluate(&self.state, &names.trust_domain, &names.root_namespace);
+        let (snapshot, report) = evaluate_in(
+            &self.state,
+            &names.trust_domain,
+            &names.root_namespace,
+            &names.scope,
+        );
         let warnings = report.warnings();
         out.statuses.send_if_modified(|current| {
             let changed = **current != report;

@@ -15,7 +15,7 @@
 //!   ([`crate::registry::policies`]), oldest object first in a conflict; each gets
 //!   a verdict for its status (an HTTPRoute one per Service parent).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService, ServiceAccount};
@@ -26,6 +26,7 @@ use trellis_identity::SpiffeId;
 
 use super::Kind;
 use super::route_status::{self, RouteRefs};
+use super::scope::NamespaceScope;
 use super::status::{PolicyKind, StatusReport, StatusTarget};
 use super::store::KindStore;
 use crate::api::{self, FieldError};
@@ -105,11 +106,38 @@ pub fn evaluate(
     trust_domain: &str,
     root_namespace: &str,
 ) -> (MeshSnapshot, StatusReport) {
+    evaluate_in(state, trust_domain, root_namespace, &NamespaceScope::all())
+}
+
+/// [`evaluate`] with only the namespaces `scope` selects (and the root namespace)
+/// contributing Services, endpoints, routes and policies; Pods count everywhere.
+pub fn evaluate_in(
+    state: &ClusterState,
+    trust_domain: &str,
+    root_namespace: &str,
+    scope: &NamespaceScope,
+) -> (MeshSnapshot, StatusReport) {
+    let selected: Option<BTreeSet<String>> = (!scope.selects_all()).then(|| {
+        state
+            .namespaces
+            .iter()
+            .filter(|ns| scope.selects(ns.metadata.labels.as_ref().unwrap_or(&BTreeMap::new())))
+            .filter_map(|ns| ns.metadata.name.clone())
+            .chain([root_namespace.to_owned()])
+            .collect()
+    });
+    let in_scope = |namespace: Option<&String>| match &selected {
+        None => true,
+        Some(set) => namespace.is_some_and(|n| set.contains(n)),
+    };
     let mut snapshot = MeshSnapshot {
         root_namespace: root_namespace.to_owned(),
         ..MeshSnapshot::default()
     };
     for s in state.services.iter() {
+        if !in_scope(s.metadata.namespace.as_ref()) {
+            continue;
+        }
         if let Some(service) = service(&s) {
             for p in &service.ports {
                 snapshot
@@ -130,13 +158,16 @@ pub fn evaluate(
 
     let pods = crate::model::WorkloadIndex::new(&snapshot.workloads);
     for slice in state.endpoint_slices.iter() {
+        if !in_scope(slice.metadata.namespace.as_ref()) {
+            continue;
+        }
         slice_endpoints(&slice, &snapshot.services, &pods, &mut snapshot.endpoints);
     }
     for list in snapshot.endpoints.values_mut() {
         list.sort_by_key(|e| (e.address, e.port));
         list.dedup_by_key(|e| (e.address, e.port));
     }
-    let report = add_policies(state, &mut snapshot);
+    let report = add_policies(state, &mut snapshot, &in_scope);
     (snapshot, report)
 }
 
@@ -156,7 +187,11 @@ enum Typed {
     PeerAuthentication(Box<api::PeerAuthentication>),
 }
 
-fn add_policies(state: &ClusterState, snapshot: &mut MeshSnapshot) -> StatusReport {
+fn add_policies(
+    state: &ClusterState,
+    snapshot: &mut MeshSnapshot,
+    in_scope: &dyn Fn(Option<&String>) -> bool,
+) -> StatusReport {
     let stores = [
         (PolicyKind::HttpRoute, &state.http_routes),
         (PolicyKind::TrafficPolicy, &state.traffic_policies),
@@ -168,7 +203,12 @@ fn add_policies(state: &ClusterState, snapshot: &mut MeshSnapshot) -> StatusRepo
     ];
     let mut read: Vec<Read> = stores
         .into_iter()
-        .flat_map(|(kind, store)| store.iter().map(move |o| read_object(kind, &o)))
+        .flat_map(|(kind, store)| {
+            store
+                .iter()
+                .filter(|o| in_scope(o.metadata.namespace.as_ref()))
+                .map(move |o| read_object(kind, &o))
+        })
         .collect();
     // Of two objects in conflict the older wins, as in Gateway API; then by name.
     read.sort_by(|a, b| {

@@ -440,3 +440,62 @@ fn another_namespace_cannot_claim_or_downgrade_a_meshed_pod_address() {
     );
     assert_eq!(snapshot.endpoints[&(key("default", "echo"), 80)], []);
 }
+
+#[test]
+fn discovery_selectors_keep_other_namespaces_services_and_policies_out() {
+    let mut state = listed_state();
+    state.authorization_policies =
+        KindStore::listed(dynamic_items("authorizationpolicies-list.json"));
+    let everything = evaluate(&state, "cluster.local", "trellis-system").0;
+    assert_eq!(everything.services.len(), 2);
+    assert_eq!(everything.authorization_policies.len(), 1);
+
+    // `default` carries no discovery label: its Services, endpoints and policy stay
+    // out; its Pods stay in (the CA still needs them).
+    let scope = NamespaceScope::parse(&["trellis.io/discovery=enabled"]).unwrap();
+    let (scoped, _) = evaluate_in(&state, "cluster.local", "trellis-system", &scope);
+    assert!(scoped.services.is_empty(), "{:?}", scoped.services.keys());
+    assert!(scoped.endpoints.is_empty());
+    assert!(scoped.authorization_policies.is_empty());
+    assert_eq!(scoped.workloads, everything.workloads);
+
+    // Labelling the namespace brings all of it in, with no re-list.
+    let mut namespaces = items::<k8s_openapi::api::core::v1::Namespace>("namespaces-list.json");
+    for ns in &mut namespaces {
+        if ns.metadata.name.as_deref() == Some("default") {
+            ns.metadata
+                .labels
+                .get_or_insert_default()
+                .insert("trellis.io/discovery".into(), "enabled".into());
+        }
+    }
+    state.namespaces = KindStore::listed(namespaces);
+    let (labelled, _) = evaluate_in(&state, "cluster.local", "trellis-system", &scope);
+    assert_eq!(labelled, everything);
+
+    // The root namespace is always in, selected or not.
+    let (rooted, _) = evaluate_in(
+        &state,
+        "cluster.local",
+        "default",
+        &NamespaceScope::parse(&["team=none"]).unwrap(),
+    );
+    assert_eq!(rooted.services.len(), 2);
+}
+
+#[test]
+fn every_watched_object_loses_managed_fields_and_the_last_applied_copy() {
+    let mut service = items::<Service>("services-list.json").remove(0);
+    service.metadata.managed_fields = Some(vec![Default::default()]);
+    service.metadata.annotations = Some(
+        [
+            (LAST_APPLIED.to_owned(), "{\"big\": \"copy\"}".to_owned()),
+            ("keep".to_owned(), "me".to_owned()),
+        ]
+        .into(),
+    );
+    slim_metadata(&mut service);
+    assert!(service.metadata.managed_fields.is_none());
+    let annotations = service.metadata.annotations.unwrap();
+    assert_eq!(annotations.keys().collect::<Vec<_>>(), ["keep"]);
+}

@@ -103,6 +103,7 @@ async fn follows_the_api_from_list_through_changes_and_a_410_relist() {
         MeshNames {
             trust_domain: "cluster.local".into(),
             root_namespace: "trellis-system".into(),
+            scope: NamespaceScope::all(),
         },
         Duration::from_millis(20),
         out,

@@ -164,6 +164,7 @@ fn start(client: kube::Client, leader: watch::Receiver<bool>) -> Running {
         MeshNames {
             trust_domain: "cluster.local".into(),
             root_namespace: "trellis-system".into(),
+            scope: NamespaceScope::all(),
         },
         Duration::from_millis(20),
         out,

@@ -8,6 +8,7 @@ use tokio::sync::oneshot;
 
 use super::super::fake_api::{FakeApi, fixture_json};
 use super::policy_status::{accept_listed_patches, cluster, eventually};
+use crate::registry::kube::NamespaceScope;
 use crate::server::{ControlConfig, KubeOptions, start_kube};
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/trellis-system/leases";
@@ -67,6 +68,7 @@ async fn only_the_lease_holder_writes_status() {
             client,
             namespace: "trellis-system".into(),
             root_namespace: "trellis-system".into(),
+            discovery_scope: NamespaceScope::all(),
             identity: ME.into(),
             webhook: None,
         },
