@@ -136,16 +136,21 @@ pub async fn run(load: ChaosLoad) -> Result<()> {
     let mut paused = Duration::ZERO;
     let mut sent = 0u32;
     while sent < load.count {
-        if load.pause_every > 0 && sent > 0 && sent.is_multiple_of(load.pause_every) {
+        let after_pause = load.pause_every > 0 && sent > 0 && sent.is_multiple_of(load.pause_every);
+        if after_pause {
             let k = sent / load.pause_every - 1;
             paused += sweep(load.pause, load.pause_spread, k, pauses);
-            epoch.fetch_add(1, Ordering::Relaxed);
         }
         let at = clock.start + interval * sent + paused;
         if at >= deadline || load.stop_file.as_ref().is_some_and(|f| f.exists()) {
             break;
         }
         tokio::time::sleep_until(at.into()).await;
+        if after_pause {
+            // Only now: a worker still finishing the last burst's backlog during the
+            // pause must not take the new epoch early and then sit idle on it.
+            epoch.fetch_add(1, Ordering::Relaxed);
+        }
         if slots.send(at).is_err() {
             break;
         }
